@@ -1,0 +1,363 @@
+"""The two parameter-free operators of the method (SPEC sections 2 and 3).
+
+``token_clustering`` shrinks a grid of H x W tokens to an h x w grid of cluster
+tokens by a few iterations of local soft k-means; ``token_reconstruction`` rebuilds
+the H x W tokens from the (later-processed) cluster tokens. Whatever reconstruction
+needs is returned by clustering as a :class:`ClusteringState` and passed back in
+explicitly; nothing is kept anywhere else.
+
+Shapes (B batch, P prefix tokens such as cls, N = H*W, M = h*w)::
+
+    tokens (B, P + N, C) --token_clustering--> clusters (B, P + M, C), state
+    clusters' (B, P + M, C') , state --token_reconstruction--> tokens' (B, P + N, C')
+
+Arithmetic follows the official implementation (the published numbers came from it):
+squared Euclidean distances, ``softmax(-tau * D)`` over the clusters in each token's
+(2r+1) x (2r+1) neighbourhood, centres ``sum_t A X / max(sum_t A, 1e-16)``; top-k
+``exp(-tau_r * D)`` weights normalised to unit L2 norm for reconstruction. Everything
+runs in float32, whatever the input dtype or autocast state, and masking never uses
+large finite constants.
+
+Implementation: one batched matmul per iteration, restricted to the band of cluster
+rows that a block of token rows can reach. When ``batch * tokens * band`` would need
+more than ``memory_limit`` bytes of temporaries, the work is split into chunks of
+token rows (and samples); results do not depend on the split beyond float rounding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ClusteringState",
+    "TokenClustering",
+    "TokenReconstruction",
+    "token_clustering",
+    "token_reconstruction",
+    "DEFAULT_MEMORY_LIMIT",
+]
+
+#: Default cap, in bytes, on the temporaries (distance/assignment matrices) of one chunk.
+DEFAULT_MEMORY_LIMIT = 256 * 2**20
+# float32 matrices of one chunk alive at once (distances/assignments, softmax output,
+# plus a bool mask counted as a quarter): used to size chunks.
+_LIVE_MATRICES = 3.25
+
+
+@dataclass(frozen=True)
+class ClusteringState:
+    """What token reconstruction needs from the clustering layer.
+
+    Attributes:
+        tokens: (B, N, C) the grid tokens X_a that were clustered (input dtype).
+        centers: (B, M, C) float32 cluster centres S_a after the last iteration.
+        grid_size: (H, W) of the token grid, N = H * W.
+        num_clusters: (h, w) of the cluster grid, M = h * w.
+        num_prefix_tokens: P, tokens in front of the grid passed through untouched.
+    """
+
+    tokens: torch.Tensor
+    centers: torch.Tensor
+    grid_size: tuple[int, int]
+    num_clusters: tuple[int, int]
+    num_prefix_tokens: int = 0
+
+
+# --------------------------------------------------------------------------------------
+# validation helpers: every error names the offending value
+# --------------------------------------------------------------------------------------
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, Sequence) and len(value) == 2:
+        pair = (value[0], value[1])
+    else:
+        raise ValueError(f"{name} must be an int or a pair (h, w) of ints, got {value!r}")
+    for v in pair:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must contain positive ints, got {value!r}")
+    return (int(pair[0]), int(pair[1]))
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _positive_float(value, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return v
+
+
+def _window(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(
+            f"clustering window (lambda) must be an odd int >= 1, got {value!r}"
+        )
+    return value
+
+
+def _split_tokens(tokens: torch.Tensor, grid_size: tuple[int, int], num_prefix: int, what: str):
+    if tokens.dim() != 3:
+        raise ValueError(f"{what} must have shape (B, P + H*W, C), got {tuple(tokens.shape)}")
+    if not tokens.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got {tokens.dtype}")
+    H, W = grid_size
+    if tokens.shape[1] != num_prefix + H * W:
+        raise ValueError(
+            f"{what} has {tokens.shape[1]} tokens, but grid_size {grid_size} with "
+            f"num_prefix_tokens={num_prefix} needs {num_prefix} + {H}*{W} = {num_prefix + H * W}"
+        )
+    return tokens[:, :num_prefix], tokens[:, num_prefix:]
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+# --------------------------------------------------------------------------------------
+# chunking
+# --------------------------------------------------------------------------------------
+def _chunks(batch: int, rows: int, bytes_per_sample_row, memory_limit: int) -> Iterator:
+    """Yield (batch slice, row start, row end): the largest row blocks (then sample
+    blocks) whose temporaries fit in ``memory_limit`` (at least one row of one sample)."""
+    rows_per_chunk = rows
+    while rows_per_chunk > 1 and bytes_per_sample_row(rows_per_chunk) > memory_limit:
+        rows_per_chunk = (rows_per_chunk + 1) // 2
+    per_sample = bytes_per_sample_row(rows_per_chunk)
+    samples_per_chunk = max(1, min(batch, int(memory_limit // max(per_sample, 1))))
+    for b0 in range(0, batch, samples_per_chunk):
+        bs = slice(b0, min(batch, b0 + samples_per_chunk))
+        for r0 in range(0, rows, rows_per_chunk):
+            yield bs, r0, min(rows, r0 + rows_per_chunk)
+
+
+def _sq_dist(x: torch.Tensor, x_sq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """||x_t - s_m||^2 for all pairs: (B, n, C), (B, n), (B, m, C) -> (B, n, m)."""
+    s_sq = (s * s).sum(-1)
+    return torch.baddbmm(x_sq.unsqueeze(2) + s_sq.unsqueeze(1), x, s.transpose(1, 2), alpha=-2.0)
+
+
+# --------------------------------------------------------------------------------------
+# token clustering
+# --------------------------------------------------------------------------------------
+def token_clustering(
+    tokens: torch.Tensor,
+    grid_size: tuple[int, int],
+    num_clusters,
+    iters: int = 5,
+    temperature: float = 0.05,
+    window: int = 5,
+    num_prefix_tokens: int = 0,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+) -> tuple[torch.Tensor, ClusteringState]:
+    """Cluster an H x W token grid into h x w cluster tokens (SPEC section 2).
+
+    Args:
+        tokens: (B, P + H*W, C) tokens, the grid tokens in row-major order after P
+            prefix tokens (cls/register tokens), any float dtype.
+        grid_size: (H, W) of the token grid.
+        num_clusters: (h, w) of the cluster grid (or an int for h = w), h <= H, w <= W.
+        iters: number of assignment/update iterations n >= 1.
+        temperature: tau > 0; assignments are softmax(-tau * squared distance).
+        window: lambda, odd; a token may join clusters within lambda // 2 cluster rows
+            and columns of its initial cluster.
+        num_prefix_tokens: P, passed through unchanged in front of the clusters.
+        memory_limit: bytes allowed for one chunk's temporaries.
+
+    Returns:
+        clusters: (B, P + h*w, C) in the input dtype, cluster tokens in row-major order.
+        state: :class:`ClusteringState` for :func:`token_reconstruction`.
+    """
+    H, W = _pair(grid_size, "grid_size")
+    h, w = _pair(num_clusters, "num_clusters")
+    if h > H or w > W:
+        raise ValueError(
+            f"num_clusters {(h, w)} is larger than the token grid {(H, W)}: "
+            "the cluster grid must not exceed the token grid"
+        )
+    iters = _positive_int(iters, "iters")
+    tau = _positive_float(temperature, "clustering temperature")
+    radius = _window(window) // 2
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+    prefix, grid = _split_tokens(tokens, (H, W), num_prefix_tokens, "tokens")
+    B, N, C = grid.shape
+    M = h * w
+    device = tokens.device
+
+    with _no_autocast(device):
+        x = grid.float()
+        # Distances are translation invariant: centring per sample keeps the expanded
+        # form ||x||^2 + ||s||^2 - 2 x.s accurate for features with a large common offset.
+        mean = x.mean(dim=1, keepdim=True)
+        x = x - mean
+        x_sq = (x * x).sum(-1)
+        # 1. initial centres: adaptive average pooling of the grid to (h, w)
+        centers = F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(B, C, H, W), (h, w))
+        centers = centers.flatten(2).transpose(1, 2).contiguous()  # (B, M, C)
+
+        # 2./3. initial cluster cell of each token row/column, and reachable neighbourhood
+        row_of = torch.arange(H, device=device) * h // H  # (H,)
+        col_of = torch.arange(W, device=device) * w // W  # (W,)
+        m_col = torch.arange(w, device=device)
+
+        def band(r0: int, r1: int) -> tuple[int, int]:
+            lo = max(0, (r0 * h) // H - radius)
+            hi = min(h, ((r1 - 1) * h) // H + radius + 1)
+            return lo, hi
+
+        def chunk_bytes(rows: int) -> float:
+            band_rows = min(h, math.ceil(rows * h / H) + 1 + 2 * radius)
+            return _LIVE_MATRICES * 4.0 * rows * W * band_rows * w
+
+        plan = []
+        for bs, r0, r1 in _chunks(B, H, chunk_bytes, memory_limit):
+            c0, c1 = band(r0, r1)
+            t_row = row_of[r0:r1].repeat_interleave(W)  # (n,)
+            t_col = col_of.repeat(r1 - r0)
+            m_row = torch.arange(c0, c1, device=device).repeat_interleave(w)
+            m_c = m_col.repeat(c1 - c0)
+            allowed = ((t_row[:, None] - m_row[None, :]).abs() <= radius) & (
+                (t_col[:, None] - m_c[None, :]).abs() <= radius
+            )
+            plan.append((bs, r0 * W, r1 * W, c0 * w, c1 * w, ~allowed))
+
+        # 4. n iterations of masked soft assignment + centre update
+        for _ in range(iters):
+            numer = torch.zeros_like(centers)
+            denom = centers.new_zeros(B, M)
+            for bs, t0, t1, m0, m1, blocked in plan:
+                xc = x[bs, t0:t1]
+                dist = _sq_dist(xc, x_sq[bs, t0:t1], centers[bs, m0:m1])
+                logits = dist.mul_(-tau).masked_fill_(blocked, float("-inf"))
+                assign = torch.softmax(logits, dim=-1)  # (b, n, m), every row has a finite entry
+                numer[bs, m0:m1] += torch.bmm(assign.transpose(1, 2), xc)
+                denom[bs, m0:m1] += assign.sum(1)
+            centers = numer / denom.clamp_min(1e-16).unsqueeze(-1)
+
+        centers = centers + mean
+        clusters = torch.cat([prefix, centers.to(tokens.dtype)], dim=1)
+    state = ClusteringState(grid, centers, (H, W), (h, w), num_prefix_tokens)
+    return clusters, state
+
+
+# --------------------------------------------------------------------------------------
+# token reconstruction
+# --------------------------------------------------------------------------------------
+def token_reconstruction(
+    clusters: torch.Tensor,
+    state: ClusteringState,
+    k: int = 20,
+    temperature: float = 1.0,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+) -> torch.Tensor:
+    """Rebuild the full token grid from processed cluster tokens (SPEC section 3).
+
+    Args:
+        clusters: (B, P + M, C') cluster tokens after the later layers (any C').
+        state: what :func:`token_clustering` returned at the clustering layer.
+        k: number of nearest cluster centres mixed per token, 1 <= k <= M.
+        temperature: tau_r > 0, weights exp(-tau_r * squared distance).
+        memory_limit: bytes allowed for one chunk's temporaries.
+
+    Returns:
+        (B, P + H*W, C') tokens in the dtype of ``clusters``: token t is
+        sum_m W[t, m] S'_m with W the top-k weights normalised to unit L2 norm;
+        the P prefix tokens of ``clusters`` are passed through.
+    """
+    if not isinstance(state, ClusteringState):
+        raise TypeError(f"state must be the ClusteringState returned by token_clustering, got {type(state)}")
+    H, W = state.grid_size
+    h, w = state.num_clusters
+    M = h * w
+    k = _positive_int(k, "reconstruction k")
+    if k > M:
+        raise ValueError(f"reconstruction k={k} exceeds the number of clusters {M} ({h}x{w})")
+    tau = _positive_float(temperature, "reconstruction temperature")
+    prefix, merged = _split_tokens(clusters, (h, w), state.num_prefix_tokens, "clusters")
+    B, N, _ = state.tokens.shape
+    if merged.shape[0] != B or state.centers.shape[:2] != (B, M):
+        raise ValueError(
+            f"clusters {tuple(clusters.shape)} do not match the clustering state "
+            f"(tokens {tuple(state.tokens.shape)}, centers {tuple(state.centers.shape)})"
+        )
+    device = clusters.device
+
+    with _no_autocast(device):
+        x = state.tokens.float()
+        mean = x.mean(dim=1, keepdim=True)
+        x = x - mean
+        x_sq = (x * x).sum(-1)
+        centers = state.centers - mean
+        values = merged.float()
+        out = values.new_empty(B, N, values.shape[-1])
+
+        def chunk_bytes(rows: int) -> float:
+            return _LIVE_MATRICES * 4.0 * rows * W * M
+
+        for bs, r0, r1 in _chunks(B, H, chunk_bytes, memory_limit):
+            t0, t1 = r0 * W, r1 * W
+            dist = _sq_dist(x[bs, t0:t1], x_sq[bs, t0:t1], centers[bs]).clamp_min_(0)
+            near, idx = torch.topk(dist, k, dim=-1, largest=False, sorted=True)
+            # Subtracting each token's smallest distance leaves the weights unchanged after
+            # L2 normalisation and keeps the largest one at exp(0) = 1 (no underflow to 0).
+            weight = torch.exp((near - near[..., :1]).mul_(-tau))
+            weight = F.normalize(weight, p=2.0, dim=-1, eps=1e-12)
+            dense = dist.zero_().scatter_(-1, idx, weight)
+            out[bs, t0:t1] = torch.bmm(dense, values[bs])
+        out = torch.cat([prefix, out.to(clusters.dtype)], dim=1)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# module wrappers (hold the settings; no parameters, no buffers)
+# --------------------------------------------------------------------------------------
+class TokenClustering(nn.Module):
+    """Module form of :func:`token_clustering` holding its settings (no parameters)."""
+
+    def __init__(self, num_clusters, iters: int = 5, temperature: float = 0.05,
+                 window: int = 5, memory_limit: int = DEFAULT_MEMORY_LIMIT):
+        super().__init__()
+        self.num_clusters = _pair(num_clusters, "num_clusters")
+        self.iters = _positive_int(iters, "iters")
+        self.temperature = _positive_float(temperature, "clustering temperature")
+        self.window = _window(window)
+        self.memory_limit = _positive_int(memory_limit, "memory_limit")
+
+    def forward(self, tokens: torch.Tensor, grid_size, num_prefix_tokens: int = 0):
+        return token_clustering(tokens, grid_size, self.num_clusters, self.iters,
+                                self.temperature, self.window, num_prefix_tokens,
+                                self.memory_limit)
+
+    def extra_repr(self) -> str:
+        return (f"num_clusters={self.num_clusters}, iters={self.iters}, "
+                f"temperature={self.temperature}, window={self.window}")
+
+
+class TokenReconstruction(nn.Module):
+    """Module form of :func:`token_reconstruction` holding its settings (no parameters)."""
+
+    def __init__(self, k: int = 20, temperature: float = 1.0,
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT):
+        super().__init__()
+        self.k = _positive_int(k, "reconstruction k")
+        self.temperature = _positive_float(temperature, "reconstruction temperature")
+        self.memory_limit = _positive_int(memory_limit, "memory_limit")
+
+    def forward(self, clusters: torch.Tensor, state: ClusteringState) -> torch.Tensor:
+        return token_reconstruction(clusters, state, self.k, self.temperature, self.memory_limit)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, temperature={self.temperature}"

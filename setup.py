@@ -10,9 +10,4 @@ setup(
     packages=find_packages(include=("expedit_d2", "expedit_d2.*")),
     python_requires=">=3.10",
     install_requires=["torch>=2.0", "fvcore", "numpy"],
-    entry_points={
-        "console_scripts": [
-            "expedit-benchmark-ops=expedit_d2.benchmark:main",
-        ]
-    },
 )

@@ -47,6 +47,8 @@ DEFAULT_MEMORY_LIMIT = 256 * 2**20
 # float32 matrices of one chunk alive at once (distances/assignments, softmax output,
 # plus a bool mask counted as a quarter): used to size chunks.
 _LIVE_MATRICES = 3.25
+# Reconstruction chunks are capped at this size too: larger ones are no faster.
+_LARGE_CHUNK = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -129,13 +131,30 @@ def _no_autocast(device: torch.device):
 # --------------------------------------------------------------------------------------
 # chunking
 # --------------------------------------------------------------------------------------
-def _chunks(batch: int, rows: int, bytes_per_sample_row, memory_limit: int) -> Iterator:
-    """Yield (batch slice, row start, row end): the largest row blocks (then sample
-    blocks) whose temporaries fit in ``memory_limit`` (at least one row of one sample)."""
-    rows_per_chunk = rows
-    while rows_per_chunk > 1 and bytes_per_sample_row(rows_per_chunk) > memory_limit:
-        rows_per_chunk = (rows_per_chunk + 1) // 2
-    per_sample = bytes_per_sample_row(rows_per_chunk)
+# Per-chunk fixed cost of the clustering loop body (a handful of kernel launches and
+# Python), expressed in multiply-adds so it can be weighed against matmul work.
+_CHUNK_OVERHEAD_MACS = 4e6
+
+
+def _chunks(batch: int, rows: int, bytes_per_sample, memory_limit: int, macs_per_sample=None) -> Iterator:
+    """Yield (batch slice, row start, row end) covering ``batch`` x ``rows``.
+
+    ``bytes_per_sample(r)`` is the temporary memory of a block of r token rows of one
+    sample, ``macs_per_sample(r)`` (optional) the total matmul work over all blocks of r
+    rows. The block height is the one with the least work (plus a fixed cost per chunk)
+    among those that fit in ``memory_limit``; without a work model, the tallest that
+    fits. Samples are then grouped as many per chunk as the limit allows (at least one
+    row of one sample per chunk, whatever the limit).
+    """
+    fitting = [r for r in range(1, rows + 1) if bytes_per_sample(r) <= memory_limit] or [1]
+    if macs_per_sample is None:
+        rows_per_chunk = fitting[-1]
+    else:
+        def cost(r: int) -> float:
+            return batch * macs_per_sample(r) + math.ceil(rows / r) * _CHUNK_OVERHEAD_MACS
+
+        rows_per_chunk = min(reversed(fitting), key=cost)  # ties: the taller block
+    per_sample = bytes_per_sample(rows_per_chunk)
     samples_per_chunk = max(1, min(batch, int(memory_limit // max(per_sample, 1))))
     for b0 in range(0, batch, samples_per_chunk):
         bs = slice(b0, min(batch, b0 + samples_per_chunk))
@@ -143,10 +162,36 @@ def _chunks(batch: int, rows: int, bytes_per_sample_row, memory_limit: int) -> I
             yield bs, r0, min(rows, r0 + rows_per_chunk)
 
 
+class _Centred:
+    """Float32, mean-centred token blocks ``(x[bs, t0:t1] - mean, squared norms)``.
+
+    Materialised once when the whole centred copy takes at most an eighth of
+    ``memory_limit`` (the fast path for small grids, e.g. Swin windows); otherwise built
+    block by block on demand, so large grids never hold a second full copy of the tokens.
+    """
+
+    def __init__(self, tokens: torch.Tensor, mean: torch.Tensor, memory_limit: int):
+        self.tokens, self.mean = tokens, mean
+        self.full = None
+        if 4 * tokens.numel() <= memory_limit / 8:
+            self.full = self._make(slice(None), 0, tokens.shape[1])
+
+    def _make(self, bs, t0: int, t1: int):
+        x = self.tokens[bs, t0:t1].float() - self.mean[bs]
+        return x, (x * x).sum(-1)
+
+    def __call__(self, bs, t0: int, t1: int):
+        if self.full is None:
+            return self._make(bs, t0, t1)
+        x, x_sq = self.full
+        return x[bs, t0:t1], x_sq[bs, t0:t1]
+
+
 def _sq_dist(x: torch.Tensor, x_sq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """||x_t - s_m||^2 for all pairs: (B, n, C), (B, n), (B, m, C) -> (B, n, m)."""
     s_sq = (s * s).sum(-1)
-    return torch.baddbmm(x_sq.unsqueeze(2) + s_sq.unsqueeze(1), x, s.transpose(1, 2), alpha=-2.0)
+    # in place on the broadcast sum: one (B, n, m) buffer, not two
+    return (x_sq.unsqueeze(2) + s_sq.unsqueeze(1)).baddbmm_(x, s.transpose(1, 2), alpha=-2.0)
 
 
 # --------------------------------------------------------------------------------------
@@ -198,15 +243,15 @@ def token_clustering(
     device = tokens.device
 
     with _no_autocast(device):
-        x = grid.float()
-        # Distances are translation invariant: centring per sample keeps the expanded
+        # Distances are translation invariant: centring each sample keeps the expanded
         # form ||x||^2 + ||s||^2 - 2 x.s accurate for features with a large common offset.
-        mean = x.mean(dim=1, keepdim=True)
-        x = x - mean
-        x_sq = (x * x).sum(-1)
-        # 1. initial centres: adaptive average pooling of the grid to (h, w)
-        centers = F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(B, C, H, W), (h, w))
-        centers = centers.flatten(2).transpose(1, 2).contiguous()  # (B, M, C)
+        mean = grid.mean(dim=1, keepdim=True, dtype=torch.float32)  # (B, 1, C)
+        centred = _Centred(grid, mean, memory_limit)
+        # 1. initial centres: adaptive average pooling of the grid to (h, w); the
+        # channels-last view needs no copy, and pooling commutes with the centring.
+        grid_nchw = grid.view(B, H, W, C).permute(0, 3, 1, 2)
+        centers = F.adaptive_avg_pool2d(grid_nchw.float(), (h, w))
+        centers = centers.flatten(2).transpose(1, 2) - mean  # (B, M, C)
 
         # 2./3. initial cluster cell of each token row/column, and reachable neighbourhood
         row_of = torch.arange(H, device=device) * h // H  # (H,)
@@ -218,12 +263,17 @@ def token_clustering(
             hi = min(h, ((r1 - 1) * h) // H + radius + 1)
             return lo, hi
 
+        def band_rows(rows: int) -> int:  # upper bound on the cluster rows a block reaches
+            return min(h, math.ceil(rows * h / H) + 1 + 2 * radius)
+
         def chunk_bytes(rows: int) -> float:
-            band_rows = min(h, math.ceil(rows * h / H) + 1 + 2 * radius)
-            return _LIVE_MATRICES * 4.0 * rows * W * band_rows * w
+            return _LIVE_MATRICES * 4.0 * rows * W * band_rows(rows) * w
+
+        def chunk_macs(rows: int) -> float:  # two matmuls per block, all blocks of a sample
+            return 2.0 * H * W * band_rows(rows) * w * C
 
         plan = []
-        for bs, r0, r1 in _chunks(B, H, chunk_bytes, memory_limit):
+        for bs, r0, r1 in _chunks(B, H, chunk_bytes, memory_limit, chunk_macs):
             c0, c1 = band(r0, r1)
             t_row = row_of[r0:r1].repeat_interleave(W)  # (n,)
             t_col = col_of.repeat(r1 - r0)
@@ -239,8 +289,8 @@ def token_clustering(
             numer = torch.zeros_like(centers)
             denom = centers.new_zeros(B, M)
             for bs, t0, t1, m0, m1, blocked in plan:
-                xc = x[bs, t0:t1]
-                dist = _sq_dist(xc, x_sq[bs, t0:t1], centers[bs, m0:m1])
+                xc, xc_sq = centred(bs, t0, t1)
+                dist = _sq_dist(xc, xc_sq, centers[bs, m0:m1])
                 logits = dist.mul_(-tau).masked_fill_(blocked, float("-inf"))
                 assign = torch.softmax(logits, dim=-1)  # (b, n, m), every row has a finite entry
                 numer[bs, m0:m1] += torch.bmm(assign.transpose(1, 2), xc)
@@ -296,28 +346,28 @@ def token_reconstruction(
     device = clusters.device
 
     with _no_autocast(device):
-        x = state.tokens.float()
-        mean = x.mean(dim=1, keepdim=True)
-        x = x - mean
-        x_sq = (x * x).sum(-1)
+        mean = state.tokens.mean(dim=1, keepdim=True, dtype=torch.float32)
+        centred = _Centred(state.tokens, mean, memory_limit)
         centers = state.centers - mean
         values = merged.float()
-        out = values.new_empty(B, N, values.shape[-1])
+        P = state.num_prefix_tokens
+        out = clusters.new_empty(B, P + N, values.shape[-1])
+        out[:, :P] = prefix
 
-        def chunk_bytes(rows: int) -> float:
-            return _LIVE_MATRICES * 4.0 * rows * W * M
+        def chunk_bytes(rows: int) -> float:  # distances/weights and the mixed tokens
+            return 4.0 * rows * W * (M + values.shape[-1])
 
-        for bs, r0, r1 in _chunks(B, H, chunk_bytes, memory_limit):
+        # Blocks beyond a few tens of MB buy no speed (the matmuls are already large).
+        for bs, r0, r1 in _chunks(B, H, chunk_bytes, min(memory_limit, _LARGE_CHUNK)):
             t0, t1 = r0 * W, r1 * W
-            dist = _sq_dist(x[bs, t0:t1], x_sq[bs, t0:t1], centers[bs]).clamp_min_(0)
+            dist = _sq_dist(*centred(bs, t0, t1), centers[bs]).clamp_min_(0)
             near, idx = torch.topk(dist, k, dim=-1, largest=False, sorted=True)
             # Subtracting each token's smallest distance leaves the weights unchanged after
             # L2 normalisation and keeps the largest one at exp(0) = 1 (no underflow to 0).
             weight = torch.exp((near - near[..., :1]).mul_(-tau))
             weight = F.normalize(weight, p=2.0, dim=-1, eps=1e-12)
             dense = dist.zero_().scatter_(-1, idx, weight)
-            out[bs, t0:t1] = torch.bmm(dense, values[bs])
-        out = torch.cat([prefix, out.to(clusters.dtype)], dim=1)
+            out[bs, P + t0 : P + t1] = torch.bmm(dense, values[bs])
     return out
 
 

@@ -2,7 +2,9 @@
 
 The method (Liang et al., NeurIPS 2022) in two parameter-free operators, see
 :mod:`expedit_d2.ops`: token clustering after layer alpha, token reconstruction
-before features leave the backbone.
+before features leave the backbone. Importing the package registers the backbones
+(``D2SwinTransformer``, ``ExpeditBackbone``, ``D2HourglassSwinTransformer``) in
+Detectron2's ``BACKBONE_REGISTRY``; :func:`add_expedit_config` adds the config keys.
 """
 from .ops import (
     ClusteringState,
@@ -20,4 +22,20 @@ __all__ = [
     "TokenReconstruction",
     "token_clustering",
     "token_reconstruction",
+    "add_expedit_config",
+    "ExpeditSettings",
+    "expedite",
 ]
+
+
+def __getattr__(name):
+    # Detectron2-dependent parts load on first use, so the operators work without it.
+    if name == "add_expedit_config":
+        from .config import add_expedit_config
+
+        return add_expedit_config
+    if name in ("ExpeditSettings", "expedite"):
+        from . import expedite as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module 'expedit_d2' has no attribute {name!r}")

@@ -1,0 +1,345 @@
+"""Swin Transformer (Swin-T/S/B/L) as a Detectron2 backbone, ``D2SwinTransformer``.
+
+Parameter names and shapes equal the official Mask2Former Swin backbone, so its
+checkpoints load unchanged. Outputs ``res2..res5`` at strides 4, 8, 16, 32.
+
+Structure (timm style)::
+
+    PatchEmbed (4x4 conv)          (B, 3, H, W) -> (B, C, H/4, W/4)
+    SwinStage x 4                  blocks of (shifted-)window attention, then PatchMerging
+      SwinBlock                    x + DropPath(attn(norm1(x))); x + DropPath(mlp(norm2(x)))
+    norm{i}                        LayerNorm of each output stage
+
+Each stage has one hook point, ``stage.expedit`` (``None`` by default): a token
+clustering/reconstruction hook installed by :mod:`expedit_d2.expedite` that clusters
+before one of the stage's blocks, runs the rest of the stage on the cluster map (with its
+own window size) and reconstructs before patch merging. With no hook the stage runs
+exactly the plain computation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+
+__all__ = ["SwinTransformer", "D2SwinTransformer", "window_partition", "window_reverse"]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity at inference)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, H, W, C) with H, W multiples of ws -> (B * H/ws * W/ws, ws*ws, C)."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws * ws, C)
+
+
+def window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tensor:
+    """(B * H/ws * W/ws, ws*ws, C) -> (B, H, W, C)."""
+    C = windows.shape[-1]
+    B = windows.shape[0] // ((H // ws) * (W // ws))
+    x = windows.view(B, H // ws, W // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, H, W, C)
+
+
+def relative_position_index(ws: int, device=None) -> torch.Tensor:
+    """(ws*ws, ws*ws) index into a (2ws-1)^2 relative-position table."""
+    coords = torch.stack(torch.meshgrid(torch.arange(ws, device=device),
+                                        torch.arange(ws, device=device), indexing="ij"))
+    coords = coords.flatten(1)  # (2, ws*ws)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
+    return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
+
+
+def shifted_window_mask(H: int, W: int, ws: int, shift: int, device) -> torch.Tensor:
+    """(nW, ws*ws, ws*ws) additive mask (0 / -100) for shifted windows on an H x W map
+    (H, W multiples of ws): tokens from different pre-shift regions do not attend."""
+    img = torch.zeros(1, H, W, 1, device=device)
+    region = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            img[:, hs, wsl, :] = region
+            region += 1
+    win = window_partition(img, ws).squeeze(-1)  # (nW, ws*ws)
+    mask = win[:, None, :] - win[:, :, None]
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention in windows with a relative-position bias.
+
+    ``forward(x, mask, window_size)``: x (B*nW, ws*ws, C); mask (nW, N, N) or None. When
+    ``window_size`` differs from the trained one, the bias table is resized bilinearly
+    (align_corners=False) for that call, without touching the parameter.
+    """
+
+    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
+                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.dim, self.window_size, self.num_heads = dim, window_size, num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window_size))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self, ws: int | None = None) -> torch.Tensor:
+        """(heads, ws*ws, ws*ws) bias for windows of size ws (default: the trained one)."""
+        table, index = self.relative_position_bias_table, self.relative_position_index
+        if ws is not None and ws != self.window_size:
+            side = 2 * self.window_size - 1
+            grid = table.t().reshape(1, self.num_heads, side, side)
+            grid = F.interpolate(grid, size=(2 * ws - 1, 2 * ws - 1), mode="bilinear",
+                                 align_corners=False)
+            table = grid.reshape(self.num_heads, -1).t()
+            index = relative_position_index(ws, table.device)
+        n = index.shape[0]
+        return table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                window_size: int | None = None) -> torch.Tensor:
+        B_, N, C = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B_, heads, N, d)
+        bias = self.relative_position_bias(window_size).to(q.dtype).unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            bias = (bias + mask.to(q.dtype).unsqueeze(1)).repeat(B_ // nW, 1, 1, 1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0,
+            scale=self.scale)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))
+
+
+class SwinBlock(nn.Module):
+    """One (shifted-)window transformer block. ``forward(x (B, H*W, C), H, W, mask, ws)``."""
+
+    def __init__(self, dim, num_heads, window_size=7, shift_size=0, mlp_ratio=4.0,
+                 qkv_bias=True, qk_scale=None, drop=0.0, attn_drop=0.0, drop_path=0.0):
+        super().__init__()
+        self.window_size, self.shift_size = window_size, shift_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale,
+                                    attn_drop, drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: torch.Tensor, H: int, W: int, shift_mask: torch.Tensor | None,
+                window_size: int | None = None) -> torch.Tensor:
+        ws = window_size or self.window_size
+        shift = ws // 2 if self.shift_size > 0 else 0
+        B, L, C = x.shape
+        shortcut = x
+        x = self.norm1(x).view(B, H, W, C)
+        pad_b, pad_r = (-H) % ws, (-W) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        Hp, Wp = H + pad_b, W + pad_r
+        if shift:
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+        x = self.attn(window_partition(x, ws), shift_mask if shift else None, window_size=ws)
+        x = window_reverse(x, ws, Hp, Wp)
+        if shift:
+            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        x = x[:, :H, :W].reshape(B, H * W, C)
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood concat + LayerNorm + linear 4C -> 2C: (B, H*W, C) -> (B, H/2*W/2, 2C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x, H, W):
+        B, L, C = x.shape
+        x = x.view(B, H, W, C)
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x.view(B, -1, 4 * C)))
+
+
+class SwinStage(nn.Module):
+    """``depth`` Swin blocks (alternating shift) and an optional PatchMerging.
+
+    ``forward(x (B, H*W, C), H, W) -> (x_out (B, H*W, C), H, W, x_down, H', W')``.
+    """
+
+    def __init__(self, dim, depth, num_heads, window_size=7, mlp_ratio=4.0, qkv_bias=True,
+                 qk_scale=None, drop=0.0, attn_drop=0.0, drop_path=(), downsample=True):
+        super().__init__()
+        self.window_size = window_size
+        self.blocks = nn.ModuleList([
+            SwinBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2,
+                      mlp_ratio, qkv_bias, qk_scale, drop, attn_drop,
+                      drop_path[i] if len(drop_path) else 0.0)
+            for i in range(depth)
+        ])
+        self.downsample = PatchMerging(dim) if downsample else None
+        self.expedit = None  # token clustering/reconstruction hook (see module docstring)
+
+    def run_blocks(self, x, H, W, start=0, stop=None, window_size=None):
+        """Run blocks[start:stop] on an H x W map with the given window size."""
+        ws = window_size or self.window_size
+        Hp, Wp = H + (-H) % ws, W + (-W) % ws
+        mask = shifted_window_mask(Hp, Wp, ws, ws // 2, x.device) if len(self.blocks) > 1 else None
+        for blk in self.blocks[start:stop]:
+            x = blk(x, H, W, mask, ws)
+        return x
+
+    def forward(self, x, H, W):
+        if self.expedit is None:
+            x = self.run_blocks(x, H, W)
+        else:
+            x = self.expedit(self, x, H, W)
+        if self.downsample is None:
+            return x, H, W, x, H, W
+        return x, H, W, self.downsample(x, H, W), (H + 1) // 2, (W + 1) // 2
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection: (B, 3, H, W) -> (B, C, ceil(H/p), ceil(W/p))."""
+
+    def __init__(self, patch_size=4, in_chans=3, embed_dim=96, patch_norm=True):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if patch_norm else None
+
+    def forward(self, x):
+        p = self.patch_size
+        H, W = x.shape[-2:]
+        if H % p or W % p:
+            x = F.pad(x, (0, (-W) % p, 0, (-H) % p))
+        x = self.proj(x)
+        if self.norm is not None:
+            Wh, Ww = x.shape[-2:]
+            x = self.norm(x.flatten(2).transpose(1, 2)).transpose(1, 2).view(-1, x.shape[1], Wh, Ww)
+        return x
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer feature extractor (no classification head)."""
+
+    def __init__(self, pretrain_img_size=224, patch_size=4, in_chans=3, embed_dim=96,
+                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.0,
+                 qkv_bias=True, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
+                 drop_path_rate=0.2, ape=False, patch_norm=True, out_indices=(0, 1, 2, 3)):
+        super().__init__()
+        if len(depths) != len(num_heads):
+            raise ValueError(f"MODEL.SWIN.DEPTHS {depths} and NUM_HEADS {num_heads} differ in length")
+        self.depths, self.num_layers = tuple(depths), len(depths)
+        self.embed_dim, self.ape, self.out_indices = embed_dim, ape, tuple(out_indices)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
+        if ape:
+            side = pretrain_img_size // patch_size
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, embed_dim, side, side))
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            self.layers.append(SwinStage(
+                embed_dim * 2**i, depth, num_heads[i], window_size, mlp_ratio, qkv_bias,
+                qk_scale, drop_rate, attn_drop_rate, dpr[sum(depths[:i]): sum(depths[: i + 1])],
+                downsample=i < self.num_layers - 1))
+        self.num_features = [embed_dim * 2**i for i in range(self.num_layers)]
+        for i in self.out_indices:
+            self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward_stages(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """(B, 3, H, W) -> {stage index: (B, C_i, H_i, W_i)} for the out_indices."""
+        x = self.patch_embed(x)
+        Wh, Ww = x.shape[-2:]
+        if self.ape:
+            pos = F.interpolate(self.absolute_pos_embed, size=(Wh, Ww), mode="bicubic")
+            x = x + pos
+        x = self.pos_drop(x.flatten(2).transpose(1, 2))
+        outs = {}
+        for i, stage in enumerate(self.layers):
+            x_out, H, W, x, Wh, Ww = stage(x, Wh, Ww)
+            if i in self.out_indices:
+                y = getattr(self, f"norm{i}")(x_out)
+                outs[i] = y.view(-1, H, W, self.num_features[i]).permute(0, 3, 1, 2).contiguous()
+        return outs
+
+
+@BACKBONE_REGISTRY.register()
+class D2SwinTransformer(SwinTransformer, Backbone):
+    """Detectron2 backbone from ``MODEL.SWIN.*`` (the official Mask2Former config keys)."""
+
+    def __init__(self, cfg, input_shape):
+        s = cfg.MODEL.SWIN
+        super().__init__(
+            s.PRETRAIN_IMG_SIZE, s.PATCH_SIZE, input_shape.channels, s.EMBED_DIM, s.DEPTHS,
+            s.NUM_HEADS, s.WINDOW_SIZE, s.MLP_RATIO, s.QKV_BIAS, s.QK_SCALE, s.DROP_RATE,
+            s.ATTN_DROP_RATE, s.DROP_PATH_RATE, s.APE, s.PATCH_NORM)
+        names = ["res2", "res3", "res4", "res5"][: self.num_layers]
+        unknown = [f for f in s.OUT_FEATURES if f not in names]
+        if unknown:
+            raise ValueError(f"MODEL.SWIN.OUT_FEATURES has {unknown}; valid names are {names}")
+        self._out_features = list(s.OUT_FEATURES)
+        self._out_feature_strides = {n: 4 * 2**i for i, n in enumerate(names)}
+        self._out_feature_channels = {n: self.num_features[i] for i, n in enumerate(names)}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.dim() != 4:
+            raise ValueError(f"D2SwinTransformer takes (N, C, H, W) input, got {tuple(x.shape)}")
+        outs = self.forward_stages(x)
+        return {f"res{i + 2}": y for i, y in outs.items() if f"res{i + 2}" in self._out_features}
+
+    def output_shape(self):
+        return {n: ShapeSpec(channels=self._out_feature_channels[n],
+                             stride=self._out_feature_strides[n]) for n in self._out_features}
+
+    @property
+    def size_divisibility(self) -> int:
+        return 32

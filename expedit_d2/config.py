@@ -1,0 +1,73 @@
+"""Config keys of expedit-d2, added to a Detectron2 CfgNode by :func:`add_expedit_config`.
+
+``MODEL.EXPEDIT`` drives the one wrapping mechanism (``MODEL.BACKBONE.NAME:
+"ExpeditBackbone"``); ``MODEL.SWIN`` carries the official Mask2Former Swin keys plus the
+official Expedit keys (``CLUSTERING_LOCATION``, ``TOKEN_CLUSTERING_BLOCK``,
+``TOKEN_RECONSTRUCTION_BLOCK``) read by the ``D2HourglassSwinTransformer`` alias, so
+configs written for the official code run unchanged.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_expedit_config"]
+
+
+def add_expedit_config(cfg) -> None:
+    """Add expedit-d2's keys with their defaults (idempotent: existing values are kept)."""
+    _add_defaults(cfg.MODEL, "EXPEDIT", {
+        # build the backbone registered under BASE and install the hooks
+        "ENABLED": True,
+        "BASE": "D2SwinTransformer",
+        # alpha: Swin -- clustering right before global block alpha (blocks counted over
+        # all stages); ViT -- clustering right after block alpha (0-based).
+        "CLUSTERING_LOCATION": -1,
+        # (h, w) cluster grid: per attention window for Swin, global for ViT
+        "NUM_CLUSTERS": [8, 8],
+        "ITERS": 5,
+        "TEMPERATURE": 0.05,
+        # lambda, odd: neighbourhood of cluster cells a token may join
+        "WINDOW": 7,
+        "RECON_K": 10,
+        "RECON_TEMPERATURE": 0.05,
+        # cap on the operators' temporaries per chunk, in MB
+        "MEMORY_LIMIT_MB": 256,
+    })
+    # Official Mask2Former Swin keys (defaults: Swin-T) ...
+    _add_defaults(cfg.MODEL, "SWIN", {
+        "PRETRAIN_IMG_SIZE": 224,
+        "PATCH_SIZE": 4,
+        "EMBED_DIM": 96,
+        "DEPTHS": [2, 2, 6, 2],
+        "NUM_HEADS": [3, 6, 12, 24],
+        "WINDOW_SIZE": 7,
+        "MLP_RATIO": 4.0,
+        "QKV_BIAS": True,
+        "QK_SCALE": None,
+        "DROP_RATE": 0.0,
+        "ATTN_DROP_RATE": 0.0,
+        "DROP_PATH_RATE": 0.3,
+        "APE": False,
+        "PATCH_NORM": True,
+        "OUT_FEATURES": ["res2", "res3", "res4", "res5"],
+        "USE_CHECKPOINT": False,
+        # ... and the official Expedit ones (D2HourglassSwinTransformer)
+        "CLUSTERING_LOCATION": 10,
+    })
+    _add_defaults(cfg.MODEL.SWIN, "TOKEN_CLUSTERING_BLOCK", {
+        "NUM_SPIXELS": 64,  # clusters per attention window (a square: 64 -> 8x8)
+        "N_ITERS": 5,
+        "TEMPERATURE": 0.05,
+        "WINDOW_SIZE": 7,  # lambda
+    })
+    _add_defaults(cfg.MODEL.SWIN, "TOKEN_RECONSTRUCTION_BLOCK", {
+        "TEMPERATURE": 0.05,
+        "K": 10,
+    })
+
+
+def _add_defaults(parent, name: str, values: dict) -> None:
+    if name not in parent:
+        parent[name] = CN()
+    node = parent[name]
+    for key, value in values.items():
+        if key not in node:
+            node[key] = value

@@ -1,0 +1,211 @@
+"""The one wrapping mechanism: build a registered backbone and install the hooks.
+
+``MODEL.BACKBONE.NAME: "ExpeditBackbone"`` builds ``MODEL.EXPEDIT.BASE`` from Detectron2's
+``BACKBONE_REGISTRY`` and, when ``MODEL.EXPEDIT.ENABLED``, hands it to the adapter of its
+family, which installs token clustering/reconstruction hooks (the operators of
+:mod:`expedit_d2.ops`). Parameters are untouched, so any checkpoint of the base backbone
+loads as is. ``D2HourglassSwinTransformer`` is a thin alias reading the official Expedit
+config keys.
+
+Adding a backbone family = writing one adapter: a function ``(backbone, settings)`` that
+installs the hooks, registered with :func:`register_adapter` for the backbone's class.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.modeling import BACKBONE_REGISTRY
+
+from .backbones.swin import SwinTransformer, window_partition, window_reverse
+from .ops import DEFAULT_MEMORY_LIMIT, TokenClustering, TokenReconstruction
+
+__all__ = ["ExpeditSettings", "expedite", "register_adapter", "build_expedit_backbone"]
+
+
+@dataclass(frozen=True)
+class ExpeditSettings:
+    """Where and how to cluster/reconstruct (``MODEL.EXPEDIT.*``)."""
+
+    clustering_location: int  # alpha
+    num_clusters: tuple[int, int]  # (h, w)
+    iters: int = 5
+    temperature: float = 0.05
+    window: int = 7  # lambda
+    recon_k: int = 10
+    recon_temperature: float = 0.05
+    memory_limit: int = DEFAULT_MEMORY_LIMIT
+
+    @classmethod
+    def from_config(cls, cfg) -> "ExpeditSettings":
+        e = cfg.MODEL.EXPEDIT
+        nc = e.NUM_CLUSTERS
+        if isinstance(nc, int):
+            nc = (nc, nc)
+        if len(nc) != 2:
+            raise ValueError(f"MODEL.EXPEDIT.NUM_CLUSTERS must be [h, w], got {nc!r}")
+        return cls(int(e.CLUSTERING_LOCATION), (int(nc[0]), int(nc[1])), e.ITERS,
+                   e.TEMPERATURE, e.WINDOW, e.RECON_K, e.RECON_TEMPERATURE,
+                   int(e.MEMORY_LIMIT_MB * 2**20))
+
+    def clustering(self) -> TokenClustering:
+        """The clustering module; bad values raise naming the MODEL.EXPEDIT key."""
+        return _with_key(lambda: TokenClustering(self.num_clusters, self.iters, self.temperature,
+                                                 self.window, self.memory_limit))
+
+    def reconstruction(self) -> TokenReconstruction:
+        return _with_key(lambda: TokenReconstruction(self.recon_k, self.recon_temperature,
+                                                     self.memory_limit))
+
+
+_KEYS = {
+    "num_clusters": "NUM_CLUSTERS", "iters": "ITERS", "clustering temperature": "TEMPERATURE",
+    "window": "WINDOW", "reconstruction k": "RECON_K",
+    "reconstruction temperature": "RECON_TEMPERATURE", "memory_limit": "MEMORY_LIMIT_MB",
+}
+
+
+def _with_key(build):
+    try:
+        return build()
+    except ValueError as e:
+        for word, key in _KEYS.items():
+            if str(e).startswith(word) or f"({word})" in str(e) or word in str(e).split(" must")[0]:
+                raise ValueError(f"MODEL.EXPEDIT.{key}: {e}") from None
+        raise
+
+
+_ADAPTERS: dict[type, Callable] = {}
+
+
+def register_adapter(cls: type):
+    """Decorator: ``@register_adapter(MyBackbone) def hook_mine(backbone, settings): ...``."""
+
+    def deco(fn):
+        _ADAPTERS[cls] = fn
+        return fn
+
+    return deco
+
+
+def expedite(backbone: nn.Module, settings: ExpeditSettings) -> nn.Module:
+    """Install clustering/reconstruction hooks on ``backbone`` (in place; returns it)."""
+    for cls in type(backbone).__mro__:
+        if cls in _ADAPTERS:
+            _ADAPTERS[cls](backbone, settings)
+            return backbone
+    known = ", ".join(sorted(c.__name__ for c in _ADAPTERS))
+    raise ValueError(
+        f"MODEL.EXPEDIT.BASE builds {type(backbone).__name__}, which has no expedit adapter "
+        f"(backbones with one: {known})"
+    )
+
+
+def build_expedit_backbone(cfg, input_shape):
+    """``ExpeditBackbone``: ``MODEL.EXPEDIT.BASE`` from the registry, hooks installed."""
+    base = cfg.MODEL.EXPEDIT.BASE
+    if base in ("ExpeditBackbone", "D2HourglassSwinTransformer"):
+        raise ValueError(f"MODEL.EXPEDIT.BASE must name a plain backbone, got {base!r}")
+    if base not in BACKBONE_REGISTRY:
+        raise KeyError(f"MODEL.EXPEDIT.BASE {base!r} is not in Detectron2's BACKBONE_REGISTRY")
+    backbone = BACKBONE_REGISTRY.get(base)(cfg, input_shape)
+    if cfg.MODEL.EXPEDIT.ENABLED:
+        expedite(backbone, ExpeditSettings.from_config(cfg))
+    return backbone
+
+
+build_expedit_backbone.__name__ = "ExpeditBackbone"
+BACKBONE_REGISTRY.register(build_expedit_backbone)
+
+
+def build_hourglass_swin(cfg, input_shape):
+    """``D2HourglassSwinTransformer``: the official Expedit Swin config keys, mapped onto
+    ``ExpeditBackbone`` over ``D2SwinTransformer``."""
+    s = cfg.MODEL.SWIN
+    side = math.isqrt(int(s.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS))
+    if side * side != s.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS:
+        raise ValueError("MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS must be a square "
+                         f"(clusters per window), got {s.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS}")
+    cfg = cfg.clone()
+    cfg.defrost()
+    e = cfg.MODEL.EXPEDIT
+    e.ENABLED, e.BASE = True, "D2SwinTransformer"
+    e.CLUSTERING_LOCATION = s.CLUSTERING_LOCATION
+    e.NUM_CLUSTERS = [side, side]
+    e.ITERS = s.TOKEN_CLUSTERING_BLOCK.N_ITERS
+    e.TEMPERATURE = s.TOKEN_CLUSTERING_BLOCK.TEMPERATURE
+    e.WINDOW = s.TOKEN_CLUSTERING_BLOCK.WINDOW_SIZE
+    e.RECON_K = s.TOKEN_RECONSTRUCTION_BLOCK.K
+    e.RECON_TEMPERATURE = s.TOKEN_RECONSTRUCTION_BLOCK.TEMPERATURE
+    return build_expedit_backbone(cfg, input_shape)
+
+
+build_hourglass_swin.__name__ = "D2HourglassSwinTransformer"
+BACKBONE_REGISTRY.register(build_hourglass_swin)
+
+
+# ======================================================================================
+# Swin adapter
+# ======================================================================================
+class SwinWindowExpedit(nn.Module):
+    """Stage hook: per-window clustering before block ``block_index`` of the stage, the
+    rest of the stage on the cluster map with window s (shift s // 2, shifted-window
+    mask and resized relative-position bias recomputed), per-window reconstruction at the
+    end of the stage (before patch merging). No parameters.
+
+    Shapes: x (B, H*W, C) -> pad to (Hp, Wp) multiples of the window ws -> windows
+    (B*nW, ws*ws, C) -> clusters (B*nW, s*s, C) -> map (B, Hp/ws*s, Wp/ws*s, C) ->
+    later blocks -> reconstruction (B*nW, ws*ws, C) -> crop -> (B, H*W, C).
+    """
+
+    def __init__(self, block_index: int, settings: ExpeditSettings):
+        super().__init__()
+        self.block_index = block_index
+        self.clustering = settings.clustering()
+        self.reconstruction = settings.reconstruction()
+
+    def forward(self, stage, x, H, W):
+        ws = stage.window_size
+        s = self.clustering.num_clusters[0]
+        x = stage.run_blocks(x, H, W, 0, self.block_index)
+        B, _, C = x.shape
+        Hp, Wp = H + (-H) % ws, W + (-W) % ws
+        grid = F.pad(x.view(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))  # zeros take part
+        clusters, state = self.clustering(window_partition(grid, ws), (ws, ws))
+        h2, w2 = Hp // ws * s, Wp // ws * s
+        y = window_reverse(clusters, s, h2, w2).reshape(B, h2 * w2, C)
+        y = stage.run_blocks(y, h2, w2, self.block_index, None, window_size=s)
+        full = self.reconstruction(window_partition(y.view(B, h2, w2, -1), s), state)
+        return window_reverse(full, ws, Hp, Wp)[:, :H, :W].reshape(B, H * W, -1)
+
+    def extra_repr(self) -> str:
+        return f"block_index={self.block_index}"
+
+
+@register_adapter(SwinTransformer)
+def expedite_swin(backbone: SwinTransformer, settings: ExpeditSettings) -> None:
+    alpha, depths = settings.clustering_location, backbone.depths
+    if not 0 <= alpha < sum(depths):
+        raise ValueError(
+            f"MODEL.EXPEDIT.CLUSTERING_LOCATION={alpha} is outside this Swin's blocks "
+            f"0..{sum(depths) - 1} (depths {list(depths)})"
+        )
+    h, w = settings.num_clusters
+    ws = backbone.layers[0].window_size
+    if h != w or h > ws:
+        raise ValueError(
+            f"MODEL.EXPEDIT.NUM_CLUSTERS={[h, w]}: Swin clusters each {ws}x{ws} attention "
+            f"window into a square s x s grid with s <= {ws}"
+        )
+    for stage in backbone.layers:
+        stage.expedit = None
+    first = 0
+    for stage, depth in zip(backbone.layers, depths):
+        if alpha < first + depth:
+            stage.expedit = SwinWindowExpedit(alpha - first, settings)
+            return
+        first += depth

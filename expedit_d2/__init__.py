@@ -6,6 +6,8 @@ before features leave the backbone. Importing the package registers the backbone
 (``D2SwinTransformer``, ``ExpeditBackbone``, ``D2HourglassSwinTransformer``) in
 Detectron2's ``BACKBONE_REGISTRY``; :func:`add_expedit_config` adds the config keys.
 """
+from .config import add_expedit_config
+from .expedit_backbone import ExpeditSettings, expedite, register_adapter
 from .ops import (
     ClusteringState,
     TokenClustering,
@@ -25,17 +27,5 @@ __all__ = [
     "add_expedit_config",
     "ExpeditSettings",
     "expedite",
+    "register_adapter",
 ]
-
-
-def __getattr__(name):
-    # Detectron2-dependent parts load on first use, so the operators work without it.
-    if name == "add_expedit_config":
-        from .config import add_expedit_config
-
-        return add_expedit_config
-    if name in ("ExpeditSettings", "expedite"):
-        from . import expedite as module
-
-        return getattr(module, name)
-    raise AttributeError(f"module 'expedit_d2' has no attribute {name!r}")

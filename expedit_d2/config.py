@@ -8,6 +8,8 @@ configs written for the official code run unchanged.
 """
 from detectron2.config import CfgNode as CN
 
+from . import expedit_backbone  # noqa: F401  (registers the backbones with Detectron2)
+
 __all__ = ["add_expedit_config"]
 
 
@@ -31,6 +33,9 @@ def add_expedit_config(cfg) -> None:
         # cap on the operators' temporaries per chunk, in MB
         "MEMORY_LIMIT_MB": 256,
     })
+    # bottom-up backbone of build_bottom_up_fpn_backbone (any BACKBONE_REGISTRY name)
+    if "BOTTOM_UP" not in cfg.MODEL.FPN:
+        cfg.MODEL.FPN.BOTTOM_UP = "ExpeditBackbone"
     # Official Mask2Former Swin keys (defaults: Swin-T) ...
     _add_defaults(cfg.MODEL, "SWIN", {
         "PRETRAIN_IMG_SIZE": 224,

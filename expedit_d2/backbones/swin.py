@@ -273,7 +273,8 @@ class SwinTransformer(nn.Module):
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, embed_dim, side, side))
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n = sum(depths)  # stochastic depth rate grows linearly over all blocks
+        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
             self.layers.append(SwinStage(

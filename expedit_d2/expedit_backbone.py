@@ -201,6 +201,9 @@ def expedite_swin(backbone: SwinTransformer, settings: ExpeditSettings) -> None:
             f"MODEL.EXPEDIT.NUM_CLUSTERS={[h, w]}: Swin clusters each {ws}x{ws} attention "
             f"window into a square s x s grid with s <= {ws}"
         )
+    if settings.recon_k > h * w:
+        raise ValueError(f"MODEL.EXPEDIT.RECON_K={settings.recon_k} exceeds the {h}x{w} "
+                         "clusters of a window")
     for stage in backbone.layers:
         stage.expedit = None
     first = 0

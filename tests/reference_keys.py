@@ -1,0 +1,15 @@
+"""Parameter names and shapes of the official checkpoints (copied from shared/reference)."""
+from pathlib import Path
+
+REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
+
+
+def read_keys(name: str) -> dict:
+    """``name`` (file stem without .keys.tsv) -> {parameter name: shape tuple}."""
+    path = REFERENCE_DIR / f"{name}.keys.tsv"
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            key, shape = line.split("\t")
+            out[key] = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+    return out

@@ -1,0 +1,290 @@
+"""Swin backbones: official names, shapes, identity when disabled, the hourglass arithmetic."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_backbone, build_model
+
+from expedit_d2.config import add_expedit_config
+from expedit_d2.backbones.swin import SwinTransformer
+from tests.dense_reference import dense_clustering, dense_reconstruction
+from tests.reference_keys import read_keys
+
+
+def tiny_swin_cfg(name="D2SwinTransformer"):
+    cfg = get_cfg()
+    add_expedit_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.NAME = name
+    s = cfg.MODEL.SWIN
+    s.EMBED_DIM, s.DEPTHS, s.NUM_HEADS, s.WINDOW_SIZE = 16, [2, 2, 4, 2], [1, 2, 2, 4], 12
+    s.DROP_PATH_RATE = 0.0
+    s.CLUSTERING_LOCATION = 6  # official key, read by D2HourglassSwinTransformer
+    e = cfg.MODEL.EXPEDIT
+    e.BASE, e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = "D2SwinTransformer", 6, [8, 8]
+    e.ITERS, e.TEMPERATURE, e.WINDOW, e.RECON_K, e.RECON_TEMPERATURE = 5, 0.05, 7, 10, 0.05
+    return cfg
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_backbone(cfg).eval()
+
+
+@pytest.mark.parametrize("name", ["D2SwinTransformer", "ExpeditBackbone", "D2HourglassSwinTransformer"])
+def test_shapes_and_strides_for_odd_input(name):
+    model = build(tiny_swin_cfg(name))
+    spec = model.output_shape()
+    assert {k: v.stride for k, v in spec.items()} == {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 375, 500))
+    for k, v in out.items():
+        stride = spec[k].stride
+        assert v.shape == (2, spec[k].channels, -(-375 // stride), -(-500 // stride)), k
+        assert torch.isfinite(v).all()
+
+
+def test_disabled_is_bitwise_identical_to_base():
+    base = build(tiny_swin_cfg())
+    cfg = tiny_swin_cfg("ExpeditBackbone")
+    cfg.MODEL.EXPEDIT.ENABLED = False
+    plain = build(cfg, seed=1)
+    plain.load_state_dict(base.state_dict())
+    x = torch.randn(1, 3, 200, 296)
+    with torch.no_grad():
+        a, b = base(x), plain(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_enabled_changes_only_stages_from_the_clustering_point():
+    base = build(tiny_swin_cfg())
+    ex = build(tiny_swin_cfg("ExpeditBackbone"))
+    ex.load_state_dict(base.state_dict())
+    assert ex.layers[2].expedit is not None and ex.layers[2].expedit.block_index == 2
+    assert sum(p.numel() for p in ex.parameters()) == sum(p.numel() for p in base.parameters())
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():
+        a, b = base(x), ex(x)
+    assert torch.equal(a["res2"], b["res2"]) and torch.equal(a["res3"], b["res3"])
+    assert not torch.allclose(a["res4"], b["res4"])
+
+
+def test_one_cluster_per_token_reproduces_the_base_backbone():
+    """s = window, hard temperature, k = 1: clustering and reconstruction are identities,
+    so the whole hook path (padding, windows, stitching, masks, bias) must be exact."""
+    base = build(tiny_swin_cfg())
+    cfg = tiny_swin_cfg("ExpeditBackbone")
+    cfg.MODEL.EXPEDIT.NUM_CLUSTERS, cfg.MODEL.EXPEDIT.TEMPERATURE = [12, 12], 1e4
+    cfg.MODEL.EXPEDIT.RECON_K = 1
+    ex = build(cfg)
+    ex.load_state_dict(base.state_dict())
+    x = torch.randn(2, 3, 384, 384)  # res4 is 24x24: whole windows, no padding
+    with torch.no_grad():
+        a, b = base(x), ex(x)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------
+# the official arithmetic, written out from the SPEC in the test
+# ----------------------------------------------------------------------------------
+def _region_mask(H, W, ws, shift):
+    """Brute force: (nW, N, N) 0/-100, tokens of different pre-shift regions masked."""
+    def region(i, n):
+        return 0 if i < n - ws else (1 if i < n - shift else 2)
+
+    labels = torch.tensor([[region(i, H) * 3 + region(j, W) for j in range(W)] for i in range(H)])
+    win = labels.view(H // ws, ws, W // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
+    return torch.where(win[:, :, None] == win[:, None, :], 0.0, -100.0)
+
+
+def _resized_bias(attn, s):
+    ws, heads = attn.window_size, attn.num_heads
+    table = attn.relative_position_bias_table.detach().t().reshape(1, heads, 2 * ws - 1, 2 * ws - 1)
+    table = F.interpolate(table, size=(2 * s - 1, 2 * s - 1), mode="bilinear", align_corners=False)[0]
+    bias = torch.empty(heads, s * s, s * s)
+    for a in range(s * s):
+        for b in range(s * s):
+            bias[:, a, b] = table[:, a // s - b // s + s - 1, a % s - b % s + s - 1]
+    return bias
+
+
+def _manual_block(blk, x, H, W, ws, bias, mask):
+    """SwinBlock written out: explicit softmax(q k^T * scale + bias + mask) v."""
+    shift = ws // 2 if blk.shift_size else 0
+    B, L, C = x.shape
+    heads = blk.attn.num_heads
+    y = blk.norm1(x).view(B, H, W, C)
+    if shift:
+        y = torch.roll(y, (-shift, -shift), (1, 2))
+    win = y.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+    q, k, v = blk.attn.qkv(win).view(win.shape[0], ws * ws, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-1, -2) * blk.attn.scale + bias
+    if shift:
+        nW = mask.shape[0]
+        logits = (logits.view(-1, nW, heads, ws * ws, ws * ws) + mask[None, :, None]).flatten(0, 1)
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(-1, ws * ws, C)
+    out = blk.attn.proj(out).view(B, H // ws, W // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5)
+    out = out.reshape(B, H, W, C)
+    if shift:
+        out = torch.roll(out, (shift, shift), (1, 2))
+    x = x + out.reshape(B, L, C)
+    return x + blk.mlp(blk.norm2(x))
+
+
+def test_hourglass_stage_matches_the_spec_written_out():
+    cfg = tiny_swin_cfg("D2HourglassSwinTransformer")
+    s_cfg = cfg.MODEL.SWIN
+    s_cfg.CLUSTERING_LOCATION = 6  # stage 2 (0-based), its block 2
+    s_cfg.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS = 36  # 6x6 per window
+    s_cfg.TOKEN_CLUSTERING_BLOCK.WINDOW_SIZE = 5
+    s_cfg.TOKEN_CLUSTERING_BLOCK.TEMPERATURE = 0.02
+    s_cfg.TOKEN_RECONSTRUCTION_BLOCK.K, s_cfg.TOKEN_RECONSTRUCTION_BLOCK.TEMPERATURE = 7, 0.03
+    model = build(cfg)
+    stage = model.layers[2]
+    H, W, C, ws, s = 20, 30, stage.blocks[0].norm1.normalized_shape[0], 12, 6
+    torch.manual_seed(3)
+    x = torch.randn(2, H * W, C)
+    with torch.no_grad():
+        got = stage.expedit(stage, x, H, W)
+
+        # blocks 0, 1 at full resolution: the base path (test_base_block_matches_...)
+        Hp, Wp = 24, 36
+        y = stage.run_blocks(x, H, W, 0, 2)
+        # per-window clustering of the zero-padded map (SPEC 4), dense oracle
+        grid = F.pad(y.view(2, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))
+        wins = grid.view(2, 2, ws, 3, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(12, ws * ws, C)
+        clusters, X, S = dense_clustering(wins, (ws, ws), (s, s), 5, 0.02, 5)
+        cmap = clusters.float().view(2, 2, 3, s, s, C).permute(0, 1, 3, 2, 4, 5).reshape(2, 12 * 18, C)
+        # the remaining blocks with window s, shift s // 2, resized bias, new mask
+        mask = _region_mask(12, 18, s, s // 2)
+        for blk in stage.blocks[2:]:
+            cmap = _manual_block(blk, cmap, 12, 18, s, _resized_bias(blk.attn, s), mask)
+        # per-window reconstruction, crop the padding
+        cw = cmap.view(2, 2, s, 3, s, C).permute(0, 1, 3, 2, 4, 5).reshape(12, s * s, C)
+        rec = dense_reconstruction(cw, X, S, 7, 0.03).float()
+        rec = rec.view(2, 2, 3, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(2, Hp, Wp, C)
+        expect = rec[:, :H, :W].reshape(2, H * W, C)
+    torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
+
+
+def test_base_block_matches_the_manual_block():
+    model = build(tiny_swin_cfg())
+    stage = model.layers[2]
+    C, ws = stage.blocks[0].norm1.normalized_shape[0], 12
+    x = torch.randn(2, 24 * 36, C)
+    mask = _region_mask(24, 36, ws, ws // 2)
+    with torch.no_grad():
+        for blk in stage.blocks[:2]:  # one plain, one shifted
+            got = blk(x, 24, 36, mask, ws)
+            torch.testing.assert_close(got, _manual_block(blk, x, 24, 36, ws, _resized_bias(blk.attn, ws), mask),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_bias_resize_does_not_touch_parameters():
+    model = build(tiny_swin_cfg("ExpeditBackbone"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model(torch.randn(1, 3, 384, 384))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------------
+# official names and checkpoints
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("task", ["coco_panoptic", "coco_instance", "ade20k_panoptic"])
+def test_swin_l_state_dict_equals_official_backbone_keys(task):
+    official = {k[len("backbone."):]: v for k, v in read_keys(f"mask2former_swinL_{task}").items()
+                if k.startswith("backbone.")}
+    with torch.device("meta"):
+        model = SwinTransformer(pretrain_img_size=384, embed_dim=192, depths=(2, 2, 18, 2),
+                                num_heads=(6, 12, 24, 48), window_size=12)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == official
+
+
+def test_official_format_checkpoint_loads_cleanly(tmp_path):
+    """A detectron2 .pkl (numpy arrays, official names under `backbone.`) loads with no
+    missing or unexpected keys, into the plain and the expedited backbone alike."""
+    src = build(tiny_swin_cfg())
+    pkl = tmp_path / "model_final.pkl"
+    weights = {f"backbone.{k}": v.numpy() for k, v in src.state_dict().items()}
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": weights, "__author__": "official format test"}, f)
+    for name in ["D2SwinTransformer", "D2HourglassSwinTransformer"]:
+        holder = nn.Module()
+        holder.backbone = build(tiny_swin_cfg(name), seed=5)
+        checkpointer = DetectionCheckpointer(holder)
+        incompatible = checkpointer._load_model(checkpointer._load_file(str(pkl)))
+        assert not incompatible.missing_keys and not incompatible.unexpected_keys
+        for k, v in holder.backbone.state_dict().items():
+            assert np.array_equal(v.numpy(), weights[f"backbone.{k}"]), k
+
+
+def test_checkpoint_loader_reports_nothing_missing(tmp_path, caplog):
+    src = build(tiny_swin_cfg())
+    pth = tmp_path / "w.pth"
+    torch.save({"model": {f"backbone.{k}": v for k, v in src.state_dict().items()}}, pth)
+    holder = nn.Module()
+    holder.backbone = build(tiny_swin_cfg("ExpeditBackbone"), seed=2)
+    incompatible = DetectionCheckpointer(holder)._load_model(torch.load(pth))
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+
+
+# ----------------------------------------------------------------------------------
+# drop-in: Detectron2's GeneralizedRCNN with FPN
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bottom_up", ["D2SwinTransformer", "ExpeditBackbone", "D2HourglassSwinTransformer"])
+def test_drops_into_generalized_rcnn_with_fpn(bottom_up):
+    cfg = tiny_swin_cfg()
+    cfg.MODEL.BACKBONE.NAME = "build_bottom_up_fpn_backbone"
+    cfg.MODEL.FPN.BOTTOM_UP = bottom_up
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        out = model([{"image": torch.rand(3, 375, 500) * 255, "height": 375, "width": 500}])
+    assert out[0]["instances"].image_size == (375, 500)
+
+
+# ----------------------------------------------------------------------------------
+# precision and bad configs
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_forward_is_finite(dtype):
+    model = build(tiny_swin_cfg("ExpeditBackbone"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        out = model(torch.randn(1, 3, 320, 256))
+    assert all(torch.isfinite(v.float()).all() for v in out.values())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("CLUSTERING_LOCATION", 12, r"MODEL.EXPEDIT.CLUSTERING_LOCATION=12 is outside this Swin's blocks 0..9"),
+    ("CLUSTERING_LOCATION", -1, r"CLUSTERING_LOCATION=-1"),
+    ("NUM_CLUSTERS", [8, 6], r"MODEL.EXPEDIT.NUM_CLUSTERS=\[8, 6\]: Swin clusters each 12x12"),
+    ("NUM_CLUSTERS", [13, 13], r"NUM_CLUSTERS=\[13, 13\]"),
+    ("WINDOW", 4, r"MODEL.EXPEDIT.WINDOW: .*odd int >= 1, got 4"),
+    ("RECON_K", 65, r"MODEL.EXPEDIT.RECON_K=65 exceeds the 8x8 clusters of a window"),
+    ("TEMPERATURE", 0.0, r"MODEL.EXPEDIT.TEMPERATURE: .*got 0.0"),
+    ("BASE", "NoSuchBackbone", r"MODEL.EXPEDIT.BASE 'NoSuchBackbone' is not in"),
+])
+def test_bad_expedit_config_names_the_key(key, value, message):
+    cfg = tiny_swin_cfg("ExpeditBackbone")
+    setattr(cfg.MODEL.EXPEDIT, key, value)
+    with pytest.raises((ValueError, KeyError), match=message):
+        build(cfg)(torch.randn(1, 3, 384, 384))

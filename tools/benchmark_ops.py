@@ -24,11 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -37,6 +34,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from expedit_d2.measure import (  # noqa: E402
+    ensure_exact_cpu_memory_accounting,
+    peak_memory,
+    time_interleaved,
+)
 from expedit_d2.ops import DEFAULT_MEMORY_LIMIT, token_clustering, token_reconstruction  # noqa: E402
 from tests.dense_reference import dense_clustering, dense_reconstruction  # noqa: E402
 
@@ -101,37 +103,16 @@ def run_dense(case: Case, x: torch.Tensor, memory_limit: int) -> torch.Tensor:
 IMPLS = {"ours": run_ours, "dense": run_dense}
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_case(case: Case, device: str, repeats: int, warmup: int, memory_limit: int):
     x = make_inputs(case, device)
-    times = {name: [] for name in IMPLS}
-    outs = {}
     with torch.inference_mode():
-        for name, fn in IMPLS.items():
-            for _ in range(warmup):
-                outs[name] = fn(case, x, memory_limit)
-        _sync(device)
-        for _ in range(repeats):
-            for name, fn in IMPLS.items():  # interleaved: drifts hit both alike
-                _sync(device)
-                t0 = time.perf_counter()
-                fn(case, x, memory_limit)
-                _sync(device)
-                times[name].append(time.perf_counter() - t0)
-    diff = (outs["ours"] - outs["dense"]).abs().max().item()
-    return {name: statistics.median(ts) for name, ts in times.items()}, diff
+        medians = time_interleaved({name: (lambda fn=fn: fn(case, x, memory_limit))
+                                    for name, fn in IMPLS.items()}, device, repeats, warmup)
+        diff = (run_ours(case, x, memory_limit) - run_dense(case, x, memory_limit)).abs().max()
+    return medians, diff.item()
 
 
 # ---------------------------------------------------------------- memory (subprocess)
-def _proc_status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
-
-
 def measure_memory_child(case: Case, impl: str, device: str, memory_limit: int) -> int:
     """Peak extra bytes of one call (runs in a fresh process)."""
     fn = IMPLS[impl]
@@ -143,27 +124,13 @@ def measure_memory_child(case: Case, impl: str, device: str, memory_limit: int) 
     x = make_inputs(case, device)
     with torch.inference_mode():
         fn(tiny, make_inputs(tiny, device), memory_limit)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            fn(case, x, memory_limit)
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - before
-        with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark
-            f.write("5")
-        before = _proc_status_kb("VmRSS")
-        fn(case, x, memory_limit)
-        return (_proc_status_kb("VmHWM") - before) * 1024
+        return peak_memory(lambda: fn(case, x, memory_limit), device)
 
 
 def measure_memory(case: Case, impl: str, device: str, memory_limit: int, threads: int) -> int:
     cmd = [sys.executable, __file__, "--_memory-child", case.name, impl, "--device", device,
            "--memory-limit-mb", str(memory_limit / 2**20), "--threads", str(threads)]
-    # A fixed mmap threshold makes glibc return every large block to the system when it
-    # is freed, so the high-water mark follows live tensors, not allocator caching.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -207,6 +174,7 @@ def main(argv=None) -> None:
     memory_limit = int(args.memory_limit_mb * 2**20)
 
     if args._memory_child:
+        ensure_exact_cpu_memory_accounting()
         name, impl = args._memory_child
         print(measure_memory_child(CASES[name], impl, args.device, memory_limit))
         return

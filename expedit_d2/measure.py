@@ -1,0 +1,85 @@
+"""Latency and memory measurement shared by the benchmarks and the sweep.
+
+* :func:`time_interleaved` -- median latency of several callables measured in one run,
+  interleaved repeat by repeat (machine drift hits all alike), after warm-up,
+  synchronised on CUDA.
+* :func:`peak_memory` -- peak extra memory of one call: on CUDA
+  ``max_memory_allocated`` over what was allocated before; on CPU the growth of the
+  resident set's high-water mark (Linux ``/proc``, reset before the call). On CPU, run
+  the process with :func:`ensure_exact_cpu_memory_accounting` so freed blocks leave
+  the resident set (glibc otherwise keeps them cached and later calls look free).
+"""
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+__all__ = ["sync", "time_interleaved", "peak_memory", "ensure_exact_cpu_memory_accounting"]
+
+_MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device, repeats: int = 5,
+                     warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function; returns {name: median}."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def peak_memory(fn: Callable[[], object], device) -> int | None:
+    """Peak extra bytes while ``fn()`` runs (None where it cannot be measured)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu" or not os.path.exists("/proc/self/clear_refs"):
+        return None
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+    except OSError:
+        return None
+    before = _status_kb("VmRSS")
+    fn()
+    return (_status_kb("VmHWM") - before) * 1024
+
+
+def ensure_exact_cpu_memory_accounting(threshold: int = 1 << 20) -> None:
+    """Re-exec this script once with glibc's mmap threshold fixed (Linux, CPU runs), so
+    that every block over ``threshold`` bytes returns to the system when freed."""
+    if sys.platform.startswith("linux") and _MMAP_ENV not in os.environ:
+        env = dict(os.environ, **{_MMAP_ENV: str(threshold)})
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Base vs expedited backbone on the same weights, measured in one run.
+
+    python tools/benchmark_backbone.py                        # built-in cases
+    python tools/benchmark_backbone.py --cases swin_l_640 --repeats 5
+    python tools/benchmark_backbone.py --config-file my.yaml --input-size 800 1216 \\
+        MODEL.EXPEDIT.CLUSTERING_LOCATION 8
+
+For each case: backbone GFLOPs of both (fvcore, one image of the stated size, with
+expedit-d2's handles for fused attention and the operators), their ratio; latency of
+both (warm-up, median of repeats, interleaved, synchronised on CUDA) and its ratio; the
+gap between the two ratios (the operators' overhead); peak extra memory of one forward;
+and the cosine similarity of each output level, expedited vs base.
+
+Weights are random unless ``MODEL.WEIGHTS`` is given: speed and FLOPs do not depend on
+them, but the cosine similarities are only meaningful with trained weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_backbone
+from torch import nn
+
+from expedit_d2 import add_expedit_config
+from expedit_d2.flops import backbone_flops
+from expedit_d2.measure import ensure_exact_cpu_memory_accounting, peak_memory, time_interleaved
+
+
+def swin_l_cfg():
+    """Swin-L (Mask2Former, 384 pretraining) with the COCO panoptic setting (SPEC 5)."""
+    cfg = get_cfg()
+    add_expedit_config(cfg)
+    s = cfg.MODEL.SWIN
+    s.EMBED_DIM, s.DEPTHS, s.NUM_HEADS = 192, [2, 2, 18, 2], [6, 12, 24, 48]
+    s.WINDOW_SIZE, s.PRETRAIN_IMG_SIZE = 12, 384
+    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
+    e = cfg.MODEL.EXPEDIT
+    e.BASE, e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = "D2SwinTransformer", 10, [8, 8]
+    e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE = 5, 7, 0.05, 10, 0.05
+    return cfg
+
+
+CASES = {
+    "swin_l_640": (swin_l_cfg, (640, 640), "Swin-L, COCO panoptic setting (alpha 10, 8x8/window)"),
+    "swin_l_1024": (swin_l_cfg, (1024, 1024), "Swin-L, COCO panoptic setting (alpha 10, 8x8/window)"),
+}
+
+
+def build_pair(cfg):
+    """(base, expedited) backbones on the same weights."""
+    base_cfg = cfg.clone()
+    if base_cfg.MODEL.BACKBONE.NAME in ("ExpeditBackbone", "D2HourglassSwinTransformer"):
+        base_cfg.MODEL.BACKBONE.NAME = cfg.MODEL.EXPEDIT.BASE
+    exp_cfg = cfg.clone()
+    if exp_cfg.MODEL.BACKBONE.NAME != "D2HourglassSwinTransformer":
+        exp_cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
+        exp_cfg.MODEL.EXPEDIT.ENABLED = True
+    torch.manual_seed(0)
+    base = build_backbone(base_cfg)
+    if cfg.MODEL.WEIGHTS:
+        holder = nn.Module()
+        holder.backbone = base
+        DetectionCheckpointer(holder).load(cfg.MODEL.WEIGHTS)
+    expedited = build_backbone(exp_cfg)
+    expedited.load_state_dict(base.state_dict())
+    device = torch.device(cfg.MODEL.DEVICE)
+    return base.to(device).eval(), expedited.to(device).eval()
+
+
+def run_case(name, cfg, size, repeats, warmup, log):
+    device = cfg.MODEL.DEVICE
+    base, expedited = build_pair(cfg)
+    image = torch.randn(1, 3, *size, device=device)
+    with torch.inference_mode():
+        log(f"{name}: counting FLOPs")
+        gflops = {k: backbone_flops(m, image).total() / 1e9 for k, m in
+                  (("base", base), ("expedited", expedited))}
+        log(f"{name}: timing (warm-up {warmup}, {repeats} repeats)")
+        secs = time_interleaved({"base": lambda: base(image), "expedited": lambda: expedited(image)},
+                                device, repeats, warmup)
+        mem = {k: peak_memory(lambda m=m: m(image), device) for k, m in
+               (("base", base), ("expedited", expedited))}
+        a, b = base(image), expedited(image)
+        cos = {k: F.cosine_similarity(a[k].flatten(1).float(), b[k].flatten(1).float()).mean().item()
+               for k in a}
+    row = {
+        "case": name, "input": list(size), "device": str(device),
+        "gflops_base": gflops["base"], "gflops_expedited": gflops["expedited"],
+        "gflops_ratio": gflops["expedited"] / gflops["base"],
+        "ms_base": secs["base"] * 1e3, "ms_expedited": secs["expedited"] * 1e3,
+        "latency_ratio": secs["expedited"] / secs["base"],
+        "peak_mb_base": None if mem["base"] is None else mem["base"] / 2**20,
+        "peak_mb_expedited": None if mem["expedited"] is None else mem["expedited"] / 2**20,
+        "cosine": cos,
+    }
+    row["ratio_gap"] = row["latency_ratio"] - row["gflops_ratio"]
+    return row
+
+
+def format_table(rows, threads) -> str:
+    dev = rows[0]["device"] if rows else "?"
+    out = [f"Backbone, base vs expedited (same weights); device {dev}, {threads} threads, "
+           f"torch {torch.__version__}", "",
+           "| case | input | GFLOPs base | GFLOPs exp | GFLOPs ratio | ms base | ms exp "
+           "| latency ratio | gap | peak MB base | peak MB exp | cosine per level |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        mb = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
+        cos = " ".join(f"{k} {v:.3f}" for k, v in r["cosine"].items())
+        out.append(
+            f"| {r['case']} | {r['input'][0]}x{r['input'][1]} | {r['gflops_base']:.1f} | "
+            f"{r['gflops_expedited']:.1f} | {r['gflops_ratio']:.3f} | {r['ms_base']:.0f} | "
+            f"{r['ms_expedited']:.0f} | {r['latency_ratio']:.3f} | {r['ratio_gap']:+.3f} | "
+            f"{mb(r['peak_mb_base'])} | {mb(r['peak_mb_expedited'])} | {cos} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), help="built-in cases (default: all)")
+    parser.add_argument("--config-file", help="benchmark this config instead of the built-in cases")
+    parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--output", type=Path, help="also write <output>.md and <output>.json")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        ensure_exact_cpu_memory_accounting()
+    torch.set_num_threads(args.threads)
+
+    def log(msg):
+        print(f"[benchmark_backbone] {msg}", file=sys.stderr, flush=True)
+
+    jobs = []
+    if args.config_file:
+        cfg = get_cfg()
+        add_expedit_config(cfg)
+        cfg.merge_from_file(args.config_file)
+        jobs.append((Path(args.config_file).stem, cfg, tuple(args.input_size or (640, 640))))
+    else:
+        for name in args.cases or list(CASES):
+            make, size, what = CASES[name]
+            log(f"{name}: {what}")
+            jobs.append((name, make(), tuple(args.input_size or size)))
+    rows = []
+    for name, cfg, size in jobs:
+        cfg.merge_from_list(args.opts)
+        cfg.MODEL.DEVICE = args.device
+        rows.append(run_case(name, cfg, size, args.repeats, args.warmup, log))
+    table = format_table(rows, args.threads)
+    print(table)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        for suffix, text in ((".md", table), (".json", json.dumps(rows, indent=2))):
+            path = args.output.with_suffix(suffix)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()

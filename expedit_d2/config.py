@@ -57,6 +57,24 @@ def add_expedit_config(cfg) -> None:
         # ... and the official Expedit ones (D2HourglassSwinTransformer)
         "CLUSTERING_LOCATION": 10,
     })
+    # ViT / ViT-Hybrid (D2ViT, D2ViTHybrid); defaults: ViT-B/16 at 384 with DPT taps
+    _add_defaults(cfg.MODEL, "VIT", {
+        "IMG_SIZE": 384,  # pretraining size: the position embedding has (384/16)^2 + 1 rows
+        "PATCH_SIZE": 16,
+        "EMBED_DIM": 768,
+        "DEPTH": 12,
+        "NUM_HEADS": 12,
+        "MLP_RATIO": 4.0,
+        "QKV_BIAS": True,
+        "DROP_RATE": 0.0,
+        "ATTN_DROP_RATE": 0.0,
+        "DROP_PATH_RATE": 0.0,
+        "NUM_CLASSES": 1000,  # the pretrained classifier head, unused, kept for loading
+        # DPT taps: ViT-B/16 [2, 5, 8, 11], ViT-L/16 [5, 11, 17, 23], Hybrid [0, 1, 8, 11]
+        "TAPS": [2, 5, 8, 11],
+        "HYBRID_LAYERS": [3, 4, 9],  # ResNet-50 stages of D2ViTHybrid
+        "OUT_FEATURES": ["res2", "res3", "res4", "res5"],
+    })
     _add_defaults(cfg.MODEL.SWIN, "TOKEN_CLUSTERING_BLOCK", {
         "NUM_SPIXELS": 64,  # clusters per attention window (a square: 64 -> 8x8)
         "N_ITERS": 5,

@@ -22,6 +22,7 @@ from torch import nn
 from detectron2.modeling import BACKBONE_REGISTRY
 
 from .backbones.swin import SwinTransformer, window_partition, window_reverse
+from .backbones.vit import VisionTransformer
 from .ops import DEFAULT_MEMORY_LIMIT, TokenClustering, TokenReconstruction
 
 __all__ = ["ExpeditSettings", "expedite", "register_adapter", "build_expedit_backbone"]
@@ -212,3 +213,47 @@ def expedite_swin(backbone: SwinTransformer, settings: ExpeditSettings) -> None:
             stage.expedit = SwinWindowExpedit(alpha - first, settings)
             return
         first += depth
+
+
+# ======================================================================================
+# ViT adapter (plain and hybrid)
+# ======================================================================================
+class ViTTokenExpedit(nn.Module):
+    """Global clustering of the patch tokens right after block ``location`` (the cls
+    token passes through), reconstruction of every tap at or after it. No parameters.
+
+    Shapes: (B, 1 + H*W, C) -> clusters (B, 1 + h*w, C) -> taps (B, 1 + H*W, C).
+    """
+
+    def __init__(self, location: int, settings: ExpeditSettings):
+        super().__init__()
+        self.location = location
+        self.clustering = settings.clustering()
+        self.reconstruction = settings.reconstruction()
+
+    def cluster(self, x, grid):
+        h, w = self.clustering.num_clusters
+        if h > grid[0] or w > grid[1]:
+            raise ValueError(
+                f"MODEL.EXPEDIT.NUM_CLUSTERS={[h, w]} is larger than this input's token grid "
+                f"{list(grid)} (rows, columns)")
+        return self.clustering(x, grid, num_prefix_tokens=1)
+
+    def reconstruct(self, x, state):
+        return self.reconstruction(x, state)
+
+    def extra_repr(self) -> str:
+        return f"location={self.location}"
+
+
+@register_adapter(VisionTransformer)
+def expedite_vit(backbone: VisionTransformer, settings: ExpeditSettings) -> None:
+    alpha = settings.clustering_location
+    if not 0 <= alpha < backbone.depth:
+        raise ValueError(
+            f"MODEL.EXPEDIT.CLUSTERING_LOCATION={alpha} is outside this ViT's blocks "
+            f"0..{backbone.depth - 1} (clustering happens right after block alpha)")
+    h, w = settings.num_clusters
+    if settings.recon_k > h * w:
+        raise ValueError(f"MODEL.EXPEDIT.RECON_K={settings.recon_k} exceeds the {h}x{w} clusters")
+    backbone.expedit = ViTTokenExpedit(alpha, settings)

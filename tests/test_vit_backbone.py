@@ -1,0 +1,173 @@
+"""ViT / ViT-Hybrid backbones: official DPT names, taps, expedit hooks, drop-in."""
+import pytest
+import torch
+from torch import nn
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_backbone, build_model
+
+from expedit_d2 import add_expedit_config, token_clustering, token_reconstruction
+from tests.reference_keys import read_keys
+
+
+def tiny_vit_cfg(name="D2ViT", hybrid=False):
+    cfg = get_cfg()
+    add_expedit_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.NAME = name
+    v = cfg.MODEL.VIT
+    v.EMBED_DIM, v.DEPTH, v.NUM_HEADS, v.IMG_SIZE, v.NUM_CLASSES = 32, 6, 2, 96, 10
+    v.TAPS = [0, 1, 3, 5] if hybrid else [1, 2, 3, 5]
+    v.HYBRID_LAYERS = [1, 1, 1]
+    e = cfg.MODEL.EXPEDIT
+    e.BASE = "D2ViTHybrid" if hybrid else "D2ViT"
+    e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = 2, [5, 6]
+    e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE = 5, 5, 1.0, 4, 1.0
+    return cfg
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_backbone(cfg).eval()
+
+
+@pytest.mark.parametrize("name, ref", [("D2ViTHybrid", "dpt_hybrid_vitb_rn50_384"),
+                                       ("D2ViT", "dpt_large_vitl16_384")])
+def test_state_dict_equals_official_dpt_backbone_keys(name, ref):
+    cfg = get_cfg()
+    add_expedit_config(cfg)
+    cfg.MODEL.BACKBONE.NAME = name
+    if name == "D2ViT":  # ViT-L/16
+        cfg.MODEL.VIT.EMBED_DIM, cfg.MODEL.VIT.DEPTH, cfg.MODEL.VIT.NUM_HEADS = 1024, 24, 16
+        cfg.MODEL.VIT.TAPS = [5, 11, 17, 23]
+    else:
+        cfg.MODEL.VIT.TAPS = [0, 1, 8, 11]
+    with torch.device("meta"):
+        model = build_backbone(cfg)
+    official = {k[len("pretrained.model."):]: v for k, v in read_keys(ref).items()
+                if k.startswith("pretrained.model.")}
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == official
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+@pytest.mark.parametrize("size", [(480, 640), (375, 500)])
+def test_outputs_at_strides_4_to_32(hybrid, size):
+    cfg = tiny_vit_cfg("D2ViTHybrid" if hybrid else "D2ViT", hybrid)
+    for name in [cfg.MODEL.BACKBONE.NAME, "ExpeditBackbone"]:
+        cfg.MODEL.BACKBONE.NAME = name
+        model = build(cfg)
+        spec = model.output_shape()
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, *size))
+        for k, v in out.items():
+            s = spec[k].stride
+            assert v.shape == (1, spec[k].channels, -(-size[0] // s), -(-size[1] // s)), (name, k)
+            assert torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_disabled_is_bitwise_identical(hybrid):
+    cfg = tiny_vit_cfg("D2ViTHybrid" if hybrid else "D2ViT", hybrid)
+    base = build(cfg)
+    cfg.MODEL.BACKBONE.NAME, cfg.MODEL.EXPEDIT.ENABLED = "ExpeditBackbone", False
+    plain = build(cfg, seed=3)
+    plain.load_state_dict(base.state_dict())
+    x = torch.randn(2, 3, 160, 224)
+    with torch.no_grad():
+        a, b = base(x), plain(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_taps_follow_the_spec():
+    """Cluster right after block alpha (cls kept), later blocks on clusters, every tap at
+    or after alpha reconstructed -- written out with the operators."""
+    cfg = tiny_vit_cfg()
+    base = build(cfg)
+    cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
+    ex = build(cfg)
+    ex.load_state_dict(base.state_dict())
+    x = torch.randn(2, 3, 160, 224)
+    with torch.no_grad():
+        got, grid, _ = ex.forward_taps(x, [1, 2, 3, 5])
+        plain, grid0, _ = base.forward_taps(x, [1])
+        assert grid == grid0 == (10, 14)
+        # by hand
+        tok, _, _ = base.patch_embed(x)
+        t = torch.cat([base.cls_token.expand(2, -1, -1), tok], 1) + base.resized_pos_embed(grid)
+        for blk in base.blocks[:3]:
+            t = blk(t)
+        clusters, state = token_clustering(t, grid, (5, 6), 5, 1.0, 5, num_prefix_tokens=1)
+        expect = {2: token_reconstruction(clusters, state, 4, 1.0)}
+        for i in (3, 4, 5):
+            clusters = base.blocks[i](clusters)
+            expect[i] = token_reconstruction(clusters, state, 4, 1.0)
+    torch.testing.assert_close(got[0], plain[0])  # tap 1 is before the clustering point
+    assert got[1].shape == (2, 1 + 140, 32)
+    for tap, i in zip(got[1:], (2, 3, 5)):
+        torch.testing.assert_close(tap, expect[i], atol=1e-5, rtol=1e-5)
+        assert torch.equal(tap[:, :1], expect[i][:, :1])  # cls token passed through
+
+
+def test_dpt_checkpoint_names_load_cleanly(tmp_path):
+    src = build(tiny_vit_cfg("D2ViTHybrid", hybrid=True))
+    path = tmp_path / "dpt_tiny.pt"
+    torch.save({f"pretrained.model.{k}": v for k, v in src.state_dict().items()}, path)
+    raw = torch.load(path)
+    mapped = {k[len("pretrained.model."):]: v for k, v in raw.items()}
+    for name in ["D2ViTHybrid", "ExpeditBackbone"]:
+        cfg = tiny_vit_cfg(name, hybrid=True)
+        model = build(cfg, seed=9)
+        result = model.load_state_dict(mapped, strict=True)
+        assert not result.missing_keys and not result.unexpected_keys
+        assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_drops_into_generalized_rcnn_with_fpn(hybrid):
+    cfg = tiny_vit_cfg("build_bottom_up_fpn_backbone", hybrid)
+    cfg.MODEL.FPN.BOTTOM_UP = "ExpeditBackbone"
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        out = model([{"image": torch.rand(3, 240, 320) * 255, "height": 240, "width": 320}])
+    assert out[0]["instances"].image_size == (240, 320)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_forward_is_finite(dtype):
+    cfg = tiny_vit_cfg("ExpeditBackbone", hybrid=True)
+    model = build(cfg)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        out = model(torch.randn(1, 3, 160, 224))
+    assert all(torch.isfinite(v.float()).all() for v in out.values())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("CLUSTERING_LOCATION", 6, r"MODEL.EXPEDIT.CLUSTERING_LOCATION=6 is outside this ViT's blocks 0..5"),
+    ("NUM_CLUSTERS", [11, 4], r"MODEL.EXPEDIT.NUM_CLUSTERS=\[11, 4\] is larger than this input's token grid \[10, 14\]"),
+    ("RECON_K", 31, r"MODEL.EXPEDIT.RECON_K=31 exceeds the 5x6 clusters"),
+    ("ITERS", 0, r"MODEL.EXPEDIT.ITERS: iters must be an int >= 1, got 0"),
+    ("RECON_TEMPERATURE", -1.0, r"MODEL.EXPEDIT.RECON_TEMPERATURE: .*got -1.0"),
+])
+def test_bad_expedit_config_names_the_key(key, value, message):
+    cfg = tiny_vit_cfg("ExpeditBackbone")
+    setattr(cfg.MODEL.EXPEDIT, key, value)
+    with pytest.raises(ValueError, match=message):
+        build(cfg)(torch.randn(1, 3, 160, 224))
+
+
+def test_bad_taps_are_rejected():
+    cfg = tiny_vit_cfg()
+    cfg.MODEL.VIT.TAPS = [1, 2, 3, 6]
+    with pytest.raises(ValueError, match=r"MODEL.VIT.TAPS \[1, 2, 3, 6\]: block indices \[6\] outside 0..5"):
+        build(cfg)

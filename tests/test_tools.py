@@ -1,0 +1,77 @@
+"""FLOP counting and the measurement tools, on tiny configs."""
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expedit_d2.flops import backbone_flops
+from expedit_d2.ops import token_clustering, token_reconstruction
+from tools import analyze_model, benchmark_backbone
+
+TINY_SWIN = ["MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.DEPTHS", "[2, 2, 4, 2]",
+             "MODEL.SWIN.NUM_HEADS", "[1, 2, 2, 4]", "MODEL.SWIN.PRETRAIN_IMG_SIZE", "224",
+             "MODEL.EXPEDIT.CLUSTERING_LOCATION", "6"]
+
+
+class _Attn(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class _Ops(nn.Module):
+    def forward(self, x):
+        clusters, state = token_clustering(x, (8, 8), (4, 4), iters=2, temperature=0.1, window=7)
+        return token_reconstruction(clusters, state, k=3, temperature=0.1)
+
+
+def test_fused_attention_is_counted():
+    q, k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 5)
+    from fvcore.nn import FlopCountAnalysis
+
+    from expedit_d2.flops import EXTRA_HANDLES
+
+    fca = FlopCountAnalysis(_Attn(), (q, k, v)).set_op_handle(**EXTRA_HANDLES)
+    assert fca.total() == 2 * 3 * 10 * 7 * (8 + 5)
+
+
+def test_operator_matmuls_are_counted():
+    B, N, M, C = 2, 64, 16, 12
+    x = torch.randn(B, N, C)
+    total = backbone_flops(_Ops(), x).total()
+    # clustering: 2 iterations x (distances + centre update), window 7 reaches all 4x4
+    # clusters; reconstruction: distances + mixing; plus the initial pooling
+    matmuls = 2 * 2 * B * N * M * C + 2 * B * N * M * C
+    assert matmuls <= total <= matmuls + 2 * B * N * C
+
+
+def run_analyze(capsys, *extra):
+    analyze_model.main(["--config-file", "configs/examples/faster_rcnn_swin_l_fpn_expedit.yaml",
+                        "--input-size", "192", "256", *extra, *TINY_SWIN])
+    out = dict(line.split("\t") for line in capsys.readouterr().out.splitlines() if "\t" in line)
+    return {k: float(v) for k, v in out.items()}
+
+
+def test_analyze_model_prints_backbone_and_model_gflops(capsys):
+    expedited = run_analyze(capsys)
+    plain = run_analyze(capsys, "MODEL.EXPEDIT.ENABLED", "False")
+    assert 0 < expedited["backbone_gflops"] < plain["backbone_gflops"]
+    assert plain["model_gflops"] > plain["backbone_gflops"]
+    saved = plain["backbone_gflops"] - expedited["backbone_gflops"]
+    assert abs((plain["model_gflops"] - expedited["model_gflops"]) - saved) < 0.05 * plain["model_gflops"]
+
+
+def test_benchmark_backbone_writes_its_table(tmp_path):
+    out = tmp_path / "bench"
+    benchmark_backbone.main([
+        "--config-file", "configs/backbones/swin_large_expedit_coco_panoptic.yaml",
+        "--input-size", "192", "256", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+        "--output", str(out), *TINY_SWIN])
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert len(rows) == 1
+    row = rows[0]
+    assert 0 < row["gflops_ratio"] < 1
+    assert row["ms_base"] > 0 and row["ms_expedited"] > 0
+    assert set(row["cosine"]) == {"res2", "res3", "res4", "res5"}
+    assert row["cosine"]["res2"] > 0.999  # before the clustering point
+    assert "| swin_large_expedit_coco_panoptic | 256x192 |" in out.with_suffix(".md").read_text()

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Backbone and whole-model GFLOPs of a config at a stated input size (Detectron2 style).
+
+    python tools/analyze_model.py --config-file cfg.yaml --input-size 1024 1024 [KEY VALUE ...]
+    python tools/analyze_model.py --config-file cfg.yaml --tasks flop parameter
+
+FLOPs are fvcore counts (one multiply-add = one flop) on one image of the stated size
+(channels from the config), with expedit-d2's handles for fused attention and the
+clustering/reconstruction operators (:mod:`expedit_d2.flops`). The whole model is run in
+inference mode on that image. ``parameter`` prints the parameter count per module.
+Projects register their meta-architectures when imported: pass ``--project
+projects/Mask2Former`` (a folder with the project's package) for theirs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.analysis import parameter_count_table
+from detectron2.utils.logger import setup_logger
+
+from expedit_d2 import add_expedit_config
+from expedit_d2.flops import backbone_flops, model_flops
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_expedit_config(cfg)
+    for project in args.project:
+        path = Path(project).resolve()
+        sys.path.insert(0, str(path))
+        pkg = importlib.import_module(path.name.lower().replace("-", "_"))
+        for name in dir(pkg):  # the project's add_*_config functions
+            if name.startswith("add_") and name.endswith("_config") and name != "add_expedit_config":
+                getattr(pkg, name)(cfg)
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = args.device
+    cfg.freeze()
+    return cfg
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default="", metavar="FILE")
+    parser.add_argument("--input-size", nargs=2, type=int, default=[1024, 1024], metavar=("H", "W"))
+    parser.add_argument("--tasks", nargs="+", choices=["flop", "parameter"], default=["flop"])
+    parser.add_argument("--project", action="append", default=[],
+                        help="project folder whose package registers a meta-architecture")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backbone-only", action="store_true")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    args = parser.parse_args(argv)
+    logger = setup_logger(name="expedit_d2")
+    cfg = setup(args)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    H, W = args.input_size
+    channels = len(cfg.MODEL.PIXEL_MEAN)
+    image = torch.rand(channels, H, W, device=args.device) * 255
+    if "parameter" in args.tasks:
+        logger.info("Parameter count:\n" + parameter_count_table(model, max_depth=3))
+    if "flop" in args.tasks:
+        with torch.inference_mode():
+            batch = model.preprocess_image([{"image": image}]) if hasattr(model, "preprocess_image") else None
+            x = batch.tensor if batch is not None else image[None]
+            bb = backbone_flops(model.backbone, x).total() / 1e9
+            logger.info(f"Backbone {cfg.MODEL.BACKBONE.NAME}: {bb:.2f} GFLOPs at input "
+                        f"{H}x{W} (padded to {tuple(x.shape[-2:])})")
+            print(f"backbone_gflops\t{bb:.3f}")
+            if not args.backbone_only:
+                total = model_flops(model, [{"image": image, "height": H, "width": W}]).total() / 1e9
+                logger.info(f"Whole model {cfg.MODEL.META_ARCHITECTURE}: {total:.2f} GFLOPs at "
+                            f"input {H}x{W}")
+                print(f"model_gflops\t{total:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,10 @@
 For each case: backbone GFLOPs of both (fvcore, one image of the stated size, with
 expedit-d2's handles for fused attention and the operators), their ratio; latency of
 both (warm-up, median of repeats, interleaved, synchronised on CUDA) and its ratio; the
-gap between the two ratios (the operators' overhead); peak extra memory of one forward;
+gap between the two ratios; the time spent inside the clustering/reconstruction
+operators as a share of the base backbone's time (their overhead: the gap also holds
+FLOP-efficiency differences between layers); peak extra memory of one forward (each
+model in a fresh subprocess);
 and the cosine similarity of each output level, expedited vs base.
 
 Weights are random unless ``MODEL.WEIGHTS`` is given: speed and FLOPs do not depend on
@@ -20,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,7 +38,8 @@ from torch import nn
 
 from expedit_d2 import add_expedit_config
 from expedit_d2.flops import backbone_flops
-from expedit_d2.measure import ensure_exact_cpu_memory_accounting, peak_memory, time_interleaved
+from expedit_d2.measure import peak_memory, sync, time_interleaved
+from expedit_d2.ops import TokenClustering, TokenReconstruction
 
 
 def swin_l_cfg():
@@ -103,7 +109,52 @@ def build_pair(cfg):
     return base.to(device).eval(), expedited.to(device).eval()
 
 
-def run_case(name, cfg, size, repeats, warmup, log):
+def memory_child(cfg, size, variant) -> int | None:
+    """Peak extra bytes of one forward of ``variant`` (run in a fresh subprocess)."""
+    model = dict(zip(("base", "expedited"), build_pair(cfg)))[variant]
+    device = cfg.MODEL.DEVICE
+    image = torch.randn(1, 3, *size, device=device)
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 64, 64, device=device))  # touch code pages, thread pools
+        return peak_memory(lambda: model(image), device)
+
+
+def measure_memory(argv, job_index, variant) -> float | None:
+    """Run this script again as a child that measures one model's peak memory, with
+    glibc's mmap threshold fixed so freed blocks leave the resident set (in the parent
+    that setting would slow every allocation and skew the timings)."""
+    cmd = [sys.executable, __file__, "--_memory-child", str(job_index), variant, *argv]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    value = out.stdout.strip().splitlines()[-1]
+    return None if value == "None" else int(value) / 2**20
+
+
+def operator_seconds(model, image, device) -> float:
+    """Seconds spent inside the clustering/reconstruction operators in one forward."""
+    spent, start = [0.0], {}
+
+    def pre(mod, args):
+        sync(device)
+        start[mod] = time.perf_counter()
+
+    def post(mod, args, out):
+        sync(device)
+        spent[0] += time.perf_counter() - start.pop(mod)
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, (TokenClustering, TokenReconstruction)):
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        model(image)
+    finally:
+        for h in handles:
+            h.remove()
+    return spent[0]
+
+
+def run_case(name, cfg, size, repeats, warmup, log, memory):
     device = cfg.MODEL.DEVICE
     base, expedited = build_pair(cfg)
     image = torch.randn(1, 3, *size, device=device)
@@ -114,8 +165,8 @@ def run_case(name, cfg, size, repeats, warmup, log):
         log(f"{name}: timing (warm-up {warmup}, {repeats} repeats)")
         secs = time_interleaved({"base": lambda: base(image), "expedited": lambda: expedited(image)},
                                 device, repeats, warmup)
-        mem = {k: peak_memory(lambda m=m: m(image), device) for k, m in
-               (("base", base), ("expedited", expedited))}
+        mem = {k: memory(k) for k in ("base", "expedited")}
+        op_secs = operator_seconds(expedited, image, device)
         a, b = base(image), expedited(image)
         cos = {k: F.cosine_similarity(a[k].flatten(1).float(), b[k].flatten(1).float()).mean().item()
                for k in a}
@@ -125,11 +176,12 @@ def run_case(name, cfg, size, repeats, warmup, log):
         "gflops_ratio": gflops["expedited"] / gflops["base"],
         "ms_base": secs["base"] * 1e3, "ms_expedited": secs["expedited"] * 1e3,
         "latency_ratio": secs["expedited"] / secs["base"],
-        "peak_mb_base": None if mem["base"] is None else mem["base"] / 2**20,
-        "peak_mb_expedited": None if mem["expedited"] is None else mem["expedited"] / 2**20,
+        "peak_mb_base": mem["base"],
+        "peak_mb_expedited": mem["expedited"],
         "cosine": cos,
     }
     row["ratio_gap"] = row["latency_ratio"] - row["gflops_ratio"]
+    row["operator_share"] = op_secs / secs["base"]
     return row
 
 
@@ -138,15 +190,15 @@ def format_table(rows, threads) -> str:
     out = [f"Backbone, base vs expedited (same weights); device {dev}, {threads} threads, "
            f"torch {torch.__version__}", "",
            "| case | input WxH | GFLOPs base | GFLOPs exp | GFLOPs ratio | ms base | ms exp "
-           "| latency ratio | gap | peak MB base | peak MB exp | cosine per level |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "| latency ratio | gap | operators / base time | peak MB base | peak MB exp | cosine per level |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         mb = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
         cos = " ".join(f"{k} {v:.3f}" for k, v in r["cosine"].items())
         out.append(
             f"| {r['case']} | {r['input'][1]}x{r['input'][0]} | {r['gflops_base']:.1f} | "
             f"{r['gflops_expedited']:.1f} | {r['gflops_ratio']:.3f} | {r['ms_base']:.0f} | "
-            f"{r['ms_expedited']:.0f} | {r['latency_ratio']:.3f} | {r['ratio_gap']:+.3f} | "
+            f"{r['ms_expedited']:.0f} | {r['latency_ratio']:.3f} | {r['ratio_gap']:+.3f} | {r['operator_share']:.1%} | "
             f"{mb(r['peak_mb_base'])} | {mb(r['peak_mb_expedited'])} | {cos} |")
     return "\n".join(out) + "\n"
 
@@ -162,6 +214,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--output", type=Path, help="also write <output>.md and <output>.json")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--_memory-child", nargs=2, metavar=("JOB", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -180,11 +234,24 @@ def main(argv=None):
             make, size, what = CASES[name]
             log(f"{name}: {what}")
             jobs.append((name, make(), tuple(args.input_size or size)))
-    rows = []
-    for name, cfg, size in jobs:
+    for _, cfg, _ in jobs:
         cfg.merge_from_list(args.opts)
         cfg.MODEL.DEVICE = args.device
-        rows.append(run_case(name, cfg, size, args.repeats, args.warmup, log))
+    if args._memory_child:
+        index, variant = args._memory_child
+        _, cfg, size = jobs[int(index)]
+        print(memory_child(cfg, size, variant))
+        return
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rows = []
+    for index, (name, cfg, size) in enumerate(jobs):
+        def memory(variant, index=index):
+            if args.no_memory:
+                return None
+            log(f"{name}: peak memory of the {variant} backbone (subprocess)")
+            return measure_memory(argv, index, variant)
+
+        rows.append(run_case(name, cfg, size, args.repeats, args.warmup, log, memory))
     table = format_table(rows, args.threads)
     print(table)
     if args.output:
@@ -197,6 +264,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if "cuda" not in sys.argv:
-        ensure_exact_cpu_memory_accounting()  # re-executes this script once (CPU runs)
     main()

@@ -9,11 +9,12 @@ from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.modeling import build_backbone, build_model
+from detectron2.modeling import build_backbone
 
 from expedit_d2.config import add_expedit_config
 from expedit_d2.backbones.swin import SwinTransformer
 from tests.dense_reference import dense_clustering, dense_reconstruction
+from tests.d2_helpers import run_faster_rcnn_fpn
 from tests.reference_keys import read_keys
 
 
@@ -244,22 +245,9 @@ def test_checkpoint_loader_reports_nothing_missing(tmp_path, caplog):
 @pytest.mark.parametrize("bottom_up", ["D2SwinTransformer", "ExpeditBackbone", "D2HourglassSwinTransformer"])
 def test_drops_into_generalized_rcnn_with_fpn(bottom_up):
     cfg = tiny_swin_cfg()
-    cfg.MODEL.BACKBONE.NAME = "build_bottom_up_fpn_backbone"
-    cfg.MODEL.FPN.BOTTOM_UP = bottom_up
-    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        out = model([{"image": torch.rand(3, 375, 500) * 255, "height": 375, "width": 500}])
-    assert out[0]["instances"].image_size == (375, 500)
+    instances = run_faster_rcnn_fpn(cfg, bottom_up, (375, 500))
+    assert instances.image_size == (375, 500)
+
 
 
 # ----------------------------------------------------------------------------------

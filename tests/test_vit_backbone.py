@@ -5,9 +5,10 @@ from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.modeling import build_backbone, build_model
+from detectron2.modeling import build_backbone
 
 from expedit_d2 import add_expedit_config, token_clustering, token_reconstruction
+from tests.d2_helpers import run_faster_rcnn_fpn
 from tests.reference_keys import read_keys
 
 
@@ -125,22 +126,9 @@ def test_dpt_checkpoint_names_load_cleanly(tmp_path):
 
 @pytest.mark.parametrize("hybrid", [False, True])
 def test_drops_into_generalized_rcnn_with_fpn(hybrid):
-    cfg = tiny_vit_cfg("build_bottom_up_fpn_backbone", hybrid)
-    cfg.MODEL.FPN.BOTTOM_UP = "ExpeditBackbone"
-    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        out = model([{"image": torch.rand(3, 240, 320) * 255, "height": 240, "width": 320}])
-    assert out[0]["instances"].image_size == (240, 320)
+    cfg = tiny_vit_cfg("D2ViTHybrid" if hybrid else "D2ViT", hybrid)
+    assert run_faster_rcnn_fpn(cfg, "ExpeditBackbone").image_size == (240, 320)
+
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+
+from .base import MultiScaleBackbone
 
 __all__ = ["SwinTransformer", "D2SwinTransformer", "window_partition", "window_reverse"]
 
@@ -314,7 +316,7 @@ class SwinTransformer(nn.Module):
 
 
 @BACKBONE_REGISTRY.register()
-class D2SwinTransformer(SwinTransformer, Backbone):
+class D2SwinTransformer(SwinTransformer, MultiScaleBackbone):
     """Detectron2 backbone from ``MODEL.SWIN.*`` (the official Mask2Former config keys)."""
 
     def __init__(self, cfg, input_shape):
@@ -323,24 +325,9 @@ class D2SwinTransformer(SwinTransformer, Backbone):
             s.PRETRAIN_IMG_SIZE, s.PATCH_SIZE, input_shape.channels, s.EMBED_DIM, s.DEPTHS,
             s.NUM_HEADS, s.WINDOW_SIZE, s.MLP_RATIO, s.QKV_BIAS, s.QK_SCALE, s.DROP_RATE,
             s.ATTN_DROP_RATE, s.DROP_PATH_RATE, s.APE, s.PATCH_NORM)
-        names = ["res2", "res3", "res4", "res5"][: self.num_layers]
-        unknown = [f for f in s.OUT_FEATURES if f not in names]
-        if unknown:
-            raise ValueError(f"MODEL.SWIN.OUT_FEATURES has {unknown}; valid names are {names}")
-        self._out_features = list(s.OUT_FEATURES)
-        self._out_feature_strides = {n: 4 * 2**i for i, n in enumerate(names)}
-        self._out_feature_channels = {n: self.num_features[i] for i, n in enumerate(names)}
+        self._setup_outputs(s.OUT_FEATURES, self.num_features, "MODEL.SWIN.OUT_FEATURES")
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.dim() != 4:
-            raise ValueError(f"D2SwinTransformer takes (N, C, H, W) input, got {tuple(x.shape)}")
+        self._check_input(x)
         outs = self.forward_stages(x)
         return {f"res{i + 2}": y for i, y in outs.items() if f"res{i + 2}" in self._out_features}
-
-    def output_shape(self):
-        return {n: ShapeSpec(channels=self._out_feature_channels[n],
-                             stride=self._out_feature_strides[n]) for n in self._out_features}
-
-    @property
-    def size_divisibility(self) -> int:
-        return 32

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+
+from .base import MultiScaleBackbone
 
 from .swin import DropPath, Mlp
 
@@ -263,18 +265,8 @@ class VisionTransformer(nn.Module):
         return [outs[i] for i in taps], grid, stages
 
 
-class _D2ViTBase(VisionTransformer, Backbone):
+class _D2ViTBase(VisionTransformer, MultiScaleBackbone):
     """Shared Detectron2 side: taps -> res2..res5 maps at strides 4, 8, 16, 32."""
-
-    _names = ("res2", "res3", "res4", "res5")
-
-    def _setup_outputs(self, cfg_out_features, channels):
-        unknown = [f for f in cfg_out_features if f not in self._names]
-        if unknown:
-            raise ValueError(f"MODEL.VIT.OUT_FEATURES has {unknown}; valid names are {list(self._names)}")
-        self._out_features = list(cfg_out_features)
-        self._out_feature_strides = {n: 4 * 2**i for i, n in enumerate(self._names)}
-        self._out_feature_channels = dict(zip(self._names, channels))
 
     @staticmethod
     def _tokens_to_map(t: torch.Tensor, grid) -> torch.Tensor:
@@ -289,17 +281,16 @@ class _D2ViTBase(VisionTransformer, Backbone):
             return F.adaptive_avg_pool2d(x, size)
         return x
 
-    def output_shape(self):
-        return {n: ShapeSpec(channels=self._out_feature_channels[n],
-                             stride=self._out_feature_strides[n]) for n in self._out_features}
-
-    @property
-    def size_divisibility(self) -> int:
-        return 32
-
-    def _check_input(self, x):
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__} takes (N, C, H, W) input, got {tuple(x.shape)}")
+    def _maps_to_outputs(self, maps, image_size) -> dict[str, torch.Tensor]:
+        """Stride-16 (or already right-sized) maps -> the requested res2..res5."""
+        H, W = image_size
+        out = {}
+        for name, m in zip(self.names, maps):
+            if name in self._out_features:
+                stride = self._out_feature_strides[name]
+                size = (math.ceil(H / stride), math.ceil(W / stride))
+                out[name] = m if tuple(m.shape[-2:]) == size else self._to_stride(m, 16 / stride, size)
+        return out
 
 
 def _vit_kwargs(v, in_chans):
@@ -329,19 +320,12 @@ class D2ViT(_D2ViTBase):
         v = cfg.MODEL.VIT
         super().__init__(**_vit_kwargs(v, input_shape.channels))
         self.taps = _check_taps(v.TAPS, self.depth)
-        self._setup_outputs(v.OUT_FEATURES, [self.embed_dim] * 4)
+        self._setup_outputs(v.OUT_FEATURES, [self.embed_dim] * 4, "MODEL.VIT.OUT_FEATURES")
 
     def forward(self, x):
         self._check_input(x)
-        H, W = x.shape[-2:]
         taps, grid, _ = self.forward_taps(x, self.taps)
-        out = {}
-        for i, (name, t) in enumerate(zip(self._names, taps)):
-            if name in self._out_features:
-                stride = self._out_feature_strides[name]
-                size = (math.ceil(H / stride), math.ceil(W / stride))
-                out[name] = self._to_stride(self._tokens_to_map(t, grid), 16 / stride, size)
-        return out
+        return self._maps_to_outputs([self._tokens_to_map(t, grid) for t in taps], x.shape[-2:])
 
 
 @BACKBONE_REGISTRY.register()
@@ -357,17 +341,11 @@ class D2ViTHybrid(_D2ViTBase):
         rn = self.patch_embed.backbone.out_channels
         if not (0 <= self.taps[0] < len(rn) and 0 <= self.taps[1] < len(rn)):
             raise ValueError(f"MODEL.VIT.TAPS {self.taps}: the first two index ResNet stages 0..{len(rn) - 1}")
-        self._setup_outputs(v.OUT_FEATURES, [rn[self.taps[0]], rn[self.taps[1]], self.embed_dim, self.embed_dim])
+        self._setup_outputs(v.OUT_FEATURES, [rn[self.taps[0]], rn[self.taps[1]], self.embed_dim,
+                                             self.embed_dim], "MODEL.VIT.OUT_FEATURES")
 
     def forward(self, x):
         self._check_input(x)
-        H, W = x.shape[-2:]
         taps, grid, stages = self.forward_taps(x, self.taps[2:])
         maps = [stages[self.taps[0]], stages[self.taps[1]]] + [self._tokens_to_map(t, grid) for t in taps]
-        out = {}
-        for name, m in zip(self._names, maps):
-            if name in self._out_features:
-                stride = self._out_feature_strides[name]
-                size = (math.ceil(H / stride), math.ceil(W / stride))
-                out[name] = m if tuple(m.shape[-2:]) == size else self._to_stride(m, 16 / stride, size)
-        return out
+        return self._maps_to_outputs(maps, x.shape[-2:])

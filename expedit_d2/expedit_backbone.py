@@ -23,7 +23,15 @@ from detectron2.modeling import BACKBONE_REGISTRY
 
 from .backbones.swin import SwinTransformer, window_partition, window_reverse
 from .backbones.vit import VisionTransformer
-from .ops import DEFAULT_MEMORY_LIMIT, TokenClustering, TokenReconstruction
+from .ops import (
+    DEFAULT_MEMORY_LIMIT,
+    TokenClustering,
+    TokenReconstruction,
+    _pair,
+    _positive_float,
+    _positive_int,
+    _window,
+)
 
 __all__ = ["ExpeditSettings", "expedite", "register_adapter", "build_expedit_backbone"]
 
@@ -53,31 +61,23 @@ class ExpeditSettings:
                    e.TEMPERATURE, e.WINDOW, e.RECON_K, e.RECON_TEMPERATURE,
                    int(e.MEMORY_LIMIT_MB * 2**20))
 
+    def __post_init__(self):
+        """Validate every field, naming its config key."""
+        key = "MODEL.EXPEDIT."
+        _pair(self.num_clusters, key + "NUM_CLUSTERS")
+        _positive_int(self.iters, key + "ITERS")
+        _positive_float(self.temperature, key + "TEMPERATURE")
+        _window(self.window, key + "WINDOW")
+        _positive_int(self.recon_k, key + "RECON_K")
+        _positive_float(self.recon_temperature, key + "RECON_TEMPERATURE")
+        _positive_int(self.memory_limit, key + "MEMORY_LIMIT_MB (in bytes)")
+
     def clustering(self) -> TokenClustering:
-        """The clustering module; bad values raise naming the MODEL.EXPEDIT key."""
-        return _with_key(lambda: TokenClustering(self.num_clusters, self.iters, self.temperature,
-                                                 self.window, self.memory_limit))
+        return TokenClustering(self.num_clusters, self.iters, self.temperature, self.window,
+                               self.memory_limit)
 
     def reconstruction(self) -> TokenReconstruction:
-        return _with_key(lambda: TokenReconstruction(self.recon_k, self.recon_temperature,
-                                                     self.memory_limit))
-
-
-_KEYS = {
-    "num_clusters": "NUM_CLUSTERS", "iters": "ITERS", "clustering temperature": "TEMPERATURE",
-    "window": "WINDOW", "reconstruction k": "RECON_K",
-    "reconstruction temperature": "RECON_TEMPERATURE", "memory_limit": "MEMORY_LIMIT_MB",
-}
-
-
-def _with_key(build):
-    try:
-        return build()
-    except ValueError as e:
-        for word, key in _KEYS.items():
-            if str(e).startswith(word) or f"({word})" in str(e) or word in str(e).split(" must")[0]:
-                raise ValueError(f"MODEL.EXPEDIT.{key}: {e}") from None
-        raise
+        return TokenReconstruction(self.recon_k, self.recon_temperature, self.memory_limit)
 
 
 _ADAPTERS: dict[type, Callable] = {}

@@ -102,11 +102,9 @@ def _positive_float(value, name: str) -> float:
     return v
 
 
-def _window(value) -> int:
+def _window(value, name: str = "clustering window (lambda)") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
-        raise ValueError(
-            f"clustering window (lambda) must be an odd int >= 1, got {value!r}"
-        )
+        raise ValueError(f"{name} must be an odd int >= 1, got {value!r}")
     return value
 
 

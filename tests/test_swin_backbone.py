@@ -266,9 +266,9 @@ def test_autocast_forward_is_finite(dtype):
     ("CLUSTERING_LOCATION", -1, r"CLUSTERING_LOCATION=-1"),
     ("NUM_CLUSTERS", [8, 6], r"MODEL.EXPEDIT.NUM_CLUSTERS=\[8, 6\]: Swin clusters each 12x12"),
     ("NUM_CLUSTERS", [13, 13], r"NUM_CLUSTERS=\[13, 13\]"),
-    ("WINDOW", 4, r"MODEL.EXPEDIT.WINDOW: .*odd int >= 1, got 4"),
+    ("WINDOW", 4, r"MODEL.EXPEDIT.WINDOW must be an odd int >= 1, got 4"),
     ("RECON_K", 65, r"MODEL.EXPEDIT.RECON_K=65 exceeds the 8x8 clusters of a window"),
-    ("TEMPERATURE", 0.0, r"MODEL.EXPEDIT.TEMPERATURE: .*got 0.0"),
+    ("TEMPERATURE", 0.0, r"MODEL.EXPEDIT.TEMPERATURE must be a positive finite number, got 0.0"),
     ("BASE", "NoSuchBackbone", r"MODEL.EXPEDIT.BASE 'NoSuchBackbone' is not in"),
 ])
 def test_bad_expedit_config_names_the_key(key, value, message):

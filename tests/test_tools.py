@@ -75,3 +75,14 @@ def test_benchmark_backbone_writes_its_table(tmp_path):
     assert set(row["cosine"]) == {"res2", "res3", "res4", "res5"}
     assert row["cosine"]["res2"] > 0.999  # before the clustering point
     assert "| swin_large_expedit_coco_panoptic | 256x192 |" in out.with_suffix(".md").read_text()
+
+
+def test_vit_backbone_flops_drop_when_expedited():
+    from tests.test_vit_backbone import build, tiny_vit_cfg
+
+    cfg = tiny_vit_cfg("D2ViTHybrid", hybrid=True)
+    image = torch.randn(1, 3, 160, 224)
+    base = backbone_flops(build(cfg), image).total()
+    cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
+    expedited = backbone_flops(build(cfg), image).total()
+    assert 0 < expedited < base

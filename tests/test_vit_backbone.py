@@ -1,13 +1,12 @@
 """ViT / ViT-Hybrid backbones: official DPT names, taps, expedit hooks, drop-in."""
 import pytest
 import torch
-from torch import nn
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 
 from expedit_d2 import add_expedit_config, token_clustering, token_reconstruction
+from expedit_d2.checkpoint import dpt_backbone_state_dict, read_state_dict
 from tests.d2_helpers import run_faster_rcnn_fpn
 from tests.reference_keys import read_keys
 
@@ -114,8 +113,7 @@ def test_dpt_checkpoint_names_load_cleanly(tmp_path):
     src = build(tiny_vit_cfg("D2ViTHybrid", hybrid=True))
     path = tmp_path / "dpt_tiny.pt"
     torch.save({f"pretrained.model.{k}": v for k, v in src.state_dict().items()}, path)
-    raw = torch.load(path)
-    mapped = {k[len("pretrained.model."):]: v for k, v in raw.items()}
+    mapped = dpt_backbone_state_dict(read_state_dict(str(path)))
     for name in ["D2ViTHybrid", "ExpeditBackbone"]:
         cfg = tiny_vit_cfg(name, hybrid=True)
         model = build(cfg, seed=9)
@@ -125,9 +123,18 @@ def test_dpt_checkpoint_names_load_cleanly(tmp_path):
 
 
 @pytest.mark.parametrize("hybrid", [False, True])
-def test_drops_into_generalized_rcnn_with_fpn(hybrid):
-    cfg = tiny_vit_cfg("D2ViTHybrid" if hybrid else "D2ViT", hybrid)
-    assert run_faster_rcnn_fpn(cfg, "ExpeditBackbone").image_size == (240, 320)
+@pytest.mark.parametrize("bottom_up", ["plain", "ExpeditBackbone"])
+def test_drops_into_generalized_rcnn_with_fpn(hybrid, bottom_up):
+    name = "D2ViTHybrid" if hybrid else "D2ViT"
+    cfg = tiny_vit_cfg(name, hybrid)
+    assert run_faster_rcnn_fpn(cfg, name if bottom_up == "plain" else bottom_up).image_size == (240, 320)
+
+
+def test_checkpoint_helpers_reject_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found: .*missing.pt"):
+        read_state_dict(str(tmp_path / "missing.pt"))
+    with pytest.raises(KeyError, match=r"no 'pretrained.model.\*' keys: not a DPT checkpoint \(keys start: a.b\)"):
+        dpt_backbone_state_dict({"a.b": torch.zeros(1)})
 
 
 
@@ -144,8 +151,8 @@ def test_autocast_forward_is_finite(dtype):
     ("CLUSTERING_LOCATION", 6, r"MODEL.EXPEDIT.CLUSTERING_LOCATION=6 is outside this ViT's blocks 0..5"),
     ("NUM_CLUSTERS", [11, 4], r"MODEL.EXPEDIT.NUM_CLUSTERS=\[11, 4\] is larger than this input's token grid \[10, 14\]"),
     ("RECON_K", 31, r"MODEL.EXPEDIT.RECON_K=31 exceeds the 5x6 clusters"),
-    ("ITERS", 0, r"MODEL.EXPEDIT.ITERS: iters must be an int >= 1, got 0"),
-    ("RECON_TEMPERATURE", -1.0, r"MODEL.EXPEDIT.RECON_TEMPERATURE: .*got -1.0"),
+    ("ITERS", 0, r"MODEL.EXPEDIT.ITERS must be an int >= 1, got 0"),
+    ("RECON_TEMPERATURE", -1.0, r"MODEL.EXPEDIT.RECON_TEMPERATURE must be a positive finite number, got -1.0"),
 ])
 def test_bad_expedit_config_names_the_key(key, value, message):
     cfg = tiny_vit_cfg("ExpeditBackbone")

@@ -115,7 +115,9 @@ def memory_child(cfg, size, variant) -> int | None:
     device = cfg.MODEL.DEVICE
     image = torch.randn(1, 3, *size, device=device)
     with torch.inference_mode():
-        model(torch.randn(1, 3, 64, 64, device=device))  # touch code pages, thread pools
+        # Warm-up touches code pages and thread pools; with the fixed mmap threshold its
+        # freed blocks leave the resident set, so the measured call starts clean.
+        model(image)
         return peak_memory(lambda: model(image), device)
 
 
@@ -125,7 +127,10 @@ def measure_memory(argv, job_index, variant) -> float | None:
     that setting would slow every allocation and skew the timings)."""
     cmd = [sys.executable, __file__, "--_memory-child", str(job_index), variant, *argv]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory subprocess for job {job_index} ({variant}) failed:\n"
+                           + out.stderr[-3000:])
     value = out.stdout.strip().splitlines()[-1]
     return None if value == "None" else int(value) / 2**20
 
@@ -252,15 +257,18 @@ def main(argv=None):
             return measure_memory(argv, index, variant)
 
         rows.append(run_case(name, cfg, size, args.repeats, args.warmup, log, memory))
-    table = format_table(rows, args.threads)
-    print(table)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        for suffix, text in ((".md", table), (".json", json.dumps(rows, indent=2))):
-            path = args.output.with_suffix(suffix)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+        if args.output:  # after every case, so a long run keeps what it measured
+            write_outputs(args.output, rows, args.threads)
+    print(format_table(rows, args.threads))
+
+
+def write_outputs(output: Path, rows, threads) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".md", format_table(rows, threads)), (".json", json.dumps(rows, indent=2))):
+        path = output.with_suffix(suffix)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":

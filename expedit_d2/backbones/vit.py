@@ -204,7 +204,8 @@ class PatchEmbed(nn.Module):
             p = self.patch_size
             x = F.pad(x, (0, (-x.shape[-1]) % p, 0, (-x.shape[-2]) % p))
         x = self.proj(x)
-        return x.flatten(2).transpose(1, 2), tuple(x.shape[-2:]), stages
+        grid = (int(x.shape[-2]), int(x.shape[-1]))  # python ints, also under jit tracing
+        return x.flatten(2).transpose(1, 2), grid, stages
 
 
 class VisionTransformer(nn.Module):

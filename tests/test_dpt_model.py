@@ -1,0 +1,180 @@
+"""DPT depth model: official names, checkpoint loading, depth output, expedit by config."""
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+
+from dpt import DPTDepth, add_dpt_config, convert_dpt_state_dict, silog_loss
+from tests.reference_keys import read_keys
+
+
+def dpt_cfg(hybrid=True, tiny=True):
+    cfg = get_cfg()
+    add_dpt_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.META_ARCHITECTURE = "DPTDepth"
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [127.5] * 3, [127.5] * 3
+    v = cfg.MODEL.VIT
+    cfg.MODEL.BACKBONE.NAME = "D2ViTHybrid" if hybrid else "D2ViT"
+    cfg.MODEL.EXPEDIT.BASE = cfg.MODEL.BACKBONE.NAME
+    if hybrid:
+        v.TAPS = [0, 1, 8, 11]
+    else:  # ViT-L/16
+        v.EMBED_DIM, v.DEPTH, v.NUM_HEADS, v.TAPS = 1024, 24, 16, [5, 11, 17, 23]
+        cfg.MODEL.DPT.REASSEMBLE_FEATURES = [256, 512, 1024, 1024]
+    if tiny:
+        v.EMBED_DIM, v.DEPTH, v.NUM_HEADS, v.IMG_SIZE, v.NUM_CLASSES = 32, 6, 2, 96, 10
+        v.HYBRID_LAYERS = [1, 1, 1]
+        v.TAPS = [0, 1, 3, 5] if hybrid else [1, 2, 3, 5]
+        cfg.MODEL.DPT.REASSEMBLE_FEATURES = [16, 24, 32, 32]
+        cfg.MODEL.DPT.FUSION_FEATURES = 16
+    e = cfg.MODEL.EXPEDIT
+    e.CLUSTERING_LOCATION, e.NUM_CLUSTERS, e.WINDOW = 2, [6, 8], 5
+    e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE = 1.0, 8, 1.0
+    return cfg
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return DPTDepth(**DPTDepth.from_config(cfg)).eval()
+
+
+@pytest.mark.parametrize("hybrid, ref", [(True, "dpt_hybrid_vitb_rn50_384"), (False, "dpt_large_vitl16_384")])
+def test_full_model_matches_official_keys(hybrid, ref):
+    cfg = dpt_cfg(hybrid, tiny=False)
+    with torch.device("meta"):
+        model = DPTDepth(**DPTDepth.from_config(cfg))
+    official = read_keys(ref)
+    mapped = convert_dpt_state_dict({k: torch.empty(v, device="meta") for k, v in official.items()})
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in mapped.items()}
+
+
+def _official_names(model):
+    """Our state dict under the official DPT names (inverse of the converter)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("backbone."):
+            out["pretrained.model." + k[len("backbone."):]] = v
+        elif k.startswith("reassemble."):
+            out["pretrained." + k[len("reassemble."):]] = v
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_official_checkpoint_loads_and_predicts_depth(tmp_path, hybrid):
+    src = build(dpt_cfg(hybrid))
+    path = tmp_path / "dpt_official_names.pt"
+    torch.save(_official_names(src), path)
+    model = build(dpt_cfg(hybrid), seed=7)
+    result = model.load_state_dict(convert_dpt_state_dict(torch.load(path)), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    image = torch.rand(3, 96, 128) * 255
+    with torch.no_grad():
+        (out,) = model([{"image": image, "height": 96, "width": 128}])
+    depth = out["depth"]
+    assert depth.shape == (96, 128)
+    assert torch.isfinite(depth).all() and (depth > 0).all()
+    # raw output r >= 0 (ReLU) -> depth = 1 / (0.000305 r + 0.1378) <= 1 / 0.1378
+    assert depth.max() <= 1 / 0.1378 + 1e-4
+
+
+def test_expedit_disabled_is_identical_and_enabled_differs():
+    cfg = dpt_cfg()
+    plain = build(cfg)
+    cfg.MODEL.BACKBONE.NAME, cfg.MODEL.EXPEDIT.ENABLED = "ExpeditBackbone", False
+    disabled = build(cfg)
+    disabled.load_state_dict(plain.state_dict())
+    cfg.MODEL.EXPEDIT.ENABLED = True
+    enabled = build(cfg)
+    enabled.load_state_dict(plain.state_dict())
+    batch = [{"image": torch.rand(3, 96, 128) * 255}]
+    with torch.no_grad():
+        a, b, c = plain(batch)[0]["depth"], disabled(batch)[0]["depth"], enabled(batch)[0]["depth"]
+    assert torch.equal(a, b)
+    assert c.shape == a.shape and torch.isfinite(c).all() and not torch.equal(a, c)
+
+
+def test_training_step_gives_finite_loss_and_gradients():
+    model = build(dpt_cfg()).train()
+    depth = torch.rand(96, 128) * 5 + 0.5
+    depth[:10] = 0  # invalid pixels are ignored
+    losses = model([{"image": torch.rand(3, 96, 128) * 255, "depth": depth}])
+    loss = losses["loss_depth"]
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_silog_loss_is_scale_invariant_for_lambda_one():
+    pred, target = torch.rand(50) + 0.5, torch.rand(50) + 0.5
+    valid = torch.ones(50, dtype=torch.bool)
+    a = silog_loss(pred, target, valid, variance_focus=1.0)
+    b = silog_loss(pred * 3.0, target, valid, variance_focus=1.0)
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    assert silog_loss(target, target, valid) < 1e-3
+
+
+def test_converter_rejects_foreign_keys():
+    with pytest.raises(KeyError, match=r"not part of a DPT checkpoint: \['model.conv.weight'\]"):
+        convert_dpt_state_dict({"model.conv.weight": torch.zeros(1)})
+
+
+def test_non_vit_backbone_is_rejected():
+    cfg = dpt_cfg()
+    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
+    with pytest.raises(TypeError, match="DPTDepth needs a ViT/ViT-Hybrid backbone .* got D2SwinTransformer"):
+        build(cfg)
+
+
+# ----------------------------------------------------------------------------------
+# depth metrics (BTS convention) on hand-made fixtures
+# ----------------------------------------------------------------------------------
+def test_depth_metrics_by_hand():
+    import numpy as np
+
+    from dpt import depth_metrics
+
+    gt = np.zeros((480, 640))
+    pred = np.full((480, 640), 7.0)
+    # four valid pixels inside the Eigen crop
+    gt[100, 100], pred[100, 100] = 2.0, 2.0
+    gt[100, 101], pred[100, 101] = 4.0, 2.0  # ratio 2
+    gt[200, 300], pred[200, 300] = 1.0, 1.2  # ratio 1.2
+    gt[300, 500], pred[300, 500] = 6.0, 100.0  # clipped to 10 -> ratio 1.67
+    # excluded: outside the crop, outside the depth range, invalid
+    gt[10, 10], pred[10, 10] = 3.0, 0.1  # row 10 < 45
+    gt[100, 620], pred[100, 620] = 3.0, 0.1  # column 620 >= 601
+    gt[150, 150], pred[150, 150] = 10.0, 0.1  # gt not < 10
+    gt[151, 150], pred[151, 150] = 0.0005, 0.1  # gt not > 1e-3
+    m = depth_metrics(pred, gt)
+    g, p = np.array([2.0, 4.0, 1.0, 6.0]), np.array([2.0, 2.0, 1.2, 10.0])
+    assert m["abs_rel"] == pytest.approx(np.mean(np.abs(g - p) / g))
+    assert m["sq_rel"] == pytest.approx(np.mean((g - p) ** 2 / g))
+    assert m["rmse"] == pytest.approx(np.sqrt((0 + 4 + 0.04 + 16) / 4))
+    e = np.log(p) - np.log(g)
+    assert m["rmse_log"] == pytest.approx(np.sqrt(np.mean(e**2)))
+    assert m["silog"] == pytest.approx(100 * np.sqrt(np.mean(e**2) - np.mean(e) ** 2))
+    assert m["log10"] == pytest.approx(np.mean(np.abs(np.log10(g) - np.log10(p))))
+    assert (m["d1"], m["d2"], m["d3"]) == pytest.approx((0.5, 0.5, 0.75))
+
+
+def test_depth_evaluator_averages_per_image():
+    import numpy as np
+
+    from dpt import DepthEvaluator
+
+    gt = np.zeros((480, 640), dtype=np.float32)
+    gt[100:110, 100:110] = 2.0
+    ev = DepthEvaluator("fixture", distributed=False)
+    ev.reset()
+    ev.process([{"depth": torch.from_numpy(gt)}], [{"depth": torch.full((480, 640), 2.0)}])
+    ev.process([{"depth": torch.from_numpy(gt)}], [{"depth": torch.full((480, 640), 4.0)}])
+    ev.process([{"depth": torch.zeros(480, 640)}], [{"depth": torch.ones(480, 640)}])  # no valid pixel
+    res = ev.evaluate()["depth"]
+    assert res["abs_rel"] == pytest.approx(0.5)  # (0 + 1) / 2 images
+    assert res["d1"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"Eigen crop is defined on 480x640 frames, got \(100, 100\)"):
+        ev.process([{"depth": torch.ones(100, 100)}], [{"depth": torch.ones(100, 100)}])

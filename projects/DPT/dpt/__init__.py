@@ -1,10 +1,12 @@
 """DPT-style depth estimation on expedit-d2's ViT / ViT-Hybrid backbones."""
-from .checkpoint import convert_dpt_state_dict
+from .checkpoint import DPTCheckpointer, convert_dpt_state_dict
 from .config import add_dpt_config
+from .data import DepthDatasetMapper, load_nyuv2, register_nyuv2
 from .evaluation import DepthEvaluator, depth_metrics
 from .meta_arch import DPTDepth, silog_loss
 
 __all__ = [
-    "DPTDepth", "DepthEvaluator", "add_dpt_config", "convert_dpt_state_dict", "depth_metrics",
+    "DPTCheckpointer", "DPTDepth", "DepthDatasetMapper", "DepthEvaluator", "load_nyuv2",
+    "register_nyuv2", "add_dpt_config", "convert_dpt_state_dict", "depth_metrics",
     "silog_loss",
 ]

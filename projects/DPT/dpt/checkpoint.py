@@ -1,17 +1,27 @@
-"""Load-time key map of the official DPT files onto :class:`dpt.DPTDepth`.
+"""Loading the official DPT files: a load-time key map onto :class:`dpt.DPTDepth`.
 
     pretrained.model.*          -> backbone.*
     pretrained.act_postprocess* -> reassemble.act_postprocess*
     scratch.*                   -> scratch.*
+
+``DPTCheckpointer`` is Detectron2's checkpointer with that map applied when a file holds
+official names, so ``MODEL.WEIGHTS dpt_hybrid_nyu-2ce69ec7.pt`` just works; our own
+checkpoints (names already ours) load unchanged.
 """
 from __future__ import annotations
 
+from detectron2.checkpoint import DetectionCheckpointer
+
 from expedit_d2.checkpoint import DPT_BACKBONE_PREFIX
 
-__all__ = ["convert_dpt_state_dict"]
+__all__ = ["convert_dpt_state_dict", "is_official_dpt", "DPTCheckpointer"]
 
 _MAP = ((DPT_BACKBONE_PREFIX, "backbone."), ("pretrained.act_postprocess", "reassemble.act_postprocess"),
         ("scratch.", "scratch."))
+
+
+def is_official_dpt(state_dict: dict) -> bool:
+    return any(k.startswith(DPT_BACKBONE_PREFIX) for k in state_dict)
 
 
 def convert_dpt_state_dict(state_dict: dict) -> dict:
@@ -28,3 +38,12 @@ def convert_dpt_state_dict(state_dict: dict) -> dict:
         raise KeyError(f"keys that are not part of a DPT checkpoint: {unknown[:5]}"
                        f"{' ...' if len(unknown) > 5 else ''}")
     return out
+
+
+class DPTCheckpointer(DetectionCheckpointer):
+    def _load_file(self, filename):
+        loaded = super()._load_file(filename)
+        if is_official_dpt(loaded["model"]):
+            self.logger.info(f"{filename}: official DPT names, mapping them onto DPTDepth")
+            loaded["model"] = convert_dpt_state_dict(loaded["model"])
+        return loaded

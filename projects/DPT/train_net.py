@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""DPT depth estimation on NYUv2 with expedit-d2 backbones (Detectron2 training script).
+
+    python projects/DPT/train_net.py --config-file projects/DPT/configs/dpt_hybrid_nyuv2.yaml \\
+        --eval-only MODEL.WEIGHTS dpt_hybrid_nyu-2ce69ec7.pt
+    python projects/DPT/train_net.py --config-file \\
+        projects/DPT/configs/dpt_hybrid_nyuv2_expedit_a4_16x16.yaml --eval-only MODEL.WEIGHTS ...
+
+Official DPT ``.pt`` files load through a load-time key map (``dpt.DPTCheckpointer``).
+NYUv2 must be prepared first: ``python datasets/prepare_nyuv2.py`` (see datasets/README.md).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the dpt package
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader  # noqa: E402
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+
+from dpt import DepthDatasetMapper, DepthEvaluator, DPTCheckpointer, add_dpt_config, register_nyuv2  # noqa: E402
+
+
+class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # same arguments as DefaultTrainer's, plus the official-DPT key map
+        self.checkpointer = DPTCheckpointer(self._trainer.model, cfg.OUTPUT_DIR,
+                                            trainer=self.checkpointer.checkpointables["trainer"])
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=DepthDatasetMapper(True, cfg.INPUT.FORMAT))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=DepthDatasetMapper(False, cfg.INPUT.FORMAT))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        meta = MetadataCatalog.get(dataset_name)
+        return DepthEvaluator(dataset_name, meta.get("min_depth", 1e-3), meta.get("max_depth", 10.0),
+                              meta.get("eigen_crop", True))
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_dpt_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    register_nyuv2()
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DPTCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            raise NotImplementedError("TEST.AUG is not supported for DPT depth")
+        verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))

@@ -1,0 +1,125 @@
+"""End to end on CPU: synthetic NYUv2 in the official formats -> prepare script ->
+projects/DPT/train_net.py (--eval-only baseline and expedited, a few training iterations)."""
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from scipy.io import savemat
+
+from datasets.prepare_nyuv2 import main as prepare_main
+from tests.test_dpt_model import _official_names, build, dpt_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["MODEL.VIT.EMBED_DIM", "32", "MODEL.VIT.DEPTH", "6", "MODEL.VIT.NUM_HEADS", "2",
+        "MODEL.VIT.IMG_SIZE", "96", "MODEL.VIT.NUM_CLASSES", "10", "MODEL.VIT.HYBRID_LAYERS", "[1, 1, 1]",
+        "MODEL.VIT.TAPS", "[0, 1, 3, 5]", "MODEL.DPT.REASSEMBLE_FEATURES", "[16, 24, 32, 32]",
+        "MODEL.DPT.FUSION_FEATURES", "16", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu"]
+METRICS = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "d1", "d2", "d3"}
+
+
+def write_synthetic_nyuv2(folder: Path, n: int = 4):
+    """nyu_depth_v2_labeled.mat (HDF5, MATLAB column-major layout) and splits.mat (v5)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:480, 0:640]
+    images = np.zeros((n, 3, 640, 480), dtype=np.uint8)
+    depths = np.zeros((n, 640, 480), dtype=np.float32)
+    for i in range(n):
+        rgb = np.stack([(xx + 40 * i) % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+        depth = (1.0 + 3.0 * xx / 640 + 0.5 * i + 0.01 * rng.standard_normal((480, 640))).astype(np.float32)
+        images[i] = rgb.transpose(2, 1, 0)  # (H, W, 3) -> MATLAB (3, W, H)
+        depths[i] = depth.T
+    labeled = folder / "nyu_depth_v2_labeled.mat"
+    with h5py.File(labeled, "w") as f:
+        f.create_dataset("images", data=images)
+        f.create_dataset("depths", data=depths)
+    splits = folder / "splits.mat"
+    savemat(splits, {"trainNdxs": np.array([[1], [2]]), "testNdxs": np.array([[3], [4]])})
+    return labeled, splits, images, depths
+
+
+@pytest.fixture(scope="module")
+def nyu_root(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nyu")
+    labeled, splits, images, depths = write_synthetic_nyuv2(folder)
+    root = folder / "d2"
+    prepare_main(["--labeled", str(labeled), "--splits", str(splits), "--root", str(root)])
+    return root, images, depths
+
+
+def test_prepare_writes_the_registered_layout(nyu_root):
+    root, images, depths = nyu_root
+    test = json.loads((root / "nyuv2" / "test.json").read_text())
+    assert [r["image_id"] for r in test] == [3, 4]
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(root / "nyuv2" / test[0]["file_name"]))
+    assert rgb.shape == (480, 640, 3) and np.array_equal(rgb, images[2].transpose(2, 1, 0))
+    depth = np.load(root / "nyuv2" / test[0]["depth_file_name"])
+    assert depth.dtype == np.float32 and np.array_equal(depth, depths[2].T)  # lossless
+    # a rerun is idempotent and leaves no temporary files
+    mtime = (root / "nyuv2" / test[0]["depth_file_name"]).stat().st_mtime_ns
+    prepare_main(["--labeled", str(root.parent / "nyu_depth_v2_labeled.mat"),
+                  "--splits", str(root.parent / "splits.mat"), "--root", str(root)])
+    assert (root / "nyuv2" / test[0]["depth_file_name"]).stat().st_mtime_ns == mtime
+    assert not list((root / "nyuv2").rglob("*.tmp"))
+
+
+def test_missing_inputs_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="NYUv2 labeled file not found: .*nope.mat"):
+        prepare_main(["--labeled", str(tmp_path / "nope.mat"), "--splits", str(tmp_path / "s.mat"),
+                      "--root", str(tmp_path)])
+    from dpt import load_nyuv2
+
+    with pytest.raises(FileNotFoundError, match=r"nyuv2/test.json.*prepare_nyuv2.py"):
+        load_nyuv2(tmp_path, "test")
+
+
+def _train_net():
+    spec = importlib.util.spec_from_file_location("dpt_train_net", ROOT / "projects/DPT/train_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def official_weights(tmp_path_factory):
+    model = build(dpt_cfg(hybrid=True))
+    path = tmp_path_factory.mktemp("weights") / "dpt_hybrid_official_names.pt"
+    torch.save(_official_names(model), path)
+    return path
+
+
+@pytest.mark.parametrize("config", ["dpt_hybrid_nyuv2.yaml", "dpt_hybrid_nyuv2_expedit_a4_16x16.yaml"])
+def test_eval_only_end_to_end(nyu_root, official_weights, tmp_path, monkeypatch, config):
+    root, _, _ = nyu_root
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    tn = _train_net()
+    args = tn.default_argument_parser().parse_args([
+        "--config-file", str(ROOT / "projects/DPT/configs" / config), "--eval-only",
+        "MODEL.WEIGHTS", str(official_weights), "OUTPUT_DIR", str(tmp_path), *TINY,
+        "MODEL.EXPEDIT.NUM_CLUSTERS", "[16, 16]"])
+    res = tn.main(args)
+    assert set(res["depth"]) == METRICS
+    assert all(np.isfinite(v) for v in res["depth"].values())
+    assert 0 <= res["depth"]["d1"] <= 1
+
+
+def test_a_few_training_iterations(nyu_root, tmp_path, monkeypatch):
+    root, _, _ = nyu_root
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    tn = _train_net()
+    args = tn.default_argument_parser().parse_args([
+        "--config-file", str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2_expedit_a4_16x16.yaml"),
+        "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "1",
+        "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "100", *TINY,
+        "MODEL.EXPEDIT.NUM_CLUSTERS", "[16, 16]"])
+    tn.main(args)
+    records = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    losses = [r["total_loss"] for r in records if "total_loss" in r]  # = loss_depth, the only loss
+    assert losses and all(np.isfinite(losses))
+    assert (tmp_path / "model_final.pth").exists()

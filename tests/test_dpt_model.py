@@ -178,3 +178,20 @@ def test_depth_evaluator_averages_per_image():
     assert res["d1"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match=r"Eigen crop is defined on 480x640 frames, got \(100, 100\)"):
         ev.process([{"depth": torch.ones(100, 100)}], [{"depth": torch.ones(100, 100)}])
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (
+    __import__("pathlib").Path(__file__).resolve().parents[1] / "projects/DPT/configs").glob("dpt_*.yaml")))
+def test_every_config_builds_the_official_model(config):
+    from pathlib import Path
+
+    cfg = get_cfg()
+    add_dpt_config(cfg)
+    cfg.merge_from_file(str(Path(__file__).resolve().parents[1] / "projects/DPT/configs" / config))
+    with torch.device("meta"):
+        model = DPTDepth(**DPTDepth.from_config(cfg))
+    ref = "dpt_large_vitl16_384" if "large" in config else "dpt_hybrid_vitb_rn50_384"
+    mapped = convert_dpt_state_dict({k: torch.empty(v, device="meta") for k, v in read_keys(ref).items()})
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in mapped.items()}
+    assert (cfg.MODEL.BACKBONE.NAME == "ExpeditBackbone") == ("expedit" in config)

@@ -3,7 +3,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for project in ("projects/DPT",):
+for project in ("projects/DPT", "projects/Mask2Former"):
     path = str(ROOT / project)
     if path not in sys.path:
         sys.path.insert(0, path)

@@ -1,0 +1,229 @@
+"""Multi-scale deformable-attention pixel decoder of Mask2Former (pure PyTorch).
+
+Names equal the official ``sem_seg_head.pixel_decoder.*`` parameters. Data flow::
+
+    res3, res4, res5 --input_proj (1x1 conv + GN)--> 3 levels of d = 256 channels
+      + sine position embedding + level_embed --6 deformable-attention encoder layers-->
+    multi-scale features at strides 32, 16, 8 (for the transformer decoder)
+    res2 --adapter_1--> + upsampled stride-8 map --layer_1 (3x3 conv + GN + ReLU)-->
+    mask_features (1x1 conv) at stride 4
+
+Multi-scale deformable attention (Zhu et al., Deformable DETR) is computed with
+``grid_sample`` (bilinear, zero padding, align_corners=False), so it runs on CPU and
+CUDA alike; no compiled op is needed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+
+__all__ = ["ms_deform_attn", "MSDeformAttn", "PositionEmbeddingSine", "MSDeformAttnPixelDecoder"]
+
+
+def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
+    """value (N, S, M, D) over L levels of sizes ``spatial_shapes`` (L, 2) [(H, W)];
+    sampling_locations (N, Lq, M, L, P, 2) in [0, 1] as (x, y); attention_weights
+    (N, Lq, M, L, P) -> (N, Lq, M * D)."""
+    N, _, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for lvl, (value_l, (h, w)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes.tolist())):
+        value_l = value_l.flatten(2).transpose(1, 2).reshape(N * M, D, int(h), int(w))
+        grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
+        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
+                                     align_corners=False))  # (N*M, D, Lq, P)
+    weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (N*M, D, Lq)
+    return out.view(N, M * D, Lq).transpose(1, 2)
+
+
+class MSDeformAttn(nn.Module):
+    def __init__(self, d_model=256, n_levels=3, n_heads=8, n_points=4):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
+        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        for layer in (self.attention_weights,):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        for layer in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, query, reference_points, value_in, spatial_shapes):
+        """query (N, Lq, C); reference_points (N, Lq, L, 2) in [0, 1]; value_in (N, S, C)."""
+        N, Lq, C = query.shape
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(value_in).view(N, value_in.shape[1], M, C // M)
+        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
+        weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
+        normalizer = spatial_shapes.flip(-1).to(query.dtype)  # (W, H) per level
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model=256, d_ffn=1024, dropout=0.0, n_levels=3, n_heads=8, n_points=4):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src, pos, reference_points, spatial_shapes):
+        src = self.norm1(src + self.dropout1(self.self_attn(src + pos, reference_points, src, spatial_shapes)))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
+
+
+class Encoder(nn.Module):
+    def __init__(self, num_layers, **layer_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(**layer_kwargs) for _ in range(num_layers))
+
+    @staticmethod
+    def reference_points(spatial_shapes, device, dtype):
+        """(1, S, L, 2): each pixel centre, normalised, repeated for every level."""
+        points = []
+        for h, w in spatial_shapes.tolist():
+            ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=dtype) + 0.5,
+                                    torch.arange(w, device=device, dtype=dtype) + 0.5, indexing="ij")
+            points.append(torch.stack([xs.reshape(-1) / w, ys.reshape(-1) / h], -1))
+        points = torch.cat(points, 0)
+        return points[None, :, None].expand(1, -1, len(spatial_shapes), 2)
+
+    def forward(self, src, pos, spatial_shapes):
+        ref = self.reference_points(spatial_shapes, src.device, src.dtype).expand(src.shape[0], -1, -1, -1)
+        for layer in self.layers:
+            src = layer(src, pos, ref, spatial_shapes)
+        return src
+
+
+class EncoderOnlyTransformer(nn.Module):
+    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, dim_feedforward=1024,
+                 dropout=0.0, num_feature_levels=3, enc_n_points=4):
+        super().__init__()
+        self.encoder = Encoder(num_encoder_layers, d_model=d_model, d_ffn=dim_feedforward,
+                               dropout=dropout, n_levels=num_feature_levels, n_heads=nhead,
+                               n_points=enc_n_points)
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        nn.init.normal_(self.level_embed)
+
+    def forward(self, srcs, pos_embeds):
+        """Lists of (N, C, H_l, W_l) -> (N, S, C) memory and the (L, 2) level shapes."""
+        shapes = torch.as_tensor([tuple(s.shape[-2:]) for s in srcs], dtype=torch.long, device=srcs[0].device)
+        src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
+        pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1)
+                         for i, p in enumerate(pos_embeds)], 1)
+        return self.encoder(src, pos, shapes), shapes
+
+
+class PositionEmbeddingSine(nn.Module):
+    """DETR's normalised sine embedding: (N, C, H, W) -> (N, 2 * num_pos_feats, H, W)."""
+
+    def __init__(self, num_pos_feats=128, temperature=10000, normalize=True, scale=2 * math.pi):
+        super().__init__()
+        self.num_pos_feats, self.temperature = num_pos_feats, temperature
+        self.normalize, self.scale = normalize, scale
+
+    def forward(self, x):
+        N, _, H, W = x.shape
+        ones = torch.ones(N, H, W, device=x.device, dtype=torch.float32)
+        y_embed, x_embed = ones.cumsum(1), ones.cumsum(2)
+        if self.normalize:
+            eps = 1e-6
+            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
+        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
+        pos_x, pos_y = x_embed[..., None] / dim_t, y_embed[..., None] / dim_t
+        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).to(x.dtype)
+
+
+class MSDeformAttnPixelDecoder(nn.Module):
+    """``forward_features(features) -> (mask_features (N, mask_dim, H/4, W/4),
+    transformer output at stride 32, [3 multi-scale maps, coarse to fine])``."""
+
+    def __init__(self, input_shape: dict[str, ShapeSpec], transformer_in_features, conv_dim=256,
+                 mask_dim=256, norm="GN", dropout=0.0, nheads=8, dim_feedforward=1024,
+                 enc_layers=6, common_stride=4):
+        super().__init__()
+        shapes = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
+        self.in_features = [k for k, _ in shapes]
+        tr = sorted(((k, input_shape[k]) for k in transformer_in_features), key=lambda kv: kv[1].stride)
+        self.transformer_in_features = [k for k, _ in tr]
+        self.num_levels = len(tr)
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(spec.channels, conv_dim, 1), nn.GroupNorm(32, conv_dim))
+            for _, spec in reversed(tr))  # coarse to fine, as the official ordering
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        self.transformer = EncoderOnlyTransformer(conv_dim, nheads, enc_layers, dim_feedforward,
+                                                  dropout, self.num_levels)
+        self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
+        self.mask_dim = mask_dim
+        self.mask_features = Conv2d(conv_dim, mask_dim, 1)
+        nn.init.kaiming_uniform_(self.mask_features.weight, a=1)
+        nn.init.zeros_(self.mask_features.bias)
+        self.maskformer_num_feature_levels = 3
+        # FPN-style path for the features finer than the transformer's (res2 for Swin)
+        min_tr_stride = tr[0][1].stride
+        finer = [(k, s) for k, s in shapes if s.stride < min_tr_stride and s.stride >= common_stride]
+        self.lateral_convs, self.output_convs = [], []
+        use_bias = norm == ""
+        for idx, (name, spec) in enumerate(finer):
+            lateral = Conv2d(spec.channels, conv_dim, 1, bias=use_bias, norm=get_norm(norm, conv_dim))
+            output = Conv2d(conv_dim, conv_dim, 3, padding=1, bias=use_bias,
+                            norm=get_norm(norm, conv_dim), activation=F.relu)
+            for m in (lateral, output):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+            self.add_module(f"adapter_{idx + 1}", lateral)
+            self.add_module(f"layer_{idx + 1}", output)
+            self.lateral_convs.insert(0, lateral)  # applied fine-last, like the official
+            self.output_convs.insert(0, output)
+        self.finer_features = [k for k, _ in finer][::-1]
+
+    def forward_features(self, features):
+        names = self.transformer_in_features[::-1]  # coarse to fine
+        srcs = [proj(features[n].float()) for proj, n in zip(self.input_proj, names)]
+        pos = [self.pe_layer(s) for s in srcs]
+        memory, shapes = self.transformer(srcs, pos)
+        N = memory.shape[0]
+        sizes = [int(h) * int(w) for h, w in shapes.tolist()]
+        out = [m.transpose(1, 2).reshape(N, -1, int(h), int(w))
+               for m, (h, w) in zip(memory.split(sizes, dim=1), shapes.tolist())]
+        for name, lateral, output in zip(self.finer_features, self.lateral_convs, self.output_convs):
+            x = lateral(features[name].float())
+            y = x + F.interpolate(out[-1], size=x.shape[-2:], mode="bilinear", align_corners=False)
+            out.append(output(y))
+        multi_scale = out[: self.maskformer_num_feature_levels]
+        return self.mask_features(out[-1]), out[0], multi_scale

@@ -1,0 +1,148 @@
+"""Mask2Former's masked-attention transformer decoder (names = ``sem_seg_head.predictor.*``).
+
+Each of the L layers: masked cross-attention of the queries to one level of the pixel
+decoder's multi-scale features (round robin, coarse to fine; a query attends only where
+its previous mask prediction is > 0.5), then self-attention, then an FFN. Class logits
+and mask logits (query embedding x mask features) are predicted before the first layer
+and after every layer.
+
+Shapes: queries (Q, N, C) in sequence-first layout (as ``nn.MultiheadAttention`` with
+its default ``batch_first=False``); outputs ``pred_logits`` (N, Q, K + 1),
+``pred_masks`` (N, Q, H/4, W/4), ``aux_outputs`` for the intermediate predictions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .pixel_decoder import PositionEmbeddingSine
+
+__all__ = ["MultiScaleMaskedTransformerDecoder"]
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, d_model, nhead, dropout=0.0):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt, query_pos):
+        q = k = tgt + query_pos
+        return self.norm(tgt + self.dropout(self.self_attn(q, k, value=tgt, need_weights=False)[0]))
+
+
+class CrossAttentionLayer(nn.Module):
+    def __init__(self, d_model, nhead, dropout=0.0):
+        super().__init__()
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt, memory, memory_mask, pos, query_pos):
+        out = self.multihead_attn(query=tgt + query_pos, key=memory + pos, value=memory,
+                                  attn_mask=memory_mask, need_weights=False)[0]
+        return self.norm(tgt + self.dropout(out))
+
+
+class FFNLayer(nn.Module):
+    def __init__(self, d_model, dim_feedforward=2048, dropout=0.0):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tgt):
+        return self.norm(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+
+
+class MLP(nn.Module):
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class MultiScaleMaskedTransformerDecoder(nn.Module):
+    def __init__(self, in_channels, num_classes, hidden_dim=256, num_queries=100, nheads=8,
+                 dim_feedforward=2048, dec_layers=9, mask_dim=256, enforce_input_project=False,
+                 num_feature_levels=3):
+        super().__init__()
+        self.num_heads, self.num_layers = nheads, dec_layers
+        self.num_feature_levels = num_feature_levels
+        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        self.transformer_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(hidden_dim, nheads) for _ in range(dec_layers))
+        self.transformer_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(hidden_dim, nheads) for _ in range(dec_layers))
+        self.transformer_ffn_layers = nn.ModuleList(
+            FFNLayer(hidden_dim, dim_feedforward) for _ in range(dec_layers))
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.level_embed = nn.Embedding(num_feature_levels, hidden_dim)
+        self.input_proj = nn.ModuleList()
+        for _ in range(num_feature_levels):
+            if in_channels != hidden_dim or enforce_input_project:
+                conv = nn.Conv2d(in_channels, hidden_dim, 1)
+                nn.init.kaiming_uniform_(conv.weight, a=1)
+                nn.init.zeros_(conv.bias)
+                self.input_proj.append(conv)
+            else:
+                self.input_proj.append(nn.Sequential())
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        for layer in list(self.transformer_self_attention_layers) + list(self.transformer_cross_attention_layers) \
+                + list(self.transformer_ffn_layers):
+            for p in layer.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+
+    def forward(self, x, mask_features):
+        """x: multi-scale maps (coarse to fine) [(N, C, H_l, W_l)]; mask_features (N, C, H, W)."""
+        src, pos, sizes = [], [], []
+        for i in range(self.num_feature_levels):
+            sizes.append(tuple(x[i].shape[-2:]))
+            pos.append(self.pe_layer(x[i]).flatten(2).permute(2, 0, 1))
+            s = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
+            src.append(s.permute(2, 0, 1))
+        N = src[0].shape[1]
+        query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, N, 1)
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, N, 1)
+
+        classes, masks = [], []
+        cls, msk, attn_mask = self.prediction_heads(output, mask_features, sizes[0])
+        classes.append(cls)
+        masks.append(msk)
+        for i in range(self.num_layers):
+            level = i % self.num_feature_levels
+            # a query whose mask is empty everywhere attends everywhere
+            attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
+            output = self.transformer_cross_attention_layers[i](output, src[level], attn_mask, pos[level], query_embed)
+            output = self.transformer_self_attention_layers[i](output, query_embed)
+            output = self.transformer_ffn_layers[i](output)
+            cls, msk, attn_mask = self.prediction_heads(output, mask_features,
+                                                        sizes[(i + 1) % self.num_feature_levels])
+            classes.append(cls)
+            masks.append(msk)
+        return {
+            "pred_logits": classes[-1],
+            "pred_masks": masks[-1],
+            "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in zip(classes[:-1], masks[:-1])],
+        }
+
+    def prediction_heads(self, output, mask_features, target_size):
+        decoded = self.decoder_norm(output).transpose(0, 1)  # (N, Q, C)
+        classes = self.class_embed(decoded)
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
+        attn = F.interpolate(masks, size=target_size, mode="bilinear", align_corners=False)
+        # (N * heads, Q, HW) boolean: True = not allowed to attend
+        attn = (attn.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5)
+        return classes, masks, attn.detach()

@@ -174,7 +174,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     def __init__(self, input_shape: dict[str, ShapeSpec], transformer_in_features, conv_dim=256,
                  mask_dim=256, norm="GN", dropout=0.0, nheads=8, dim_feedforward=1024,
-                 enc_layers=6, common_stride=4):
+                 enc_layers=6, common_stride=4, n_points=4):
         super().__init__()
         shapes = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
         self.in_features = [k for k, _ in shapes]
@@ -188,7 +188,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
         self.transformer = EncoderOnlyTransformer(conv_dim, nheads, enc_layers, dim_feedforward,
-                                                  dropout, self.num_levels)
+                                                  dropout, self.num_levels, n_points)
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
         self.mask_dim = mask_dim
         self.mask_features = Conv2d(conv_dim, mask_dim, 1)

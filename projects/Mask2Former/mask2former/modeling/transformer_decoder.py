@@ -22,6 +22,8 @@ __all__ = ["MultiScaleMaskedTransformerDecoder"]
 
 
 class SelfAttentionLayer(nn.Module):
+    """Post-norm self-attention (dropout 0, as Mask2Former's decoder)."""
+
     def __init__(self, d_model, nhead, dropout=0.0):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)

@@ -1,0 +1,122 @@
+"""End to end on CPU: a synthetic COCO-format panoptic dataset (JSON + PNG) -> semantic
+prepare script -> projects/Mask2Former/train_net.py --eval-only (baseline and expedited)
+through the real evaluators, and a few training iterations."""
+import importlib.util
+import json
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detectron2.data import DatasetCatalog
+
+from datasets.prepare_coco_semantic_annos_from_panoptic_annos import main as prepare_semantic
+from expedit_d2.evaluation.panoptic import id2rgb
+from tests.test_dpt_train_net import ROOT
+
+CATEGORIES = [{"id": 1, "name": "person", "isthing": 1}, {"id": 2, "name": "car", "isthing": 1},
+              {"id": 3, "name": "sky", "isthing": 0}, {"id": 4, "name": "grass", "isthing": 0}]
+H, W = 64, 96
+TINY = ["MODEL.SWIN.EMBED_DIM", "32", "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.SWIN.NUM_HEADS", "[1, 2, 4, 8]",
+        "MODEL.SWIN.WINDOW_SIZE", "7", "MODEL.SWIN.PRETRAIN_IMG_SIZE", "224", "MODEL.WEIGHTS", "",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "4", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "MODEL.SEM_SEG_HEAD.MASK_DIM", "32",
+        "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1", "MODEL.MASK_FORMER.HIDDEN_DIM", "32",
+        "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "8", "MODEL.MASK_FORMER.DEC_LAYERS", "3",
+        "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "64", "MODEL.MASK_FORMER.NHEADS", "4",
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256", "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "False",
+        "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.0", "MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD", "0.0",
+        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "INPUT.MAX_SIZE_TRAIN", "128", "DATASETS.TRAIN", "('synthetic_coco_panoptic',)",
+        "DATASETS.TEST", "('synthetic_coco_panoptic',)", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
+        "SOLVER.AMP.ENABLED", "False", "SOLVER.CLIP_GRADIENTS.ENABLED", "False",
+        # hourglass Swin on 7x7 windows: 4x4 clusters per window before global block 4
+        "MODEL.SWIN.CLUSTERING_LOCATION", "4", "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS", "16",
+        "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.WINDOW_SIZE", "3"]
+CONFIGS = "projects/Mask2Former/configs/coco/panoptic-segmentation/swin/"
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    (root / "val2017").mkdir()
+    (root / "panoptic_val2017").mkdir()
+    images, annotations = [], []
+    for i in range(1, 4):
+        ids = np.zeros((H, W), dtype=np.int64)
+        ids[: H // 2] = 30  # sky
+        ids[H // 2:] = 40  # grass
+        ids[10:40, 10 + 5 * i: 30 + 5 * i] = 10  # person
+        ids[35:60, 50:80] = 20  # car
+        ids[:, -4:] = 0  # void strip
+        segs = [{"id": 10, "category_id": 1, "iscrowd": 0}, {"id": 20, "category_id": 2, "iscrowd": 0},
+                {"id": 30, "category_id": 3, "iscrowd": 0}, {"id": 40, "category_id": 4, "iscrowd": 0}]
+        for s in segs:
+            ys, xs = np.nonzero(ids == s["id"])
+            s.update(area=int(len(ys)), bbox=[int(xs.min()), int(ys.min()), int(np.ptp(xs) + 1), int(np.ptp(ys) + 1)])
+        rgb = np.stack([(ids * 5) % 256, (ids * 3 + 40 * i) % 256, np.full_like(ids, 90)], -1).astype(np.uint8)
+        Image.fromarray(rgb).save(root / "val2017" / f"{i:06d}.png")
+        Image.fromarray(id2rgb(ids)).save(root / "panoptic_val2017" / f"{i:06d}.png")
+        images.append({"id": i, "file_name": f"{i:06d}.png", "height": H, "width": W})
+        annotations.append({"image_id": i, "file_name": f"{i:06d}.png", "segments_info": segs})
+    (root / "panoptic_val2017.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": CATEGORIES}))
+    prepare_semantic(["--panoptic-json", str(root / "panoptic_val2017.json"),
+                      "--panoptic-root", str(root / "panoptic_val2017"), "--out", str(root / "panoptic_semseg_val2017")])
+    sem = np.asarray(Image.open(root / "panoptic_semseg_val2017" / "000001.png"))
+    assert sem[0, 0] == 2 and sem[-1, 0] == 3 and sem[20, 20] == 0 and sem[0, -1] == 255
+    from mask2former.data import register_coco_panoptic_with_sem_seg
+
+    if "synthetic_coco_panoptic" in DatasetCatalog.list():
+        DatasetCatalog.remove("synthetic_coco_panoptic")
+    register_coco_panoptic_with_sem_seg(
+        "synthetic_coco_panoptic", CATEGORIES, str(root / "val2017"), str(root / "panoptic_val2017"),
+        str(root / "panoptic_val2017.json"), str(root / "panoptic_semseg_val2017"))
+    return root
+
+
+def _train_net():
+    spec = importlib.util.spec_from_file_location("m2f_train_net", ROOT / "projects/Mask2Former/train_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def official_pkl(tmp_path_factory, coco):
+    """A tiny model's weights as an official-format detectron2 .pkl (numpy, same names)."""
+    tn = _train_net()
+    args = tn.default_argument_parser().parse_args(
+        ["--config-file", str(ROOT / CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep.yaml"), *TINY])
+    cfg = tn.setup(args)
+    model = tn.Trainer.build_model(cfg)
+    path = tmp_path_factory.mktemp("w") / "model_final.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in model.state_dict().items()}, "__author__": "test"}, f)
+    return path
+
+
+@pytest.mark.parametrize("config", ["maskformer2_swin_large_IN21k_384_bs16_100ep.yaml",
+                                    "maskformer2_swin_large_IN21k_384_bs16_100ep_expedit_a10_8x8.yaml"])
+def test_eval_only_end_to_end(coco, official_pkl, tmp_path, config):
+    tn = _train_net()
+    args = tn.default_argument_parser().parse_args([
+        "--config-file", str(ROOT / CONFIGS / config), "--eval-only", *TINY,
+        "MODEL.WEIGHTS", str(official_pkl), "OUTPUT_DIR", str(tmp_path)])
+    res = tn.main(args)
+    pq = res["panoptic_seg"]
+    assert set(pq) == {"PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"}
+    assert all(np.isfinite(v) and 0 <= v <= 100 for v in pq.values())
+    assert np.isfinite(res["sem_seg"]["mIoU"])
+
+
+def test_a_few_training_iterations(coco, tmp_path):
+    tn = _train_net()
+    args = tn.default_argument_parser().parse_args([
+        "--config-file", str(ROOT / CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep_expedit_a10_8x8.yaml"),
+        *TINY, "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "1",
+        "TEST.EVAL_PERIOD", "0", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "100"])
+    tn.main(args)
+    records = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    losses = [r["total_loss"] for r in records if "total_loss" in r]
+    assert losses and all(np.isfinite(losses))

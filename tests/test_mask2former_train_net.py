@@ -29,7 +29,7 @@ TINY = ["MODEL.SWIN.EMBED_DIM", "32", "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODE
         "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128", "INPUT.MIN_SIZE_TRAIN", "(64,)",
         "INPUT.MAX_SIZE_TRAIN", "128", "DATASETS.TRAIN", "('synthetic_coco_panoptic',)",
         "DATASETS.TEST", "('synthetic_coco_panoptic',)", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
-        "SOLVER.AMP.ENABLED", "False", "SOLVER.CLIP_GRADIENTS.ENABLED", "False",
+        "SOLVER.AMP.ENABLED", "False",
         # hourglass Swin on 7x7 windows: 4x4 clusters per window before global block 4
         "MODEL.SWIN.CLUSTERING_LOCATION", "4", "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS", "16",
         "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.WINDOW_SIZE", "3"]
@@ -120,3 +120,32 @@ def test_a_few_training_iterations(coco, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
     losses = [r["total_loss"] for r in records if "total_loss" in r]
     assert losses and all(np.isfinite(losses))
+
+
+def test_optimizer_recipe(coco):
+    import torch
+
+    from mask2former.optim import build_maskformer_optimizer
+
+    tn = _train_net()
+    args = tn.default_argument_parser().parse_args(
+        ["--config-file", str(ROOT / CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep.yaml"), *TINY])
+    cfg = tn.setup(args)
+    model = tn.Trainer.build_model(cfg)
+    opt = build_maskformer_optimizer(cfg, model)
+    assert isinstance(opt, torch.optim.AdamW) and "FullModelGradientClip" in type(opt).__name__
+    by_param = {id(g["params"][0]): g for g in opt.param_groups}
+    bb = model.backbone.layers[0].blocks[0]
+    assert by_param[id(bb.attn.qkv.weight)]["lr"] == pytest.approx(cfg.SOLVER.BASE_LR * 0.1)
+    assert by_param[id(bb.attn.relative_position_bias_table)]["weight_decay"] == 0.0
+    assert by_param[id(bb.norm1.weight)]["weight_decay"] == cfg.SOLVER.WEIGHT_DECAY_NORM
+    assert by_param[id(model.sem_seg_head.predictor.query_feat.weight)]["weight_decay"] == 0.0
+    head_fc = model.sem_seg_head.predictor.class_embed.weight
+    assert by_param[id(head_fc)]["lr"] == cfg.SOLVER.BASE_LR and by_param[id(head_fc)]["weight_decay"] == 0.05
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) * 10
+    before = head_fc.detach().clone()
+    opt.step()  # the whole model's gradient norm is clipped to 0.01 first
+    total = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
+    assert total == pytest.approx(0.01, rel=1e-3)
+    assert not torch.equal(before, head_fc)

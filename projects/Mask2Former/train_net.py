@@ -22,6 +22,7 @@ from expedit_d2.evaluation import PanopticQualityEvaluator  # noqa: E402
 from mask2former import add_maskformer2_config  # noqa: E402
 from mask2former.data import register_all  # noqa: E402
 from mask2former.data.panoptic_mapper import PanopticTrainMapper  # noqa: E402
+from mask2former.optim import build_maskformer_optimizer  # noqa: E402
 
 
 class Trainer(DefaultTrainer):
@@ -44,6 +45,10 @@ class Trainer(DefaultTrainer):
             raise ValueError(f"no evaluator for dataset {dataset_name!r} (evaluator_type {kind!r}) with "
                              "the MODEL.MASK_FORMER.TEST settings")
         return DatasetEvaluators(evaluators)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_maskformer_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):

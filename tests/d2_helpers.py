@@ -21,3 +21,15 @@ def run_faster_rcnn_fpn(cfg, bottom_up: str, size=(240, 320)):
     with torch.no_grad():
         out = model([{"image": torch.rand(3, *size) * 255, "height": size[0], "width": size[1]}])
     return out[0]["instances"]
+
+
+def load_train_net(project: str):
+    """Import ``projects/<project>/train_net.py`` as a module (as running it would)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "projects" / project / "train_net.py"
+    spec = importlib.util.spec_from_file_location(f"{project.lower()}_train_net", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """End to end on CPU: synthetic NYUv2 in the official formats -> prepare script ->
 projects/DPT/train_net.py (--eval-only baseline and expedited, a few training iterations)."""
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from scipy.io import savemat
 
 from datasets.prepare_nyuv2 import main as prepare_main
+from tests.d2_helpers import load_train_net
 from tests.test_dpt_model import _official_names, build, dpt_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +80,7 @@ def test_missing_inputs_name_the_path(tmp_path):
 
 
 def _train_net():
-    spec = importlib.util.spec_from_file_location("dpt_train_net", ROOT / "projects/DPT/train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_train_net("DPT")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """End to end on CPU: a synthetic COCO-format panoptic dataset (JSON + PNG) -> semantic
 prepare script -> projects/Mask2Former/train_net.py --eval-only (baseline and expedited)
 through the real evaluators, and a few training iterations."""
-import importlib.util
 import json
 import pickle
 
@@ -13,6 +12,7 @@ from detectron2.data import DatasetCatalog
 
 from datasets.prepare_coco_semantic_annos_from_panoptic_annos import main as prepare_semantic
 from expedit_d2.evaluation.panoptic import id2rgb
+from tests.d2_helpers import load_train_net
 from tests.test_dpt_train_net import ROOT
 
 CATEGORIES = [{"id": 1, "name": "person", "isthing": 1}, {"id": 2, "name": "car", "isthing": 1},
@@ -76,10 +76,7 @@ def coco(tmp_path_factory):
 
 
 def _train_net():
-    spec = importlib.util.spec_from_file_location("m2f_train_net", ROOT / "projects/Mask2Former/train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_train_net("Mask2Former")
 
 
 @pytest.fixture(scope="module")

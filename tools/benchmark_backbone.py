@@ -109,9 +109,11 @@ def build_pair(cfg):
     return base.to(device).eval(), expedited.to(device).eval()
 
 
-def memory_child(cfg, size, variant) -> int | None:
+def memory_child(cfg, size, variant, taps_only=False) -> int | None:
     """Peak extra bytes of one forward of ``variant`` (run in a fresh subprocess)."""
     model = dict(zip(("base", "expedited"), build_pair(cfg)))[variant]
+    if taps_only:
+        model = TapsOnly(model)
     device = cfg.MODEL.DEVICE
     image = torch.randn(1, 3, *size, device=device)
     with torch.inference_mode():
@@ -159,9 +161,27 @@ def operator_seconds(model, image, device) -> float:
     return spent[0]
 
 
-def run_case(name, cfg, size, repeats, warmup, log, memory):
+class TapsOnly(nn.Module):
+    """A ViT backbone's ``forward_taps`` as a module (token taps, without the resampling of
+    ``forward`` to strides 4..32), so FLOPs and time cover the same work."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+        self.taps = vit.taps[2:] if vit.patch_embed.backbone is not None else vit.taps
+
+    def forward(self, x):
+        taps, _, _ = self.vit.forward_taps(x, self.taps)
+        return {f"tap{t}": y for t, y in zip(self.taps, taps)}
+
+
+def run_case(name, cfg, size, repeats, warmup, log, memory, taps_only=False):
     device = cfg.MODEL.DEVICE
     base, expedited = build_pair(cfg)
+    if taps_only:
+        if not hasattr(base, "forward_taps"):
+            raise ValueError(f"--taps-only needs a ViT backbone, {name} has {type(base).__name__}")
+        base, expedited = TapsOnly(base), TapsOnly(expedited)
     image = torch.randn(1, 3, *size, device=device)
     with torch.inference_mode():
         log(f"{name}: counting FLOPs")
@@ -220,6 +240,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--output", type=Path, help="also write <output>.md and <output>.json")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--taps-only", action="store_true",
+                        help="ViT: measure forward_taps (token taps) instead of forward (maps at strides 4..32)")
     parser.add_argument("--_memory-child", nargs=2, metavar=("JOB", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
@@ -245,7 +267,7 @@ def main(argv=None):
     if args._memory_child:
         index, variant = args._memory_child
         _, cfg, size = jobs[int(index)]
-        print(memory_child(cfg, size, variant))
+        print(memory_child(cfg, size, variant, args.taps_only))
         return
     argv = sys.argv[1:] if argv is None else list(argv)
     rows = []
@@ -256,7 +278,7 @@ def main(argv=None):
             log(f"{name}: peak memory of the {variant} backbone (subprocess)")
             return measure_memory(argv, index, variant)
 
-        rows.append(run_case(name, cfg, size, args.repeats, args.warmup, log, memory))
+        rows.append(run_case(name, cfg, size, args.repeats, args.warmup, log, memory, args.taps_only))
         if args.output:  # after every case, so a long run keeps what it measured
             write_outputs(args.output, rows, args.threads)
     print(format_table(rows, args.threads))

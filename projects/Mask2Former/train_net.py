@@ -41,6 +41,8 @@ class Trainer(DefaultTrainer):
                 evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False))
         elif kind == "coco":
             evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False))
+        elif kind == "sem_seg":
+            evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
         if not evaluators:
             raise ValueError(f"no evaluator for dataset {dataset_name!r} (evaluator_type {kind!r}) with "
                              "the MODEL.MASK_FORMER.TEST settings")

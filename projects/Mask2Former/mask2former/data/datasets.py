@@ -7,8 +7,14 @@
     coco/panoptic_semseg_{train,val}2017/         semantic PNGs derived from panoptic
                                                   (datasets/prepare_coco_semantic_annos_from_panoptic_annos.py)
 
-Registered: ``coco_2017_{train,val}_panoptic_with_sem_seg`` (COCO instance datasets
-``coco_2017_{train,val}`` come from Detectron2's builtin registration). Loading happens on
+    ADEChallengeData2016/images/{training,validation}/      images
+    ADEChallengeData2016/ade20k_panoptic_{train,val}.json   + ade20k_panoptic_{train,val}/ PNGs
+    ADEChallengeData2016/annotations_detectron2/{training,validation}/   semantic PNGs
+    ADEChallengeData2016/ade20k_instance_{train,val}.json   COCO-format instances
+
+Registered: ``coco_2017_{train,val}_panoptic_with_sem_seg``, ``ade20k_panoptic_{train,val}``,
+``ade20k_instance_{train,val}`` (COCO instances ``coco_2017_{train,val}`` and ADE20K semantic
+``ade20k_sem_seg_{train,val}`` come from Detectron2's builtin registration). Loading happens on
 first use; a missing file raises naming the path and the prepare step.
 """
 from __future__ import annotations
@@ -17,7 +23,10 @@ import json
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+from .ade20k_categories import ADE20K_150_CATEGORIES
 
 __all__ = ["register_coco_panoptic_with_sem_seg", "register_all", "panoptic_metadata"]
 
@@ -75,8 +84,20 @@ def register_coco_panoptic_with_sem_seg(name, categories, image_root, panoptic_r
 
 
 def register_all(root: str | None = None) -> None:
-    """Register the COCO panoptic datasets (idempotent)."""
+    """Register the COCO and ADE20K datasets above (idempotent, lazy)."""
     root = root or os.environ.get("DETECTRON2_DATASETS", "datasets")
+    ade = os.path.join(root, "ADEChallengeData2016")
+    for split, folder in (("train", "training"), ("val", "validation")):
+        name = f"ade20k_panoptic_{split}"
+        if name not in DatasetCatalog.list():
+            register_coco_panoptic_with_sem_seg(
+                name, ADE20K_150_CATEGORIES, os.path.join(ade, "images", folder),
+                os.path.join(ade, f"ade20k_panoptic_{split}"), os.path.join(ade, f"ade20k_panoptic_{split}.json"),
+                os.path.join(ade, "annotations_detectron2", folder))
+        name = f"ade20k_instance_{split}"
+        if name not in DatasetCatalog.list():
+            register_coco_instances(name, {}, os.path.join(ade, f"ade20k_instance_{split}.json"),
+                                    os.path.join(ade, "images", folder))
     for split in ("train", "val"):
         name = f"coco_2017_{split}_panoptic_with_sem_seg"
         if name in DatasetCatalog.list():

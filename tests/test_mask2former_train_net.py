@@ -5,6 +5,7 @@ import json
 import pickle
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -193,3 +194,34 @@ def test_instance_eval_only_end_to_end(coco_instances, tmp_path, config):
     res = tn.main(args)
     assert {"AP", "AP50", "AP75"} <= set(res["segm"])
     assert 0 <= res["segm"]["AP"] <= 100 and 0 <= res["segm"]["AP50"] <= 100  # NaN fails
+
+
+def test_training_on_instance_and_semantic_records(coco, coco_instances, tmp_path):
+    """The train mapper turns COCO instances (polygons + RLE) and semantic PNGs into targets."""
+    from detectron2.data import MetadataCatalog
+
+    if "synthetic_sem_seg" in DatasetCatalog.list():
+        DatasetCatalog.remove("synthetic_sem_seg")
+    DatasetCatalog.register("synthetic_sem_seg", lambda: [
+        {"file_name": str(coco / "val2017" / f"{i:06d}.png"), "height": H, "width": W, "image_id": i,
+         "sem_seg_file_name": str(coco / "panoptic_semseg_val2017" / f"{i:06d}.png")} for i in range(1, 4)])
+    MetadataCatalog.get("synthetic_sem_seg").set(stuff_classes=[c["name"] for c in CATEGORIES], ignore_label=255,
+                                                 thing_dataset_id_to_contiguous_id={})
+    tn = _train_net()
+    for dataset, classes in ((coco_instances, "2"), ("synthetic_sem_seg", "4")):
+        out = tmp_path / dataset
+        args = tn.default_argument_parser().parse_args([
+            "--config-file", str(ROOT / CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep.yaml"), *TINY,
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES", classes, "DATASETS.TRAIN", f"('{dataset}',)",
+            "DATASETS.TEST", "()", "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "1",
+            "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "100", "MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "False"])
+        tn.main(args)
+        losses = [json.loads(line).get("total_loss") for line in (out / "metrics.json").read_text().splitlines()]
+        assert any(v is not None for v in losses) and all(np.isfinite(v) for v in losses if v is not None)
+    mapper = tn.MaskFormerTrainMapper(tn.setup(tn.default_argument_parser().parse_args(
+        ["--config-file", str(ROOT / CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep.yaml"), *TINY])))
+    rec = DatasetCatalog.get(coco_instances)[0]
+    inst = mapper(rec)["instances"]
+    assert inst.gt_classes.tolist() == [0, 1] and inst.gt_masks.tensor.shape[0] == 2
+    area = inst.gt_masks.tensor.sum((1, 2)).float() / (inst.image_size[0] * inst.image_size[1])
+    assert torch.allclose(area, torch.tensor([600 / (H * W), 750 / (H * W)]), rtol=0.15)  # polygon, RLE

@@ -21,7 +21,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvalua
 from expedit_d2.evaluation import PanopticQualityEvaluator  # noqa: E402
 from mask2former import add_maskformer2_config  # noqa: E402
 from mask2former.data import register_all  # noqa: E402
-from mask2former.data.panoptic_mapper import PanopticTrainMapper  # noqa: E402
+from mask2former.data.train_mapper import MaskFormerTrainMapper  # noqa: E402
 from mask2former.optim import build_maskformer_optimizer  # noqa: E402
 
 
@@ -54,7 +54,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=PanopticTrainMapper(cfg))
+        return build_detection_train_loader(cfg, mapper=MaskFormerTrainMapper(cfg))
 
 
 def setup(args):

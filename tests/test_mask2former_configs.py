@@ -84,3 +84,25 @@ def test_ade20k_registration_reads_the_official_layout(tmp_path):
     for n in names:  # leave the catalog as register_all at the default root would
         DatasetCatalog.remove(n)
         MetadataCatalog.remove(n)
+
+
+def test_ade20k_semantic_prepare(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from datasets.prepare_ade20k_sem_seg import main as prepare
+
+    root = tmp_path / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        (root / "annotations" / split).mkdir(parents=True)
+        Image.fromarray(np.array([[0, 1, 150], [7, 0, 2]], dtype=np.uint8)).save(
+            root / "annotations" / split / "ADE_x_00000001.png")
+    prepare(["--root", str(root)])
+    out = np.asarray(Image.open(root / "annotations_detectron2" / "validation" / "ADE_x_00000001.png"))
+    assert out.tolist() == [[255, 0, 149], [6, 255, 1]]
+    done = root / "annotations_detectron2" / "validation" / "ADE_x_00000001.png"
+    mtime = done.stat().st_mtime_ns
+    prepare(["--root", str(root)])  # a rerun keeps finished files
+    assert done.stat().st_mtime_ns == mtime and not list(root.rglob("*.tmp"))
+    with pytest.raises(FileNotFoundError, match="ADE20K annotations not found"):
+        prepare(["--root", str(tmp_path / "missing")])

@@ -14,11 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the dpt package
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
-from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.engine import DefaultTrainer, default_argument_parser  # noqa: E402,F401 (re-exported for scripts)
 
+from expedit_d2.engine import launch_main, setup_cfg, train_or_evaluate  # noqa: E402
 from dpt import DepthDatasetMapper, DepthEvaluator, DPTCheckpointer, add_dpt_config, register_nyuv2  # noqa: E402
 
 
@@ -45,33 +44,16 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_dpt_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    default_setup(cfg, args)
+    cfg = setup_cfg(args, add_dpt_config)
+    if cfg.TEST.AUG.ENABLED:
+        raise NotImplementedError("TEST.AUG (test-time augmentation) is not supported for DPT depth")
     register_nyuv2()
     return cfg
 
 
 def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        DPTCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        res = Trainer.test(cfg, model)
-        if cfg.TEST.AUG.ENABLED:
-            raise NotImplementedError("TEST.AUG is not supported for DPT depth")
-        verify_results(cfg, res)
-        return res
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    return train_or_evaluate(setup(args), args, Trainer, DPTCheckpointer)
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_main(main)

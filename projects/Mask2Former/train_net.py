@@ -12,12 +12,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the mask2former package
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog, build_detection_train_loader  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator, verify_results  # noqa: E402
+from detectron2.engine import DefaultTrainer, default_argument_parser  # noqa: E402,F401 (re-exported for scripts)
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator  # noqa: E402
 
+from expedit_d2.engine import launch_main, setup_cfg, train_or_evaluate  # noqa: E402
 from expedit_d2.evaluation import PanopticQualityEvaluator  # noqa: E402
 from mask2former import add_maskformer2_config  # noqa: E402
 from mask2former.data import register_all  # noqa: E402
@@ -58,31 +57,14 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    default_setup(cfg, args)
+    cfg = setup_cfg(args, add_maskformer2_config)
     register_all()
     return cfg
 
 
 def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        res = Trainer.test(cfg, model)
-        verify_results(cfg, res)
-        return res
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    return train_or_evaluate(setup(args), args, Trainer)
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_main(main)

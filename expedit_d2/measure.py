@@ -5,22 +5,24 @@
   synchronised on CUDA.
 * :func:`peak_memory` -- peak extra memory of one call: on CUDA
   ``max_memory_allocated`` over what was allocated before; on CPU the growth of the
-  resident set's high-water mark (Linux ``/proc``, reset before the call). On CPU, run
-  the process with :func:`ensure_exact_cpu_memory_accounting` so freed blocks leave
-  the resident set (glibc otherwise keeps them cached and later calls look free).
+  resident set's high-water mark (Linux ``/proc``, reset before the call). On CPU, measure
+  in a fresh process started by :func:`run_memory_child`, whose glibc mmap threshold is
+  fixed so freed blocks leave the resident set (otherwise glibc keeps them cached and
+  later calls look free; in the timing process that setting would slow allocations).
 """
 from __future__ import annotations
 
 import os
 import re
 import statistics
-import sys
+import subprocess
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-__all__ = ["sync", "time_interleaved", "peak_memory", "ensure_exact_cpu_memory_accounting"]
+__all__ = ["sync", "time_interleaved", "peak_memory", "run_memory_child", "write_report"]
 
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
@@ -77,9 +79,25 @@ def peak_memory(fn: Callable[[], object], device) -> int | None:
     return (_status_kb("VmHWM") - before) * 1024
 
 
-def ensure_exact_cpu_memory_accounting(threshold: int = 1 << 20) -> None:
-    """Re-exec this script once with glibc's mmap threshold fixed (Linux, CPU runs), so
-    that every block over ``threshold`` bytes returns to the system when freed."""
-    if sys.platform.startswith("linux") and _MMAP_ENV not in os.environ:
-        env = dict(os.environ, **{_MMAP_ENV: str(threshold)})
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+def run_memory_child(cmd: list[str], threshold: int = 1 << 20) -> str:
+    """Run ``cmd`` (a measuring child process) with glibc's mmap threshold fixed at
+    ``threshold`` bytes; return the last line it printed, or raise with its stderr."""
+    env = dict(os.environ, **{_MMAP_ENV: str(threshold)})
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory subprocess {cmd[1:4]} failed:\n" + out.stderr[-3000:])
+    return out.stdout.strip().splitlines()[-1]
+
+
+def write_report(output: Path, table: str, data) -> None:
+    """``<output>.md`` (the table) and ``<output>.json`` (the data), each written to a
+    temporary name and renamed, so a reader never sees half a file."""
+    import json
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".md", table), (".json", json.dumps(data, indent=2))):
+        path = output.with_suffix(suffix)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)

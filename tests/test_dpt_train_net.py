@@ -1,7 +1,6 @@
 """End to end on CPU: synthetic NYUv2 in the official formats -> prepare script ->
 projects/DPT/train_net.py (--eval-only baseline and expedited, a few training iterations)."""
 import json
-import os
 from pathlib import Path
 
 import h5py
@@ -11,6 +10,7 @@ import torch
 from scipy.io import savemat
 
 from datasets.prepare_nyuv2 import main as prepare_main
+from detectron2.engine import default_argument_parser
 from tests.d2_helpers import load_train_net
 from tests.test_dpt_model import _official_names, build, dpt_cfg
 
@@ -96,7 +96,7 @@ def test_eval_only_end_to_end(nyu_root, official_weights, tmp_path, monkeypatch,
     root, _, _ = nyu_root
     monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
     tn = _train_net()
-    args = tn.default_argument_parser().parse_args([
+    args = default_argument_parser().parse_args([
         "--config-file", str(ROOT / "projects/DPT/configs" / config), "--eval-only",
         "MODEL.WEIGHTS", str(official_weights), "OUTPUT_DIR", str(tmp_path), *TINY,
         "MODEL.EXPEDIT.NUM_CLUSTERS", "[16, 16]"])
@@ -110,7 +110,7 @@ def test_a_few_training_iterations(nyu_root, tmp_path, monkeypatch):
     root, _, _ = nyu_root
     monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
     tn = _train_net()
-    args = tn.default_argument_parser().parse_args([
+    args = default_argument_parser().parse_args([
         "--config-file", str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2_expedit_a4_16x16.yaml"),
         "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "1",
         "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "100", *TINY,

@@ -1,7 +1,6 @@
 """Mask2Former head: official parameter names, deformable attention, forward shapes."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from detectron2.layers import ShapeSpec
 

@@ -13,6 +13,7 @@ from detectron2.data import DatasetCatalog
 
 from datasets.prepare_coco_semantic_annos_from_panoptic_annos import main as prepare_semantic
 from expedit_d2.evaluation.panoptic import id2rgb
+from detectron2.engine import default_argument_parser
 from tests.d2_helpers import load_train_net
 from tests.test_dpt_train_net import ROOT
 
@@ -84,7 +85,7 @@ def _train_net():
 def official_pkl(tmp_path_factory, coco):
     """A tiny model's weights as an official-format detectron2 .pkl (numpy, same names)."""
     tn = _train_net()
-    args = tn.default_argument_parser().parse_args(
+    args = default_argument_parser().parse_args(
         ["--config-file", str(ROOT / CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep.yaml"), *TINY])
     cfg = tn.setup(args)
     model = tn.Trainer.build_model(cfg)
@@ -98,7 +99,7 @@ def official_pkl(tmp_path_factory, coco):
                                     "maskformer2_swin_large_IN21k_384_bs16_100ep_expedit_a10_8x8.yaml"])
 def test_eval_only_end_to_end(coco, official_pkl, tmp_path, config):
     tn = _train_net()
-    args = tn.default_argument_parser().parse_args([
+    args = default_argument_parser().parse_args([
         "--config-file", str(ROOT / CONFIGS / config), "--eval-only", *TINY,
         "MODEL.WEIGHTS", str(official_pkl), "OUTPUT_DIR", str(tmp_path)])
     res = tn.main(args)
@@ -110,7 +111,7 @@ def test_eval_only_end_to_end(coco, official_pkl, tmp_path, config):
 
 def test_a_few_training_iterations(coco, tmp_path):
     tn = _train_net()
-    args = tn.default_argument_parser().parse_args([
+    args = default_argument_parser().parse_args([
         "--config-file", str(ROOT / CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep_expedit_a10_8x8.yaml"),
         *TINY, "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "1",
         "TEST.EVAL_PERIOD", "0", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "100"])
@@ -126,7 +127,7 @@ def test_optimizer_recipe(coco):
     from mask2former.optim import build_maskformer_optimizer
 
     tn = _train_net()
-    args = tn.default_argument_parser().parse_args(
+    args = default_argument_parser().parse_args(
         ["--config-file", str(ROOT / CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep.yaml"), *TINY])
     cfg = tn.setup(args)
     model = tn.Trainer.build_model(cfg)
@@ -185,7 +186,7 @@ def coco_instances(coco):
                                     "maskformer2_swin_large_IN21k_384_bs16_100ep_expedit_a12_8x8.yaml"])
 def test_instance_eval_only_end_to_end(coco_instances, tmp_path, config):
     tn = _train_net()
-    args = tn.default_argument_parser().parse_args([
+    args = default_argument_parser().parse_args([
         "--config-file", str(ROOT / "projects/Mask2Former/configs/coco/instance-segmentation/swin" / config),
         "--eval-only", *TINY, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "2",
         "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "True",
@@ -210,7 +211,7 @@ def test_training_on_instance_and_semantic_records(coco, coco_instances, tmp_pat
     tn = _train_net()
     for dataset, classes in ((coco_instances, "2"), ("synthetic_sem_seg", "4")):
         out = tmp_path / dataset
-        args = tn.default_argument_parser().parse_args([
+        args = default_argument_parser().parse_args([
             "--config-file", str(ROOT / CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep.yaml"), *TINY,
             "MODEL.SEM_SEG_HEAD.NUM_CLASSES", classes, "DATASETS.TRAIN", f"('{dataset}',)",
             "DATASETS.TEST", "()", "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "1",
@@ -218,7 +219,7 @@ def test_training_on_instance_and_semantic_records(coco, coco_instances, tmp_pat
         tn.main(args)
         losses = [json.loads(line).get("total_loss") for line in (out / "metrics.json").read_text().splitlines()]
         assert any(v is not None for v in losses) and all(np.isfinite(v) for v in losses if v is not None)
-    mapper = tn.MaskFormerTrainMapper(tn.setup(tn.default_argument_parser().parse_args(
+    mapper = tn.MaskFormerTrainMapper(tn.setup(default_argument_parser().parse_args(
         ["--config-file", str(ROOT / CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep.yaml"), *TINY])))
     rec = DatasetCatalog.get(coco_instances)[0]
     inst = mapper(rec)["instances"]

@@ -1,7 +1,6 @@
 """Token clustering / reconstruction against the dense oracle and the SPEC's invariants."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from expedit_d2.ops import (
     ClusteringState,

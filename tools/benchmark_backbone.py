@@ -21,9 +21,6 @@ them, but the cosine similarities are only meaningful with trained weights.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +35,7 @@ from torch import nn
 
 from expedit_d2 import add_expedit_config
 from expedit_d2.flops import backbone_flops
-from expedit_d2.measure import peak_memory, sync, time_interleaved
+from expedit_d2.measure import peak_memory, run_memory_child, sync, time_interleaved, write_report
 from expedit_d2.ops import TokenClustering, TokenReconstruction
 
 
@@ -127,13 +124,7 @@ def measure_memory(argv, job_index, variant) -> float | None:
     """Run this script again as a child that measures one model's peak memory, with
     glibc's mmap threshold fixed so freed blocks leave the resident set (in the parent
     that setting would slow every allocation and skew the timings)."""
-    cmd = [sys.executable, __file__, "--_memory-child", str(job_index), variant, *argv]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory subprocess for job {job_index} ({variant}) failed:\n"
-                           + out.stderr[-3000:])
-    value = out.stdout.strip().splitlines()[-1]
+    value = run_memory_child([sys.executable, __file__, "--_memory-child", str(job_index), variant, *argv])
     return None if value == "None" else int(value) / 2**20
 
 
@@ -280,17 +271,8 @@ def main(argv=None):
 
         rows.append(run_case(name, cfg, size, args.repeats, args.warmup, log, memory, args.taps_only))
         if args.output:  # after every case, so a long run keeps what it measured
-            write_outputs(args.output, rows, args.threads)
+            write_report(args.output, format_table(rows, args.threads), rows)
     print(format_table(rows, args.threads))
-
-
-def write_outputs(output: Path, rows, threads) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".md", format_table(rows, threads)), (".json", json.dumps(rows, indent=2))):
-        path = output.with_suffix(suffix)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,13 @@ same process, interleaved, after warm-up. Reported:
 * peak *extra* memory of one call, measured in a fresh subprocess per
   (case, implementation): on CPU the growth of the resident set's high-water mark
   over the resident set with the inputs allocated (Linux ``/proc``; glibc's mmap
-  threshold is fixed at 1 MB there so freed blocks leave the resident set), on CUDA
+  threshold is fixed at 1 MB there, ``expedit_d2.measure.run_memory_child``), on CUDA
   ``torch.cuda.max_memory_allocated`` over the memory held before the call;
 * the largest absolute difference between the two outputs (a sanity check).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,8 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from expedit_d2.measure import (  # noqa: E402
-    ensure_exact_cpu_memory_accounting,
     peak_memory,
+    run_memory_child,
+    write_report,
     time_interleaved,
 )
 from expedit_d2.ops import DEFAULT_MEMORY_LIMIT, token_clustering, token_reconstruction  # noqa: E402
@@ -130,8 +128,7 @@ def measure_memory_child(case: Case, impl: str, device: str, memory_limit: int) 
 def measure_memory(case: Case, impl: str, device: str, memory_limit: int, threads: int) -> int:
     cmd = [sys.executable, __file__, "--_memory-child", case.name, impl, "--device", device,
            "--memory-limit-mb", str(memory_limit / 2**20), "--threads", str(threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    return int(run_memory_child(cmd))
 
 
 # ---------------------------------------------------------------- report
@@ -174,7 +171,6 @@ def main(argv=None) -> None:
     memory_limit = int(args.memory_limit_mb * 2**20)
 
     if args._memory_child:
-        ensure_exact_cpu_memory_accounting()
         name, impl = args._memory_child
         print(measure_memory_child(CASES[name], impl, args.device, memory_limit))
         return
@@ -199,16 +195,8 @@ def main(argv=None) -> None:
     table = format_table(rows, args.device, args.threads, memory_limit)
     print(table)
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        md = args.output.with_suffix(".md")
-        tmp = md.with_suffix(".md.tmp")
-        tmp.write_text(table)
-        os.replace(tmp, md)
-        js = args.output.with_suffix(".json")
-        tmp = js.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"device": args.device, "threads": args.threads,
-                                   "torch": torch.__version__, "rows": rows}, indent=2))
-        os.replace(tmp, js)
+        write_report(args.output, table, {"device": args.device, "threads": args.threads,
+                                          "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

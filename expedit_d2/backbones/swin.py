@@ -18,7 +18,6 @@ exactly the plain computation.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

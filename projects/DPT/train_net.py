@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the dpt package
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_argument_parser  # noqa: E402,F401 (re-exported for scripts)
+from detectron2.engine import DefaultTrainer  # noqa: E402
 
 from expedit_d2.engine import launch_main, setup_cfg, train_or_evaluate  # noqa: E402
 from dpt import DepthDatasetMapper, DepthEvaluator, DPTCheckpointer, add_dpt_config, register_nyuv2  # noqa: E402

@@ -274,13 +274,11 @@ class _D2ViTBase(VisionTransformer, MultiScaleBackbone):
         return t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, *grid)
 
     @staticmethod
-    def _to_stride(x: torch.Tensor, factor: float, size) -> torch.Tensor:
-        """Parameter-free resampling of a stride-16 map by ``factor`` to ``size``."""
-        if factor > 1:
+    def _resample(x: torch.Tensor, size) -> torch.Tensor:
+        """Parameter-free resampling to ``size``: bilinear up, average-pooled down."""
+        if size[0] >= x.shape[-2] and size[1] >= x.shape[-1]:
             return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        if factor < 1:
-            return F.adaptive_avg_pool2d(x, size)
-        return x
+        return F.adaptive_avg_pool2d(x, size)
 
     def _maps_to_outputs(self, maps, image_size) -> dict[str, torch.Tensor]:
         """Stride-16 (or already right-sized) maps -> the requested res2..res5."""
@@ -290,7 +288,7 @@ class _D2ViTBase(VisionTransformer, MultiScaleBackbone):
             if name in self._out_features:
                 stride = self._out_feature_strides[name]
                 size = (math.ceil(H / stride), math.ceil(W / stride))
-                out[name] = m if tuple(m.shape[-2:]) == size else self._to_stride(m, 16 / stride, size)
+                out[name] = m if tuple(m.shape[-2:]) == size else self._resample(m, size)
         return out
 
 

@@ -106,3 +106,107 @@ def test_ade20k_semantic_prepare(tmp_path):
     assert done.stat().st_mtime_ns == mtime and not list(root.rglob("*.tmp"))
     with pytest.raises(FileNotFoundError, match="ADE20K annotations not found"):
         prepare(["--root", str(tmp_path / "missing")])
+
+
+def _write_ade20k_raw(root, n_images=2):
+    """Raw ADE20K-style inputs: JPEG images, semantic PNGs (0..150), instance PNGs (R class,
+    G number), and a category mapping that sends instance class k to the k-th thing class."""
+    import numpy as np
+    from PIL import Image
+
+    from mask2former.data.ade20k_categories import ADE20K_150_CATEGORIES
+
+    things = [c["id"] for c in ADE20K_150_CATEGORIES if c["isthing"]]
+    root.mkdir(parents=True, exist_ok=True)
+    rows = ["Instacne100 SceneParsing150 FullADE20K"] + [f"{k + 1} {t + 1} {1000 + k}" for k, t in enumerate(things)]
+    (root / "ade20k_instance_catid_mapping.txt").write_text("\n".join(rows) + "\n")
+    for folder in ("training", "validation"):
+        for sub in ("images", "annotations", "annotations_instance"):
+            (root / sub / folder).mkdir(parents=True)
+        for i in range(n_images):
+            sem = np.zeros((20, 30), dtype=np.uint8)
+            sem[:10] = 1 + 2  # sky (stuff, id 2)
+            sem[10:] = 1 + 0  # wall (stuff, id 0)
+            sem[:, 25:] = 0  # void
+            ins = np.zeros((20, 30, 3), dtype=np.uint8)
+            ins[2:8, 2 + i:8 + i] = (things.index(12) + 1, 1, 0)  # person
+            ins[12:18, 10:20] = (things.index(20) + 1, 2, 0)  # car
+            sem[ins[..., 1] > 0] = 1 + 12  # the semantic label says "person" under both (overlap)
+            stem = f"ADE_{folder}_{i + 1:08d}"
+            Image.fromarray(np.full((20, 30, 3), 100 + i, np.uint8)).save(root / "images" / folder / f"{stem}.jpg")
+            Image.fromarray(sem).save(root / "annotations" / folder / f"{stem}.png")
+            Image.fromarray(ins).save(root / "annotations_instance" / folder / f"{stem}.png")
+
+
+def _register_ade20k_under(root):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from mask2former.data import register_all
+
+    for name in [f"ade20k_{kind}_{split}" for kind in ("panoptic", "instance") for split in ("train", "val")]:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+    register_all(str(root))
+
+
+def test_prepare_ade20k_panoptic_and_instance(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from pycocotools.coco import COCO
+
+    from datasets.prepare_ade20k_pan_ins_seg import main as prepare
+    from datasets.prepare_ade20k_sem_seg import main as prepare_sem
+    from detectron2.data import DatasetCatalog
+    from expedit_d2.evaluation.panoptic import rgb2id
+
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade20k_raw(root)
+    # a killed earlier run: one finished image logged, one line cut in half
+    prepare(["--root", str(root), "--splits", "val"])
+    partial = root / "ade20k_panoptic_val.partial.jsonl"
+    first = json.loads((root / "ade20k_panoptic_val.json").read_text())
+    (root / "ade20k_panoptic_val.json").unlink()
+    rec = {"image": first["images"][0], "segments_info": first["annotations"][0]["segments_info"], "instances": []}
+    partial.write_text(json.dumps(rec) + "\n" + json.dumps(rec)[:25])
+    prepare(["--root", str(root)])
+    assert not partial.exists() and not list(root.rglob("*.tmp"))
+
+    pan = json.loads((root / "ade20k_panoptic_val.json").read_text())
+    ann = pan["annotations"][1]
+    ids = rgb2id(np.asarray(Image.open(root / "ade20k_panoptic_val" / ann["file_name"])))
+    cats = {s["id"]: s["category_id"] for s in ann["segments_info"]}
+    assert sorted(cats.values()) == [0, 2, 12, 20]  # wall, sky (stuff), person, car (things)
+    assert cats[ids[4, 4]] == 12 and cats[ids[15, 15]] == 20 and cats[ids[1, 1]] == 2 and cats[ids[19, 0]] == 0
+    assert (ids[:, 25:] == 0).all()  # void stays void
+    for s in ann["segments_info"]:
+        assert s["area"] == int((ids == s["id"]).sum())
+
+    coco = COCO(str(root / "ade20k_instance_train.json"))
+    assert len(coco.getAnnIds()) == 4 and sorted(coco.getCatIds())[:2] == [7, 8]  # bed, window: things
+    a = coco.loadAnns(coco.getAnnIds(catIds=[12]))[0]
+    assert a["area"] == 36 and a["bbox"] == [2, 2, 6, 6] and coco.annToMask(a).sum() == 36
+
+    prepare_sem(["--root", str(root)])
+    _register_ade20k_under(tmp_path)
+    recs = DatasetCatalog.get("ade20k_panoptic_val")
+    assert len(recs) == 2 and {s["category_id"] for s in recs[1]["segments_info"]} == {0, 2, 12, 20}
+    inst = DatasetCatalog.get("ade20k_instance_val")
+    # the first val image came from the partial log (written with no instances): not recomputed
+    assert [len(r["annotations"]) for r in inst] == [0, 2]
+
+    bad = tmp_path / "bad_mapping.txt"
+    bad.write_text("header\n1 8 165\n")
+    with pytest.raises(ValueError, match="bad_mapping.txt: maps 1 instance classes"):
+        prepare(["--root", str(root), "--catid-mapping", str(bad)])
+    with pytest.raises(FileNotFoundError, match="category mapping not found"):
+        prepare(["--root", str(root), "--catid-mapping", str(tmp_path / "nope.txt")])
+
+
+def test_missing_ade20k_panoptic_names_the_prepare_step(tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    _register_ade20k_under(tmp_path)
+    with pytest.raises(FileNotFoundError, match="ade20k_panoptic_train.json not found; run datasets/prepare_ade20k_pan"):
+        DatasetCatalog.get("ade20k_panoptic_train")

@@ -28,7 +28,7 @@ TINY = ["MODEL.SWIN.EMBED_DIM", "32", "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODE
         "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "64", "MODEL.MASK_FORMER.NHEADS", "4",
         "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256", "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "False",
         "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.0", "MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD", "0.0",
-        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.IMAGE_SIZE", "96",
         "INPUT.MAX_SIZE_TRAIN", "128", "DATASETS.TRAIN", "('synthetic_coco_panoptic',)",
         "DATASETS.TEST", "('synthetic_coco_panoptic',)", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
         "SOLVER.AMP.ENABLED", "False",
@@ -219,10 +219,49 @@ def test_training_on_instance_and_semantic_records(coco, coco_instances, tmp_pat
         tn.main(args)
         losses = [json.loads(line).get("total_loss") for line in (out / "metrics.json").read_text().splitlines()]
         assert any(v is not None for v in losses) and all(np.isfinite(v) for v in losses if v is not None)
+    # large-scale jitter at scale 1: the 64x96 image is padded to the 96x96 square, masks intact
     mapper = tn.MaskFormerTrainMapper(tn.setup(default_argument_parser().parse_args(
-        ["--config-file", str(ROOT / CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep.yaml"), *TINY])))
+        ["--config-file", str(ROOT / CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep.yaml"), *TINY,
+         "INPUT.MIN_SCALE", "1.0", "INPUT.MAX_SCALE", "1.0"])))
     rec = DatasetCatalog.get(coco_instances)[0]
-    inst = mapper(rec)["instances"]
-    assert inst.gt_classes.tolist() == [0, 1] and inst.gt_masks.tensor.shape[0] == 2
-    area = inst.gt_masks.tensor.sum((1, 2)).float() / (inst.image_size[0] * inst.image_size[1])
-    assert torch.allclose(area, torch.tensor([600 / (H * W), 750 / (H * W)]), rtol=0.15)  # polygon, RLE
+    out = mapper(rec)
+    inst = out["instances"]
+    assert out["image"].shape == (3, 96, 96) and (out["image"][:, H:] == 128).all()
+    assert inst.gt_classes.tolist() == [0, 1] and inst.gt_masks.tensor.shape == (2, 96, 96)
+    assert not inst.gt_masks.tensor[:, H:].any()
+    area = inst.gt_masks.tensor.sum((1, 2)).float()
+    assert torch.allclose(area, torch.tensor([600.0, 750.0]), rtol=0.15)  # polygon, RLE
+
+
+def test_train_mapper_recipes(coco):
+    """Each DATASET_MAPPER_NAME gives the official recipe; label maps keep void where padded."""
+    from detectron2.config import get_cfg
+
+    from mask2former import add_maskformer2_config
+    from mask2former.data.train_mapper import MaskFormerTrainMapper, build_train_augmentation
+
+    cfg = get_cfg()
+    add_maskformer2_config(cfg)
+    cfg.merge_from_file(str(ROOT / "projects/Mask2Former/configs/ade20k/semantic-segmentation/"
+                            "Base-ADE20K-SemanticSegmentation.yaml"))
+    names = [type(a).__name__ for a in build_train_augmentation(cfg)]
+    assert names == ["ResizeShortestEdge", "RandomCrop_CategoryAreaConstraint", "ColorAugSSDTransform",
+                     "RandomFlip"]
+    cfg.merge_from_list(["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "128",
+                         "INPUT.CROP.SIZE", "(40, 40)", "INPUT.SIZE_DIVISIBILITY", "48",
+                         "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "4"])
+    rec = DatasetCatalog.get("synthetic_coco_panoptic")[0]
+    sem_rec = {k: rec[k] for k in ("file_name", "height", "width", "image_id", "sem_seg_file_name")}
+    for kind, record in (("panoptic", rec), ("semantic", sem_rec)):
+        cfg.INPUT.DATASET_MAPPER_NAME = f"mask_former_{kind}"
+        out = MaskFormerTrainMapper(cfg)(record)
+        masks = out["instances"].gt_masks.tensor
+        assert out["image"].shape == (3, 48, 48), kind
+        assert (out["image"][:, 40:] == 128).all() and (out["image"][:, :, 40:] == 128).all()
+        assert masks.shape[1:] == (48, 48) and masks.any((1, 2)).all()
+        assert not masks[:, 40:].any() and not masks[:, :, 40:].any(), kind  # padding is void
+        assert int(masks.sum(0).max()) == 1  # segments do not overlap
+        assert set(out["instances"].gt_classes.tolist()) <= {0, 1, 2, 3}
+    cfg.INPUT.DATASET_MAPPER_NAME = "detr_panoptic"
+    with pytest.raises(ValueError, match="INPUT.DATASET_MAPPER_NAME='detr_panoptic'"):
+        build_train_augmentation(cfg)

@@ -48,9 +48,16 @@ def _require(path: str, step: str) -> None:
         raise FileNotFoundError(f"{path} not found; {step}")
 
 
-def load_panoptic_with_sem_seg(image_root, panoptic_root, panoptic_json, sem_seg_root, meta):
-    _require(panoptic_json, "download the COCO panoptic annotations (datasets/README.md)")
-    _require(sem_seg_root, "run datasets/prepare_coco_semantic_annos_from_panoptic_annos.py")
+COCO_STEPS = ("download the COCO panoptic annotations (datasets/README.md)",
+              "run datasets/prepare_coco_semantic_annos_from_panoptic_annos.py")
+ADE20K_STEPS = ("run datasets/prepare_ade20k_pan_ins_seg.py (datasets/README.md)",
+                "run datasets/prepare_ade20k_sem_seg.py")
+
+
+def load_panoptic_with_sem_seg(image_root, panoptic_root, panoptic_json, sem_seg_root, meta, steps=COCO_STEPS):
+    """``steps``: what to do when the panoptic JSON / the semantic folder is missing."""
+    _require(panoptic_json, steps[0])
+    _require(sem_seg_root, steps[1])
     with open(panoptic_json) as f:
         data = json.load(f)
     things = meta["thing_dataset_id_to_contiguous_id"]
@@ -73,10 +80,10 @@ def load_panoptic_with_sem_seg(image_root, panoptic_root, panoptic_json, sem_seg
 
 
 def register_coco_panoptic_with_sem_seg(name, categories, image_root, panoptic_root, panoptic_json,
-                                        sem_seg_root, instances_json=None):
+                                        sem_seg_root, instances_json=None, steps=COCO_STEPS):
     meta = panoptic_metadata(categories)
     DatasetCatalog.register(name, lambda: load_panoptic_with_sem_seg(
-        image_root, panoptic_root, panoptic_json, sem_seg_root, meta))
+        image_root, panoptic_root, panoptic_json, sem_seg_root, meta, steps))
     MetadataCatalog.get(name).set(
         panoptic_root=panoptic_root, image_root=image_root, panoptic_json=panoptic_json,
         sem_seg_root=sem_seg_root, json_file=instances_json, evaluator_type="coco_panoptic_seg",
@@ -93,7 +100,8 @@ def register_all(root: str | None = None) -> None:
             register_coco_panoptic_with_sem_seg(
                 name, ADE20K_150_CATEGORIES, os.path.join(ade, "images", folder),
                 os.path.join(ade, f"ade20k_panoptic_{split}"), os.path.join(ade, f"ade20k_panoptic_{split}.json"),
-                os.path.join(ade, "annotations_detectron2", folder))
+                os.path.join(ade, "annotations_detectron2", folder),
+                os.path.join(ade, f"ade20k_instance_{split}.json"), steps=ADE20K_STEPS)
         name = f"ade20k_instance_{split}"
         if name not in DatasetCatalog.list():
             register_coco_instances(name, {}, os.path.join(ade, f"ade20k_instance_{split}.json"),

@@ -1,15 +1,37 @@
-"""The evaluate-or-train flow every project's ``train_net.py`` shares (Detectron2 style)."""
+"""What every project's ``train_net.py`` shares (Detectron2 style), and how tools load one.
+
+A project folder holds a ``train_net.py`` that defines
+
+* ``build_config(args)`` -- the frozen config for Detectron2's usual ``args`` (no side effects);
+* ``setup(args)`` -- ``build_config`` plus logging set-up and dataset registration;
+* ``Trainer`` (a ``DefaultTrainer``: ``build_model``, ``test``) and ``Checkpointer`` (loads
+  ``MODEL.WEIGHTS``, official formats included);
+* ``main(args)`` -- :func:`train_or_evaluate`; with ``--eval-only`` the results also land in
+  ``OUTPUT_DIR/eval_results.json`` (written atomically), which is how the sweep reads them.
+
+:func:`load_project` imports such a file as a module, the way running it would.
+"""
 from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
+from detectron2.utils import comm
 
-__all__ = ["setup_cfg", "train_or_evaluate", "launch_main"]
+__all__ = ["build_cfg", "train_or_evaluate", "launch_main", "load_project",
+           "EVAL_RESULTS"]
+
+EVAL_RESULTS = "eval_results.json"
 
 
-def setup_cfg(args, *add_config_fns):
+def build_cfg(args, *add_config_fns):
     """A frozen config: defaults from ``add_config_fns``, then the file, then the opts."""
     cfg = get_cfg()
     for add in add_config_fns:
@@ -17,17 +39,26 @@ def setup_cfg(args, *add_config_fns):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    default_setup(cfg, args)
     return cfg
 
 
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def train_or_evaluate(cfg, args, trainer_cls, checkpointer_cls=DetectionCheckpointer):
-    """``--eval-only``: load ``MODEL.WEIGHTS`` with ``checkpointer_cls`` and run the trainer's
-    evaluators; otherwise train (resuming with ``--resume``)."""
+    """``--eval-only``: load ``MODEL.WEIGHTS`` with ``checkpointer_cls``, run the trainer's
+    evaluators and write ``OUTPUT_DIR/eval_results.json``; otherwise train (resuming with
+    ``--resume``)."""
     if args.eval_only:
         model = trainer_cls.build_model(cfg)
         checkpointer_cls(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = trainer_cls.test(cfg, model)
+        if comm.is_main_process() and cfg.OUTPUT_DIR:
+            _write_json(Path(cfg.OUTPUT_DIR) / EVAL_RESULTS, res)
         verify_results(cfg, res)
         return res
     trainer = trainer_cls(cfg)
@@ -41,3 +72,22 @@ def launch_main(main) -> None:
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
+
+
+def load_project(project) -> object:
+    """Import ``<project>/train_net.py`` as a module; ``project`` is the project folder."""
+    path = Path(project).resolve() / "train_net.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a project folder holds a train_net.py "
+                                "(e.g. projects/Mask2Former)")
+    name = f"_expedit_project_{path.parent.name.lower()}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    missing = [a for a in ("build_config", "setup", "Trainer", "Checkpointer", "main") if not hasattr(module, a)]
+    if missing:
+        raise AttributeError(f"{path} lacks {missing} (see expedit_d2.engine for what a project defines)")
+    sys.modules[name] = module
+    return module

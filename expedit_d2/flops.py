@@ -16,7 +16,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
-__all__ = ["EXTRA_HANDLES", "backbone_flops", "model_flops"]
+__all__ = ["EXTRA_HANDLES", "backbone_flops", "model_flops", "gflops"]
 
 
 def _numel(shape) -> int:
@@ -76,3 +76,21 @@ def model_flops(model: torch.nn.Module, inputs: list) -> FlopCountAnalysis:
     from detectron2.utils.analysis import FlopCountAnalysis as D2FlopCountAnalysis
 
     return _configure(D2FlopCountAnalysis(model, inputs))
+
+
+def gflops(model: torch.nn.Module, image: torch.Tensor, whole_model: bool = True) -> dict[str, float]:
+    """Backbone and whole-model GFLOPs of a Detectron2 model on one (C, H, W) image.
+
+    The backbone sees the image as the model preprocesses it (normalised, padded to the
+    size divisibility) when the model has ``preprocess_image``. Returns ``backbone``,
+    ``model`` (when ``whole_model``) and ``padded`` (the backbone input's H, W)."""
+    H, W = image.shape[-2:]
+    with torch.inference_mode():
+        if hasattr(model, "preprocess_image"):
+            x = model.preprocess_image([{"image": image}]).tensor
+        else:
+            x = image[None]
+        out = {"backbone": backbone_flops(model.backbone, x).total() / 1e9, "padded": tuple(x.shape[-2:])}
+        if whole_model:
+            out["model"] = model_flops(model, [{"image": image, "height": H, "width": W}]).total() / 1e9
+    return out

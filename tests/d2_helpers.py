@@ -25,11 +25,8 @@ def run_faster_rcnn_fpn(cfg, bottom_up: str, size=(240, 320)):
 
 def load_train_net(project: str):
     """Import ``projects/<project>/train_net.py`` as a module (as running it would)."""
-    import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "projects" / project / "train_net.py"
-    spec = importlib.util.spec_from_file_location(f"{project.lower()}_train_net", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from expedit_d2.engine import load_project
+
+    return load_project(Path(__file__).resolve().parents[1] / "projects" / project)

@@ -26,7 +26,7 @@ from detectron2.utils.analysis import parameter_count_table
 from detectron2.utils.logger import setup_logger
 
 from expedit_d2 import add_expedit_config
-from expedit_d2.flops import backbone_flops, model_flops
+from expedit_d2.flops import gflops
 
 
 def setup(args):
@@ -69,18 +69,14 @@ def main(argv=None):
     if "parameter" in args.tasks:
         logger.info("Parameter count:\n" + parameter_count_table(model, max_depth=3))
     if "flop" in args.tasks:
-        with torch.inference_mode():
-            batch = model.preprocess_image([{"image": image}]) if hasattr(model, "preprocess_image") else None
-            x = batch.tensor if batch is not None else image[None]
-            bb = backbone_flops(model.backbone, x).total() / 1e9
-            logger.info(f"Backbone {cfg.MODEL.BACKBONE.NAME}: {bb:.2f} GFLOPs at input "
-                        f"{H}x{W} (padded to {tuple(x.shape[-2:])})")
-            print(f"backbone_gflops\t{bb:.3f}")
-            if not args.backbone_only:
-                total = model_flops(model, [{"image": image, "height": H, "width": W}]).total() / 1e9
-                logger.info(f"Whole model {cfg.MODEL.META_ARCHITECTURE}: {total:.2f} GFLOPs at "
-                            f"input {H}x{W}")
-                print(f"model_gflops\t{total:.3f}")
+        res = gflops(model, image, whole_model=not args.backbone_only)
+        logger.info(f"Backbone {cfg.MODEL.BACKBONE.NAME}: {res['backbone']:.2f} GFLOPs at input "
+                    f"{H}x{W} (padded to {res['padded']})")
+        print(f"backbone_gflops\t{res['backbone']:.3f}")
+        if "model" in res:
+            logger.info(f"Whole model {cfg.MODEL.META_ARCHITECTURE}: {res['model']:.2f} GFLOPs at "
+                        f"input {H}x{W}")
+            print(f"model_gflops\t{res['model']:.3f}")
 
 
 if __name__ == "__main__":

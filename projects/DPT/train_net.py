@@ -15,9 +15,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the dpt package
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader  # noqa: E402
-from detectron2.engine import DefaultTrainer  # noqa: E402
+from detectron2.engine import DefaultTrainer, default_setup  # noqa: E402
 
-from expedit_d2.engine import launch_main, setup_cfg, train_or_evaluate  # noqa: E402
+from expedit_d2.engine import build_cfg, launch_main, train_or_evaluate  # noqa: E402
 from dpt import DepthDatasetMapper, DepthEvaluator, DPTCheckpointer, add_dpt_config, register_nyuv2  # noqa: E402
 
 
@@ -43,16 +43,25 @@ class Trainer(DefaultTrainer):
                               meta.get("eigen_crop", True))
 
 
-def setup(args):
-    cfg = setup_cfg(args, add_dpt_config)
+Checkpointer = DPTCheckpointer
+
+
+def build_config(args):
+    cfg = build_cfg(args, add_dpt_config)
     if cfg.TEST.AUG.ENABLED:
         raise NotImplementedError("TEST.AUG (test-time augmentation) is not supported for DPT depth")
+    return cfg
+
+
+def setup(args):
+    cfg = build_config(args)
+    default_setup(cfg, args)
     register_nyuv2()
     return cfg
 
 
 def main(args):
-    return train_or_evaluate(setup(args), args, Trainer, DPTCheckpointer)
+    return train_or_evaluate(setup(args), args, Trainer, Checkpointer)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the mask2former package
 
 from detectron2.data import MetadataCatalog, build_detection_train_loader  # noqa: E402
-from detectron2.engine import DefaultTrainer  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.engine import DefaultTrainer, default_setup  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator  # noqa: E402
 
-from expedit_d2.engine import launch_main, setup_cfg, train_or_evaluate  # noqa: E402
+from expedit_d2.engine import build_cfg, launch_main, train_or_evaluate  # noqa: E402
 from expedit_d2.evaluation import PanopticQualityEvaluator  # noqa: E402
 from mask2former import add_maskformer2_config  # noqa: E402
 from mask2former.data import register_all  # noqa: E402
@@ -56,14 +57,22 @@ class Trainer(DefaultTrainer):
         return build_detection_train_loader(cfg, mapper=MaskFormerTrainMapper(cfg))
 
 
+Checkpointer = DetectionCheckpointer
+
+
+def build_config(args):
+    return build_cfg(args, add_maskformer2_config)
+
+
 def setup(args):
-    cfg = setup_cfg(args, add_maskformer2_config)
+    cfg = build_config(args)
+    default_setup(cfg, args)
     register_all()
     return cfg
 
 
 def main(args):
-    return train_or_evaluate(setup(args), args, Trainer)
+    return train_or_evaluate(setup(args), args, Trainer, Checkpointer)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ configs written for the official code run unchanged.
 from detectron2.config import CfgNode as CN
 
 from . import expedit_backbone  # noqa: F401  (registers the backbones with Detectron2)
+from .solver import add_solver_config
 
 __all__ = ["add_expedit_config"]
 
@@ -33,6 +34,7 @@ def add_expedit_config(cfg) -> None:
         # cap on the operators' temporaries per chunk, in MB
         "MEMORY_LIMIT_MB": 256,
     })
+    add_solver_config(cfg)
     # bottom-up backbone of build_bottom_up_fpn_backbone (any BACKBONE_REGISTRY name)
     if "BOTTOM_UP" not in cfg.MODEL.FPN:
         cfg.MODEL.FPN.BOTTOM_UP = "ExpeditBackbone"

@@ -3,7 +3,8 @@
 A project folder holds a ``train_net.py`` that defines
 
 * ``build_config(args)`` -- the frozen config for Detectron2's usual ``args`` (no side effects);
-* ``setup(args)`` -- ``build_config`` plus logging set-up and dataset registration;
+* ``register_datasets()`` -- register its datasets (idempotent; models read their metadata);
+* ``setup(args)`` -- ``build_config`` plus logging set-up and ``register_datasets``;
 * ``Trainer`` (a ``DefaultTrainer``: ``build_model``, ``test``) and ``Checkpointer`` (loads
   ``MODEL.WEIGHTS``, official formats included);
 * ``main(args)`` -- :func:`train_or_evaluate`; with ``--eval-only`` the results also land in
@@ -86,7 +87,7 @@ def load_project(project) -> object:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    missing = [a for a in ("build_config", "setup", "Trainer", "Checkpointer", "main") if not hasattr(module, a)]
+    missing = [a for a in ("build_config", "register_datasets", "setup", "Trainer", "Checkpointer", "main") if not hasattr(module, a)]
     if missing:
         raise AttributeError(f"{path} lacks {missing} (see expedit_d2.engine for what a project defines)")
     sys.modules[name] = module

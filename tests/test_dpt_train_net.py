@@ -3,14 +3,13 @@ projects/DPT/train_net.py (--eval-only baseline and expedited, a few training it
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
-from scipy.io import savemat
 
 from datasets.prepare_nyuv2 import main as prepare_main
 from detectron2.engine import default_argument_parser
+from expedit_d2.synthetic import write_nyuv2_mat
 from tests.d2_helpers import load_train_net
 from tests.test_dpt_model import _official_names, build, dpt_cfg
 
@@ -22,30 +21,10 @@ TINY = ["MODEL.VIT.EMBED_DIM", "32", "MODEL.VIT.DEPTH", "6", "MODEL.VIT.NUM_HEAD
 METRICS = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "d1", "d2", "d3"}
 
 
-def write_synthetic_nyuv2(folder: Path, n: int = 4):
-    """nyu_depth_v2_labeled.mat (HDF5, MATLAB column-major layout) and splits.mat (v5)."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:480, 0:640]
-    images = np.zeros((n, 3, 640, 480), dtype=np.uint8)
-    depths = np.zeros((n, 640, 480), dtype=np.float32)
-    for i in range(n):
-        rgb = np.stack([(xx + 40 * i) % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
-        depth = (1.0 + 3.0 * xx / 640 + 0.5 * i + 0.01 * rng.standard_normal((480, 640))).astype(np.float32)
-        images[i] = rgb.transpose(2, 1, 0)  # (H, W, 3) -> MATLAB (3, W, H)
-        depths[i] = depth.T
-    labeled = folder / "nyu_depth_v2_labeled.mat"
-    with h5py.File(labeled, "w") as f:
-        f.create_dataset("images", data=images)
-        f.create_dataset("depths", data=depths)
-    splits = folder / "splits.mat"
-    savemat(splits, {"trainNdxs": np.array([[1], [2]]), "testNdxs": np.array([[3], [4]])})
-    return labeled, splits, images, depths
-
-
 @pytest.fixture(scope="module")
 def nyu_root(tmp_path_factory):
     folder = tmp_path_factory.mktemp("nyu")
-    labeled, splits, images, depths = write_synthetic_nyuv2(folder)
+    labeled, splits, images, depths = write_nyuv2_mat(folder)
     root = folder / "d2"
     prepare_main(["--labeled", str(labeled), "--splits", str(splits), "--root", str(root)])
     return root, images, depths

@@ -124,14 +124,14 @@ def test_a_few_training_iterations(coco, tmp_path):
 def test_optimizer_recipe(coco):
     import torch
 
-    from mask2former.optim import build_maskformer_optimizer
+    from expedit_d2.solver import build_optimizer
 
     tn = _train_net()
     args = default_argument_parser().parse_args(
         ["--config-file", str(ROOT / CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep.yaml"), *TINY])
     cfg = tn.setup(args)
     model = tn.Trainer.build_model(cfg)
-    opt = build_maskformer_optimizer(cfg, model)
+    opt = build_optimizer(cfg, model)
     assert isinstance(opt, torch.optim.AdamW) and "FullModelGradientClip" in type(opt).__name__
     by_param = {id(g["params"][0]): g for g in opt.param_groups}
     bb = model.backbone.layers[0].blocks[0]

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the dpt packag
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_setup  # noqa: E402
 
+from expedit_d2.solver import build_optimizer  # noqa: E402
 from expedit_d2.engine import build_cfg, launch_main, train_or_evaluate  # noqa: E402
 from dpt import DepthDatasetMapper, DepthEvaluator, DPTCheckpointer, add_dpt_config, register_nyuv2  # noqa: E402
 
@@ -27,6 +28,10 @@ class Trainer(DefaultTrainer):
         # same arguments as DefaultTrainer's, plus the official-DPT key map
         self.checkpointer = DPTCheckpointer(self._trainer.model, cfg.OUTPUT_DIR,
                                             trainer=self.checkpointer.checkpointables["trainer"])
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -53,10 +58,15 @@ def build_config(args):
     return cfg
 
 
+def register_datasets():
+    """The project's datasets under $DETECTRON2_DATASETS (idempotent, lazily loaded)."""
+    register_nyuv2()
+
+
 def setup(args):
     cfg = build_config(args)
     default_setup(cfg, args)
-    register_nyuv2()
+    register_datasets()
     return cfg
 
 

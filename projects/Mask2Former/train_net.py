@@ -22,7 +22,7 @@ from expedit_d2.evaluation import PanopticQualityEvaluator  # noqa: E402
 from mask2former import add_maskformer2_config  # noqa: E402
 from mask2former.data import register_all  # noqa: E402
 from mask2former.data.train_mapper import MaskFormerTrainMapper  # noqa: E402
-from mask2former.optim import build_maskformer_optimizer  # noqa: E402
+from expedit_d2.solver import build_optimizer  # noqa: E402
 
 
 class Trainer(DefaultTrainer):
@@ -50,7 +50,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        return build_maskformer_optimizer(cfg, model)
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -64,10 +64,15 @@ def build_config(args):
     return build_cfg(args, add_maskformer2_config)
 
 
+def register_datasets():
+    """The project's datasets under $DETECTRON2_DATASETS (idempotent, lazily loaded)."""
+    register_all()
+
+
 def setup(args):
     cfg = build_config(args)
     default_setup(cfg, args)
-    register_all()
+    register_datasets()
     return cfg
 
 

@@ -33,10 +33,11 @@ __all__ = ["register_coco_panoptic_with_sem_seg", "register_all", "panoptic_meta
 
 def panoptic_metadata(categories: list[dict]) -> dict:
     """Mask2Former's convention: one contiguous id space for all categories;
-    ``thing_dataset_id_to_contiguous_id`` holds the things of it."""
+    ``thing_dataset_id_to_contiguous_id`` holds the things of it, ``thing_classes`` their
+    names (the per-category table of COCOEvaluator's mask AP has one row per thing)."""
     all_map = {c["id"]: i for i, c in enumerate(categories)}
     return {
-        "thing_classes": [c["name"] for c in categories],
+        "thing_classes": [c["name"] for c in categories if c.get("isthing")],
         "stuff_classes": [c["name"] for c in categories],
         "thing_dataset_id_to_contiguous_id": {c["id"]: all_map[c["id"]] for c in categories if c.get("isthing")},
         "stuff_dataset_id_to_contiguous_id": all_map,

@@ -1,6 +1,8 @@
-"""Mask2Former's optimiser recipe: per-parameter groups (backbone lr x BACKBONE_MULTIPLIER,
-no weight decay on norms / embeddings / Swin position tables), SGD or AdamW, and gradient
-clipping of the whole model's norm (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: full_model``)."""
+"""The optimiser recipe the projects share (Mask2Former's): per-parameter groups (backbone
+lr x ``SOLVER.BACKBONE_MULTIPLIER``, no weight decay on norms / embeddings / position
+tables), ``SOLVER.OPTIMIZER`` SGD or AdamW, and gradient clipping of the whole model's norm
+(``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: full_model``) besides Detectron2's own clip types.
+:func:`add_solver_config` adds the keys (Detectron2-like defaults: SGD, multiplier 1)."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +10,7 @@ from torch import nn
 
 from detectron2.solver.build import maybe_add_gradient_clipping
 
-__all__ = ["build_maskformer_optimizer"]
+__all__ = ["add_solver_config", "build_optimizer"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
           nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LayerNorm, nn.LocalResponseNorm)
@@ -25,7 +27,7 @@ def _param_groups(cfg, model: nn.Module) -> list[dict]:
             lr, wd = s.BASE_LR, s.WEIGHT_DECAY
             if module_name.startswith("backbone"):
                 lr *= s.BACKBONE_MULTIPLIER
-            if "relative_position_bias_table" in name or "absolute_pos_embed" in name:
+            if name in ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "cls_token"):
                 wd = 0.0
             if isinstance(module, _NORMS):
                 wd = s.WEIGHT_DECAY_NORM
@@ -46,7 +48,14 @@ def _with_full_model_clipping(optim_cls, max_norm: float):
     return FullModelClipping
 
 
-def build_maskformer_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+def add_solver_config(cfg) -> None:
+    """``SOLVER.OPTIMIZER``, ``BACKBONE_MULTIPLIER``, ``WEIGHT_DECAY_EMBED`` (kept if present)."""
+    for key, value in (("OPTIMIZER", "SGD"), ("BACKBONE_MULTIPLIER", 1.0), ("WEIGHT_DECAY_EMBED", 0.0)):
+        if key not in cfg.SOLVER:
+            cfg.SOLVER[key] = value
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     s = cfg.SOLVER
     kind = s.OPTIMIZER.upper()
     if kind == "SGD":

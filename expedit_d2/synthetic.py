@@ -1,0 +1,186 @@
+"""Small synthetic datasets in the real on-disk formats (for the demo and the tests).
+
+* :func:`write_coco` -- ``coco/`` as COCO ships it: images, ``panoptic_{split}2017.json`` +
+  PNGs (things and stuff, void pixels), ``annotations/instances_{split}2017.json`` (boxes as
+  polygons, discs as RLE), with the 133 COCO panoptic categories, so Detectron2's and
+  Mask2Former's registrations read it under ``$DETECTRON2_DATASETS`` unchanged.
+* :func:`write_nyuv2_mat` -- ``nyu_depth_v2_labeled.mat`` (MATLAB v7.3 / HDF5, column-major)
+  and ``splits.mat`` (MATLAB v5), the two files ``datasets/prepare_nyuv2.py`` reads.
+
+Scenes are simple but learnable: a horizon splits sky from ground; boxes (person) and discs
+(car) sit on the ground. Depth grows towards the horizon and objects are nearer than the
+ground behind them; colours carry the depth, so a small model can learn it quickly.
+All content is a function of the seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["SCENE_CATEGORIES", "draw_scene", "write_coco", "write_nyuv2_mat"]
+
+# COCO panoptic ids of what the scenes contain
+SCENE_CATEGORIES = {"person": 1, "car": 3, "sky": 187, "grass": 193}
+
+
+def _atomic_bytes(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def draw_scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 3):
+    """One scene: (rgb uint8 HxWx3, depth float32 HxW metres, segments).
+
+    ``segments``: list of (name, kind, mask) with kind "stuff", "box" or "disc"; masks do
+    not overlap (later objects are drawn over earlier ones and clipped out of them)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    horizon = int(height * rng.uniform(0.3, 0.55))
+    sky = yy < horizon
+    # ground depth: 1 m at the bottom, 10 m at the horizon; sky at 10 m
+    t = np.clip((yy - horizon) / max(height - horizon, 1), 0, 1)
+    depth = np.where(sky, 10.0, 10.0 - 9.0 * t).astype(np.float32)
+    rgb = np.zeros((height, width, 3), np.float32)
+    rgb[sky] = (90, 140, 230)
+    rgb[~sky] = np.stack([40 + 10 * depth, 150 - 8 * depth, 40 + 4 * depth], -1)[~sky]
+    labels = np.zeros((height, width), np.int64)  # 0 void, 1 sky, 2 ground, 3.. objects
+    labels[sky] = 1
+    labels[~sky] = 2
+    labels[horizon - 1:horizon + 1, : width // 8] = 0  # a little void on the horizon
+    objects = []
+    for k in range(int(rng.integers(1, max_objects + 1))):
+        kind = "box" if rng.random() < 0.5 else "disc"
+        h = int(rng.uniform(0.15, 0.35) * height)
+        w = int(rng.uniform(0.1, 0.25) * width)
+        base = int(rng.uniform(horizon + h * 0.5, height))  # stands on the ground
+        x0 = int(rng.uniform(0, width - w))
+        y0 = max(base - h, 0)
+        if kind == "box":
+            m = (yy >= y0) & (yy < base) & (xx >= x0) & (xx < x0 + w)
+            colour = (200, 60, 50)
+        else:
+            cy, cx = (y0 + base) / 2, x0 + w / 2
+            m = ((yy - cy) / (h / 2)) ** 2 + ((xx - cx) / (w / 2)) ** 2 <= 1
+            colour = (230, 200, 40)
+        d = 10.0 - 9.0 * float(np.clip((base - horizon) / max(height - horizon, 1), 0, 1))
+        depth[m] = d
+        rgb[m] = np.array(colour, np.float32) * (1.1 - 0.05 * d)
+        labels[m] = 3 + k
+        objects.append(("person" if kind == "box" else "car", kind))
+    rgb += rng.normal(0, 6, rgb.shape)
+    segments = [("sky", "stuff", labels == 1), ("grass", "stuff", labels == 2)]
+    segments += [(name, kind, labels == 3 + k) for k, (name, kind) in enumerate(objects)]
+    segments = [s for s in segments if s[2].any()]
+    return np.clip(rgb, 0, 255).astype(np.uint8), depth, segments
+
+
+def _bbox(mask):
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def write_coco(root, splits: dict[str, int], height: int = 128, width: int = 192, seed: int = 0) -> Path:
+    """Write ``root/coco`` (see module doc) with ``splits`` = {"train": n, "val": n} images.
+    Also writes the semantic PNGs Mask2Former derives (``panoptic_semseg_*``). Idempotent:
+    a split whose JSONs exist is kept. Returns the ``coco`` folder."""
+    import pycocotools.mask as mask_util
+
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    from .evaluation.panoptic import id2rgb
+
+    coco = Path(root) / "coco"
+    categories = [{k: c[k] for k in ("id", "name", "isthing", "color")} for c in COCO_CATEGORIES]
+    contiguous = {c["id"]: i for i, c in enumerate(categories)}
+    for s, (split, n) in enumerate(sorted(splits.items())):
+        pan_json = coco / f"panoptic_{split}2017.json"
+        inst_json = coco / "annotations" / f"instances_{split}2017.json"
+        if pan_json.exists() and inst_json.exists():
+            continue
+        rng = np.random.default_rng(seed * 1000 + s)
+        dirs = {d: coco / d for d in (f"{split}2017", f"panoptic_{split}2017", f"panoptic_semseg_{split}2017",
+                                      "annotations")}
+        for d in dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
+        images, pan_anns, inst_anns = [], [], []
+        for i in range(1, n + 1):
+            rgb, _, segments = draw_scene(rng, height, width)
+            name = f"{i:012d}.png"
+            ids = np.zeros((height, width), np.int64)
+            sem = np.full((height, width), 255, np.uint8)
+            infos = []
+            for k, (cat_name, kind, mask) in enumerate(segments):
+                cat = SCENE_CATEGORIES[cat_name]
+                seg_id = cat * 1000 + k + 1
+                ids[mask] = seg_id
+                sem[mask] = contiguous[cat]
+                infos.append({"id": seg_id, "category_id": cat, "iscrowd": 0, "area": int(mask.sum()),
+                              "bbox": _bbox(mask)})
+                if kind == "box":
+                    x, y, w, h = _bbox(mask)
+                    seg = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+                elif kind == "disc":
+                    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+                    seg = {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+                else:
+                    continue
+                inst_anns.append({"id": len(inst_anns) + 1, "image_id": i, "category_id": cat, "iscrowd": 0,
+                                  "area": float(mask.sum()), "bbox": _bbox(mask), "segmentation": seg})
+            _atomic_bytes(dirs[f"{split}2017"] / name, lambda p: Image.fromarray(rgb).save(p, format="PNG"))
+            _atomic_bytes(dirs[f"panoptic_{split}2017"] / name,
+                          lambda p: Image.fromarray(id2rgb(ids)).save(p, format="PNG"))
+            _atomic_bytes(dirs[f"panoptic_semseg_{split}2017"] / name,
+                          lambda p: Image.fromarray(sem).save(p, format="PNG"))
+            images.append({"id": i, "file_name": name, "height": height, "width": width})
+            pan_anns.append({"image_id": i, "file_name": name, "segments_info": infos})
+        _atomic_bytes(inst_json, lambda p: p.write_text(json.dumps({
+            "images": images, "annotations": inst_anns,
+            "categories": [c for c in categories if c["isthing"]]})))
+        _atomic_bytes(pan_json, lambda p: p.write_text(json.dumps({
+            "images": images, "annotations": pan_anns, "categories": categories})))
+    return coco
+
+
+def write_nyuv2_mat(folder, n: int = 4, n_test: int = 2, seed: int = 0, scenes: bool = False):
+    """``nyu_depth_v2_labeled.mat`` and ``splits.mat`` with ``n`` 480x640 images, the last
+    ``n_test`` of them in the test split. ``scenes``: :func:`draw_scene` content (learnable);
+    otherwise smooth gradients. Returns (labeled path, splits path, images, depths) with the
+    arrays in MATLAB's layout ((n, 3, 640, 480), (n, 640, 480))."""
+    import h5py
+    from scipy.io import savemat
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:480, 0:640]
+    images = np.zeros((n, 3, 640, 480), dtype=np.uint8)
+    depths = np.zeros((n, 640, 480), dtype=np.float32)
+    for i in range(n):
+        if scenes:
+            rgb, depth, _ = draw_scene(rng, 480, 640)
+        else:
+            rgb = np.stack([(xx + 40 * i) % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+            depth = (1.0 + 3.0 * xx / 640 + 0.5 * i + 0.01 * rng.standard_normal((480, 640))).astype(np.float32)
+        images[i] = rgb.transpose(2, 1, 0)  # (H, W, 3) -> MATLAB (3, W, H)
+        depths[i] = depth.T
+    labeled = folder / "nyu_depth_v2_labeled.mat"
+
+    def write_h5(path):
+        with h5py.File(path, "w") as f:
+            f.create_dataset("images", data=images)
+            f.create_dataset("depths", data=depths)
+
+    _atomic_bytes(labeled, write_h5)
+    splits = folder / "splits.mat"
+    idx = np.arange(1, n + 1).reshape(-1, 1)
+
+    def write_splits(path):
+        with open(path, "wb") as f:  # a handle: savemat would append ".mat" to the name
+            savemat(f, {"trainNdxs": idx[: n - n_test], "testNdxs": idx[n - n_test:]})
+
+    _atomic_bytes(splits, write_splits)
+    return labeled, splits, images, depths

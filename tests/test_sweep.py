@@ -1,0 +1,183 @@
+"""The shared sweep on synthetic COCO panoptic data (real formats, real evaluators): outputs,
+resume after a kill, shards that merge to the unsharded table, validation before evaluation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from detectron2.engine import default_argument_parser
+from expedit_d2.engine import load_project
+from expedit_d2.sweep import SweepError, SweepSpec, expand_points, merge, read_rows, run_sweep, write_report
+from expedit_d2.synthetic import write_coco
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "projects/Mask2Former/configs/demo/tiny_swin_coco_panoptic.yaml")
+SMALL = ["MODEL.DEVICE", "cpu", "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.SWIN.EMBED_DIM", "16",
+         "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "MODEL.SEM_SEG_HEAD.MASK_DIM", "32",
+         "MODEL.MASK_FORMER.HIDDEN_DIM", "32", "MODEL.MASK_FORMER.DEC_LAYERS", "3",
+         "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.0", "MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD", "0.0",
+         "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "MODEL.EXPEDIT.WINDOW", "3",
+         "MODEL.EXPEDIT.RECON_K", "4"]
+GRID = {"MODEL.EXPEDIT.CLUSTERING_LOCATION": [4, 6], "MODEL.EXPEDIT.NUM_CLUSTERS": [[3, 3]]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Synthetic COCO under a DETECTRON2_DATASETS of its own, and fixed random weights."""
+    root = tmp_path_factory.mktemp("d2data")
+    write_coco(root, {"train": 2, "val": 2}, height=64, width=96)
+    old = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = str(root)  # the evaluation subprocesses read it
+    project = load_project(ROOT / "projects/Mask2Former")
+    cfg = project.build_config(default_argument_parser().parse_args(["--config-file", CONFIG, *SMALL]))
+    project.register_datasets()
+    torch.manual_seed(0)
+    model = project.Trainer.build_model(cfg)
+    weights = root / "tiny.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    yield root, str(weights)
+    if old is None:
+        del os.environ["DETECTRON2_DATASETS"]
+    else:
+        os.environ["DETECTRON2_DATASETS"] = old
+
+
+def spec(weights, **kw):
+    args = dict(config_file=CONFIG, input_size=(64, 96), grid=GRID, opts=SMALL + ["MODEL.WEIGHTS", weights],
+                repeats=1, warmup=0, memory=False)
+    args.update(kw)
+    return SweepSpec(**args)
+
+
+STABLE = ("point_id", "label", "baseline", "overrides", "metric", "metric_value", "metrics",
+          "backbone_gflops", "model_gflops")
+
+
+def stable(rows):
+    return [{k: r[k] for k in STABLE} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def unsharded(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    rows = run_sweep(spec(data[1], memory=True), out, show_progress=False)
+    return out, rows, data[1]
+
+
+def test_sweep_writes_every_output(unsharded):
+    out, rows, weights = unsharded
+    assert [r["label"] for r in rows] == ["baseline", "a4_3x3", "a6_3x3"]
+    base = rows[0]
+    assert base["metric"] == "panoptic_seg/PQ" and base["speedup_vs_baseline"] == 1.0
+    assert {"panoptic_seg/PQ", "sem_seg/mIoU", "segm/AP"} <= set(base["metrics"])  # panoptic + instance
+    for r in rows:
+        assert 0 <= r["metric_value"] <= 100 and r["latency_ms"] > 0 and r["fps"] > 0
+        assert r["peak_memory_mb"] is not None and r["peak_memory_mb"] > 0
+        assert r["input_size"] == [64, 96] and r["versions"]["torch"] == torch.__version__
+    # blocks after the clustering run on 3x3 clusters instead of padded 7x7 windows
+    assert max(rows[1]["backbone_gflops"], rows[2]["backbone_gflops"]) < base["backbone_gflops"]
+    assert rows[1]["overrides"] == {"MODEL.EXPEDIT.CLUSTERING_LOCATION": 4, "MODEL.EXPEDIT.NUM_CLUSTERS": [3, 3]}
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert [json.loads(x)["point_id"] for x in lines] == [r["point_id"] for r in rows]
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("order,point_id,label")
+    table = (out / "table.md").read_text()
+    assert "| a4_3x3 |" in table and "panoptic_seg/PQ" in table
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "points" / "baseline" / "eval_results.json").exists()
+    # a rerun finds every point done
+    assert run_sweep(spec(weights, memory=True), out, show_progress=False) == []
+
+
+def test_budget_and_report(unsharded):
+    out, rows, _ = unsharded
+    lo = min(r["backbone_gflops"] for r in rows)
+    _, best = write_report(out, budget_gflops=lo + 1e-9)
+    assert best["backbone_gflops"] == lo
+    _, none = write_report(out, budget_gflops=lo / 2)
+    assert none is None and "none fits" in (out / "table.md").read_text()
+
+
+def test_shards_merge_to_the_unsharded_table(data, unsharded, tmp_path):
+    for i in range(2):
+        run_sweep(spec(data[1]), tmp_path, shard=(i, 2), show_progress=False)
+    assert sorted(p.name for p in tmp_path.glob("results*.jsonl")) == [
+        "results.shard-0-of-2.jsonl", "results.shard-1-of-2.jsonl"]
+    merged = merge(tmp_path)
+    assert stable(merged) == stable(read_rows(unsharded[0]))
+    assert stable(read_rows(tmp_path)) == stable(merged)  # merged file + shards: no duplicates
+
+
+def test_killed_sweep_resumes_without_redoing_points(data, tmp_path):
+    weights = data[1]
+    cmd = [sys.executable, "-m", "expedit_d2.sweep", "--config-file", CONFIG, "--input-size", "64", "96",
+           "--output-dir", str(tmp_path), "--repeats", "1", "--warmup", "0", "--no-memory",
+           "--grid", "MODEL.EXPEDIT.CLUSTERING_LOCATION=[4, 6]", "--grid", "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3]]",
+           *SMALL, "MODEL.WEIGHTS", weights]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    results = tmp_path / "results.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and len(results.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its evaluation subprocess
+    proc.wait()
+    first = read_rows(tmp_path)
+    assert 1 <= len(first) < 3
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_rows(tmp_path)
+    assert [r["label"] for r in rows] == ["baseline", "a4_3x3", "a6_3x3"]
+    assert [json.loads(x)["point_id"] for x in results.read_text().splitlines()] == [r["point_id"] for r in rows]
+    assert rows[: len(first)] == first  # finished points were not redone
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"MODEL.EXPEDIT.NOT_A_KEY": [1]}, "MODEL.EXPEDIT.NOT_A_KEY"),
+    ({"MODEL.EXPEDIT.CLUSTERING_LOCATION": [4, 99], "MODEL.EXPEDIT.NUM_CLUSTERS": [[3, 3]]},
+     "CLUSTERING_LOCATION=99"),
+    ({"MODEL.EXPEDIT.CLUSTERING_LOCATION": [4], "MODEL.EXPEDIT.NUM_CLUSTERS": [[3, 3], [9, 9]]},
+     r"NUM_CLUSTERS=\[9, 9\]"),
+    ({"MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS": [10]}, "NUM_SPIXELS=10"),
+])
+def test_bad_grid_values_fail_before_any_evaluation(data, tmp_path, grid, message):
+    with pytest.raises(SweepError, match=message):
+        run_sweep(spec(data[1], grid=grid), tmp_path, show_progress=False)
+    assert not (tmp_path / "points").exists() and not list(tmp_path.glob("results*"))
+
+
+def test_cluster_grid_larger_than_the_token_grid_is_named(tmp_path):
+    """DPT/ViT: 480x640 gives a 30x40 token grid; 32x32 clusters do not fit in 30 rows."""
+    s = SweepSpec(config_file=str(ROOT / "projects/DPT/configs/demo/tiny_vit_nyuv2.yaml"), input_size=(480, 640),
+                  grid={"MODEL.EXPEDIT.CLUSTERING_LOCATION": [1], "MODEL.EXPEDIT.NUM_CLUSTERS": [[16, 16], [32, 32]]},
+                  opts=["MODEL.DEVICE", "cpu"])
+    with pytest.raises(SweepError, match=r"NUM_CLUSTERS=\[32, 32\] is larger than this input's token grid \[30, 40\]"):
+        run_sweep(s, tmp_path, show_progress=False)
+    assert not (tmp_path / "points").exists()
+
+
+def test_points_and_aliases():
+    s = SweepSpec(config_file=CONFIG, input_size=(64, 96),
+                  grid={"MODEL.SWIN.CLUSTERING_LOCATION": [4], "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS": [16, 9]},
+                  points=[{"MODEL.EXPEDIT.CLUSTERING_LOCATION": 4, "MODEL.EXPEDIT.NUM_CLUSTERS": [4, 4]}])
+    points = expand_points(s)
+    assert [p.label for p in points] == ["baseline", "a4_4x4", "a4_3x3"]  # the explicit point is a duplicate
+    assert s.project == str(ROOT / "projects/Mask2Former")
+    with pytest.raises(SweepError, match="input_size"):
+        SweepSpec(config_file=CONFIG, input_size=(64,))
+    with pytest.raises(SweepError, match="config file not found"):
+        SweepSpec(config_file="nope.yaml", input_size=(64, 96))
+
+
+def test_output_dir_of_another_sweep_is_refused(data, unsharded):
+    with pytest.raises(SweepError, match="different sweep"):
+        run_sweep(spec(data[1], input_size=(96, 96)), unsharded[0], show_progress=False)

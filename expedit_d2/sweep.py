@@ -112,6 +112,7 @@ class SweepSpec:
         if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
             raise SweepError(f"input_size must be [H, W] of positive ints, got {self.input_size!r}")
         self.input_size = (size[0], size[1])
+        self.opts = [str(o) for o in self.opts]  # YAML numbers -> command-line strings
         if len(self.opts) % 2:
             raise SweepError(f"opts must be KEY VALUE pairs, got an odd list: {self.opts}")
         for key, values in self.grid.items():

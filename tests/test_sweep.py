@@ -181,3 +181,22 @@ def test_points_and_aliases():
 def test_output_dir_of_another_sweep_is_refused(data, unsharded):
     with pytest.raises(SweepError, match="different sweep"):
         run_sweep(spec(data[1], input_size=(96, 96)), unsharded[0], show_progress=False)
+
+
+@pytest.mark.parametrize("sweep_file", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs/sweeps").glob("*.yaml")))
+def test_shipped_sweep_files_validate(sweep_file, monkeypatch):
+    """Every point of every shipped sweep file builds and fits its input (meta device)."""
+    from expedit_d2.sweep import load_sweep_file, validate_points
+
+    monkeypatch.chdir(ROOT)
+    s = SweepSpec(**load_sweep_file(sweep_file))
+    points = expand_points(s)
+    assert points[0].baseline and len(points) >= 5
+    cfgs = validate_points(load_project(s.project), s, points)
+    base_cfg = cfgs["baseline"][0]
+    name = base_cfg.MODEL.BACKBONE.NAME
+    assert name != "D2HourglassSwinTransformer" and not (name == "ExpeditBackbone" and base_cfg.MODEL.EXPEDIT.ENABLED)
+    for p in points[1:]:
+        cfg = cfgs[p.id][0]
+        assert cfg.MODEL.BACKBONE.NAME == "ExpeditBackbone" and cfg.MODEL.EXPEDIT.ENABLED
+        assert cfg.MODEL.EXPEDIT.CLUSTERING_LOCATION == dict(p.overrides)["MODEL.EXPEDIT.CLUSTERING_LOCATION"]

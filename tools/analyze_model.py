@@ -26,6 +26,7 @@ from detectron2.utils.analysis import parameter_count_table
 from detectron2.utils.logger import setup_logger
 
 from expedit_d2 import add_expedit_config
+from expedit_d2.engine import load_project
 from expedit_d2.flops import gflops
 
 
@@ -39,6 +40,8 @@ def setup(args):
         for name in dir(pkg):  # the project's add_*_config functions
             if name.startswith("add_") and name.endswith("_config") and name != "add_expedit_config":
                 getattr(pkg, name)(cfg)
+        if (path / "train_net.py").is_file():  # its datasets: models read their metadata
+            load_project(path).register_datasets()
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)

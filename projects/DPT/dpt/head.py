@@ -127,6 +127,11 @@ class DPTScratch(nn.Module):
             nn.Conv2d(32, 1, 1),
             nn.ReLU() if non_negative else nn.Identity(),
         )
+        if non_negative:
+            # from-scratch training only (checkpoints overwrite it): with the default bias
+            # about half of all initialisations output 0 everywhere, where the ReLU passes
+            # no gradient and training never starts
+            nn.init.constant_(self.output_conv[4].bias, 1.0)
 
     def forward(self, maps):
         rn = [getattr(self, f"layer{i + 1}_rn")(m) for i, m in enumerate(maps)]

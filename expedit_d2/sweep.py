@@ -400,7 +400,8 @@ def table_markdown(rows: list[dict], budget=None) -> str:
     metric = rows[0]["metric"]
     lines = [f"Sweep of `{rows[0]['config_file']}` at input {rows[0]['input_size'][0]}x"
              f"{rows[0]['input_size'][1]} on {rows[0]['device']} ({len(rows)} points; GFLOPs: "
-             "fvcore, one image; latency: median, batch 1; deltas vs. the baseline)", "",
+             "fvcore, one image; latency: median, batch 1; speed-up: baseline time / point time, the two "
+             "timed interleaved in one run, so machine drift cancels; deltas vs. the baseline)", "",
              f"| point | backbone GFLOPs | model GFLOPs | latency ms | FPS | speed-up | peak MB | "
              f"{metric} | delta |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -634,7 +635,7 @@ def run_sweep(spec: SweepSpec, out_dir, shard=None, num_gpus: int = 1, show_prog
         model = _load_model(project, cfg) if not point.baseline or baseline_model is None else baseline_model
         image = _image(cfg, (H, W))
         flops = gflops(model, image)
-        latency = speedup = None
+        latency = speedup = base_latency = None
         if spec.timing:
             inputs = [{"image": image, "height": H, "width": W}]
 
@@ -647,7 +648,8 @@ def run_sweep(spec: SweepSpec, out_dir, shard=None, num_gpus: int = 1, show_prog
                 fns["baseline"] = lambda: run(baseline_model)
             times = time_interleaved(fns, device, spec.repeats, spec.warmup)
             latency = times["point"]
-            speedup = times.get("baseline", latency) / latency
+            base_latency = times.get("baseline", latency)
+            speedup = base_latency / latency
         if model is not baseline_model:
             del model
         peak = measure_memory(spec, opts, device, project, cfg) if spec.memory else None
@@ -659,6 +661,7 @@ def run_sweep(spec: SweepSpec, out_dir, shard=None, num_gpus: int = 1, show_prog
             "input_size": list(spec.input_size), "padded_input": list(flops["padded"]),
             "latency_ms": None if latency is None else 1e3 * latency,
             "fps": None if latency is None else 1.0 / latency, "speedup_vs_baseline": speedup,
+            "baseline_latency_ms_same_run": None if base_latency is None else 1e3 * base_latency,
             "peak_memory_mb": peak, "device": _device_name(device), "num_gpus": num_gpus,
             "versions": _versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": time.time() - t0, "config_file": spec.config_file, "fingerprint": spec.fingerprint(),

@@ -200,3 +200,14 @@ def test_shipped_sweep_files_validate(sweep_file, monkeypatch):
         cfg = cfgs[p.id][0]
         assert cfg.MODEL.BACKBONE.NAME == "ExpeditBackbone" and cfg.MODEL.EXPEDIT.ENABLED
         assert cfg.MODEL.EXPEDIT.CLUSTERING_LOCATION == dict(p.overrides)["MODEL.EXPEDIT.CLUSTERING_LOCATION"]
+
+
+def test_command_line_errors_exit_2_naming_the_value(tmp_path):
+    base = [sys.executable, "-m", "expedit_d2.sweep", "--output-dir", str(tmp_path)]
+    out = subprocess.run(base + ["--config-file", "nope.yaml", "--input-size", "8", "8"], capture_output=True, text=True)
+    assert out.returncode == 2 and "config file not found: nope.yaml" in out.stderr
+    out = subprocess.run(base + ["--config-file", CONFIG, "--input-size", "8", "8", "--grid", "MODEL.EXPEDIT.WINDOW=3"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--grid 'MODEL.EXPEDIT.WINDOW=3': the values must be a list" in out.stderr
+    out = subprocess.run(base + ["--merge"], capture_output=True, text=True)
+    assert out.returncode == 2 and "no results*.jsonl rows" in out.stderr

@@ -42,7 +42,8 @@ import pycocotools.mask as mask_util
 from PIL import Image
 from tqdm import tqdm
 
-from expedit_d2.evaluation.panoptic import id2rgb
+from expedit_d2.evaluation.panoptic import id2rgb, mask_bbox
+from expedit_d2.fileio import atomic_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "Mask2Former"))
 from mask2former.data.ade20k_categories import ADE20K_150_CATEGORIES  # noqa: E402
@@ -72,11 +73,6 @@ def read_catid_mapping(path: Path) -> dict[int, int]:
     return mapping
 
 
-def _bbox(mask: np.ndarray) -> list[int]:
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-
-
 def convert_image(semantic: np.ndarray, instance: np.ndarray, mapping: dict[int, int], name: str):
     """One image -> (panoptic id map, panoptic segments_info, instance annotations without ids).
 
@@ -84,12 +80,11 @@ def convert_image(semantic: np.ndarray, instance: np.ndarray, mapping: dict[int,
     if instance.ndim != 3 or instance.shape[:2] != semantic.shape:
         raise ValueError(f"{name}: instance PNG of shape {instance.shape} does not match the "
                          f"semantic PNG of shape {semantic.shape} (expected HxWx3 with the same HxW)")
-    categories = {c["id"]: c for c in ADE20K_150_CATEGORIES}
     pan = np.zeros(semantic.shape, dtype=np.int64)
     segments, instances = [], []
     for label in np.unique(semantic):
         cat = int(label) - 1
-        if label == 0 or categories[cat]["isthing"]:
+        if label == 0 or ADE20K_150_CATEGORIES[cat]["isthing"]:  # the list is indexed by id
             continue
         mask = semantic == label
         pan[mask] = len(segments) + 1
@@ -106,21 +101,15 @@ def convert_image(semantic: np.ndarray, instance: np.ndarray, mapping: dict[int,
         pan[mask] = len(segments) + 1
         segments.append({"id": len(segments) + 1, "category_id": cat, "iscrowd": 0})
         rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-        instances.append({"category_id": cat, "iscrowd": 0, "bbox": _bbox(mask),
+        instances.append({"category_id": cat, "iscrowd": 0, "bbox": mask_bbox(mask),
                           "area": int(mask_util.area(rle)), "segmentation":
                           {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}})
     kept = []
     for s in segments:  # instances may cover a stuff segment entirely
         mask = pan == s["id"]
         if mask.any():
-            kept.append(dict(s, area=int(mask.sum()), bbox=_bbox(mask)))
+            kept.append(dict(s, area=int(mask.sum()), bbox=mask_bbox(mask)))
     return pan, kept, instances
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def convert_split(root: Path, split: str, folder: str, mapping: dict[int, int]) -> int:
@@ -157,9 +146,7 @@ def convert_split(root: Path, split: str, folder: str, mapping: dict[int, int]) 
                                  f"{height}x{width}")
             pan, segments, instances = convert_image(semantic, instance, mapping, stem)
             target = pan_dir / f"{stem}.png"
-            tmp = target.with_name(target.name + ".tmp")
-            Image.fromarray(id2rgb(pan)).save(tmp, format="PNG")
-            os.replace(tmp, target)
+            atomic_write(target, lambda p: Image.fromarray(id2rgb(pan)).save(p, format="PNG"))
             rec = {"image": {"id": stem, "file_name": f.name, "width": width, "height": height},
                    "segments_info": segments, "instances": instances}
             log.write(json.dumps(rec) + "\n")
@@ -167,17 +154,17 @@ def convert_split(root: Path, split: str, folder: str, mapping: dict[int, int]) 
             done[stem] = rec
     recs = [done[f.stem] for f in files]
     categories = [dict(c) for c in ADE20K_150_CATEGORIES]
-    _write_json(root / f"ade20k_panoptic_{split}.json", {
+    atomic_write(root / f"ade20k_panoptic_{split}.json", json.dumps({
         "images": [r["image"] for r in recs], "categories": categories,
         "annotations": [{"image_id": r["image"]["id"], "file_name": r["image"]["id"] + ".png",
-                         "segments_info": r["segments_info"]} for r in recs]})
+                         "segments_info": r["segments_info"]} for r in recs]}))
     annotations = []
     for r in recs:
         for a in r["instances"]:
             annotations.append(dict(a, id=len(annotations) + 1, image_id=r["image"]["id"]))
-    _write_json(root / f"ade20k_instance_{split}.json", {
+    atomic_write(root / f"ade20k_instance_{split}.json", json.dumps({
         "images": [r["image"] for r in recs], "annotations": annotations,
-        "categories": [{"id": c["id"], "name": c["name"]} for c in categories if c["isthing"]]})
+        "categories": [{"id": c["id"], "name": c["name"]} for c in categories if c["isthing"]]}))
     partial.unlink()
     return len(recs)
 

@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from expedit_d2.fileio import atomic_write
+
 
 def convert_label(label: np.ndarray) -> np.ndarray:
     """0 -> 255, k -> k - 1 (uint8)."""
@@ -38,9 +40,8 @@ def convert_split(root: Path, split: str) -> int:
         target = dst / f.name
         if target.exists():
             continue
-        tmp = target.with_name(target.name + ".tmp")
-        Image.fromarray(convert_label(np.asarray(Image.open(f)))).save(tmp, format="PNG")
-        os.replace(tmp, target)
+        label = convert_label(np.asarray(Image.open(f)))
+        atomic_write(target, lambda p: Image.fromarray(label).save(p, format="PNG"))
     return len(files)
 
 

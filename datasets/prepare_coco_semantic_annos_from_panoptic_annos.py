@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from expedit_d2.evaluation.panoptic import rgb2id
+from expedit_d2.fileio import atomic_write
 
 
 def convert(panoptic_json: Path, panoptic_root: Path, out: Path) -> int:
@@ -45,9 +46,7 @@ def convert(panoptic_json: Path, panoptic_root: Path, out: Path) -> int:
         sem = np.full(ids.shape, 255, dtype=np.uint8)
         for seg in ann["segments_info"]:
             sem[ids == seg["id"]] = contiguous[seg["category_id"]]
-        tmp = target.with_name(target.name + ".tmp")
-        Image.fromarray(sem).save(tmp, format="PNG")
-        os.replace(tmp, target)
+        atomic_write(target, lambda p: Image.fromarray(sem).save(p, format="PNG"))
         done += 1
     return done
 

@@ -29,16 +29,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from expedit_d2.fileio import atomic_write
+
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as fh:  # a handle: np.save(path) would append ".npy"
         np.save(fh, array)
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def read_splits(path: Path) -> dict[str, np.ndarray]:
@@ -84,12 +80,12 @@ def prepare(labeled: Path, splits_file: Path, root: Path) -> dict[str, int]:
                     # HDF5 holds MATLAB's column-major arrays: (3, W, H) and (W, H)
                     rgb = np.ascontiguousarray(np.asarray(images[idx - 1]).transpose(2, 1, 0))
                     depth = np.ascontiguousarray(np.asarray(depths[idx - 1], dtype=np.float32).T)
-                    _atomic(rgb_path, lambda p: Image.fromarray(rgb).save(p, format="PNG"))
-                    _atomic(depth_path, lambda p: _save_npy(p, depth))
+                    atomic_write(rgb_path, lambda p: Image.fromarray(rgb).save(p, format="PNG"))
+                    atomic_write(depth_path, lambda p: _save_npy(p, depth))
                 records.append({"image_id": int(idx), "file_name": f"{split}/rgb/{name}.png",
                                 "depth_file_name": f"{split}/depth/{name}.npy"})
             index = out_root / f"{split}.json"
-            _atomic(index, lambda p: p.write_text(json.dumps(records)))
+            atomic_write(index, json.dumps(records))
             counts[split] = len(records)
     return counts
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+
+from .fileio import atomic_write
 
 __all__ = ["build_cfg", "train_or_evaluate", "launch_main", "load_project",
            "EVAL_RESULTS"]
@@ -43,13 +44,6 @@ def build_cfg(args, *add_config_fns):
     return cfg
 
 
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def train_or_evaluate(cfg, args, trainer_cls, checkpointer_cls=DetectionCheckpointer):
     """``--eval-only``: load ``MODEL.WEIGHTS`` with ``checkpointer_cls``, run the trainer's
     evaluators and write ``OUTPUT_DIR/eval_results.json``; otherwise train (resuming with
@@ -59,7 +53,8 @@ def train_or_evaluate(cfg, args, trainer_cls, checkpointer_cls=DetectionCheckpoi
         checkpointer_cls(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = trainer_cls.test(cfg, model)
         if comm.is_main_process() and cfg.OUTPUT_DIR:
-            _write_json(Path(cfg.OUTPUT_DIR) / EVAL_RESULTS, res)
+            Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+            atomic_write(Path(cfg.OUTPUT_DIR) / EVAL_RESULTS, json.dumps(res, indent=2))
         verify_results(cfg, res)
         return res
     trainer = trainer_cls(cfg)

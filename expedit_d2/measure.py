@@ -94,10 +94,9 @@ def write_report(output: Path, table: str, data) -> None:
     temporary name and renamed, so a reader never sees half a file."""
     import json
 
+    from .fileio import atomic_write
+
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".md", table), (".json", json.dumps(data, indent=2))):
-        path = output.with_suffix(suffix)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(output.with_suffix(suffix), text)

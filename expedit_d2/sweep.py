@@ -58,6 +58,8 @@ import yaml
 from detectron2.engine import default_argument_parser
 from detectron2.utils.logger import setup_logger
 
+from .fileio import atomic_write
+
 __all__ = ["SweepSpec", "Point", "SweepError", "expand_points", "point_opts", "validate_points",
            "run_sweep", "read_rows", "merge", "write_report", "best_within_budget", "main", "cli"]
 
@@ -297,12 +299,6 @@ def _results_name(shard) -> str:
     return RESULTS if shard is None else f"{RESULTS}.shard-{shard[0]}-of-{shard[1]}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def read_rows(out_dir: Path) -> list[dict]:
     """Rows of every results*.jsonl under ``out_dir``, one per point (merged shards)."""
     rows = {}
@@ -336,8 +332,8 @@ def append_row(out_dir: Path, shard, row: dict) -> None:
     jsonl = Path(out_dir) / f"{name}.jsonl"
     rows = [json.loads(x) for x in jsonl.read_text().splitlines() if x.strip()] if jsonl.exists() else []
     rows = [r for r in rows if r["point_id"] != row["point_id"]] + [row]
-    _atomic_write(jsonl, "".join(json.dumps(r) + "\n" for r in rows))
-    _atomic_write(Path(out_dir) / f"{name}.csv", _csv_text(rows))
+    atomic_write(jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write(Path(out_dir) / f"{name}.csv", _csv_text(rows))
 
 
 def merge(out_dir) -> list[dict]:
@@ -349,8 +345,8 @@ def merge(out_dir) -> list[dict]:
     prints = {r["fingerprint"] for r in rows}
     if len(prints) > 1:
         raise SweepError(f"{out_dir} mixes rows of different sweeps (fingerprints {sorted(prints)})")
-    _atomic_write(out_dir / f"{RESULTS}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    _atomic_write(out_dir / f"{RESULTS}.csv", _csv_text(rows))
+    atomic_write(out_dir / f"{RESULTS}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write(out_dir / f"{RESULTS}.csv", _csv_text(rows))
     return rows
 
 
@@ -455,10 +451,8 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
                  f"(input {rows[0]['input_size'][0]}x{rows[0]['input_size'][1]}, {rows[0]['device']})",
                  fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(out_dir, budget_gflops=None, budget_ms=None) -> tuple[list[dict], dict | None]:
@@ -473,7 +467,7 @@ def write_report(out_dir, budget_gflops=None, budget_ms=None) -> tuple[list[dict
         what = " and ".join(s for s in (budget_gflops is not None and f"{budget_gflops} backbone GFLOPs",
                                         budget_ms is not None and f"{budget_ms} ms") if s)
         budget = (what, best_within_budget(rows, budget_gflops, budget_ms))
-    _atomic_write(out_dir / "table.md", table_markdown(rows, budget))
+    atomic_write(out_dir / "table.md", table_markdown(rows, budget))
     plot_pareto(rows, out_dir / "pareto.png")
     return rows, None if budget is None else budget[1]
 
@@ -537,40 +531,38 @@ def evaluate_point(project_dir, spec: SweepSpec, opts: list[str], point_dir: Pat
     return json.loads(result.read_text())
 
 
+def _forward_peak_bytes(model, cfg, size) -> int | None:
+    """Peak extra bytes of one batch-1 forward on the sweep's image of ``size``."""
+    from .measure import peak_memory
+
+    inputs = [{"image": _image(cfg, size), "height": size[0], "width": size[1]}]
+    with torch.inference_mode():
+        model(inputs)  # warm-up: lazily built buffers are not the forward's peak
+        return peak_memory(lambda: model(inputs), cfg.MODEL.DEVICE)
+
+
 def memory_child(argv) -> None:
     """``python -m expedit_d2.sweep --memory-child JSON``: peak extra bytes of one forward."""
     from .engine import load_project
-    from .measure import peak_memory
 
     job = json.loads(argv)
     spec = SweepSpec(**job["spec"])
     project = load_project(spec.project)
     project.register_datasets()
     cfg = project.build_config(_args(spec, job["opts"]))
-    model = _load_model(project, cfg)
-    H, W = spec.input_size
-    inputs = [{"image": _image(cfg, (H, W)), "height": H, "width": W}]
-    with torch.inference_mode():
-        model(inputs)  # warm-up: lazily built buffers are not the forward's peak
-        peak = peak_memory(lambda: model(inputs), cfg.MODEL.DEVICE)
-    print(json.dumps(peak))
+    print(json.dumps(_forward_peak_bytes(_load_model(project, cfg), cfg, spec.input_size)))
 
 
-def measure_memory(spec: SweepSpec, opts: list[str], device: str, project, cfg) -> float | None:
-    """Peak extra MB of one forward: CUDA in-process, CPU in a fresh child process."""
-    from .measure import peak_memory, run_memory_child
+def measure_memory(spec: SweepSpec, opts: list[str], cfg, model) -> float | None:
+    """Peak extra MB of one forward of ``model``: on CUDA in this process, on CPU in a fresh
+    child process that builds the same model (see :mod:`expedit_d2.measure`)."""
+    from .measure import run_memory_child
 
-    if torch.device(device).type == "cuda":
-        model = _load_model(project, cfg)
-        H, W = spec.input_size
-        inputs = [{"image": _image(cfg, (H, W)), "height": H, "width": W}]
-        with torch.inference_mode():
-            model(inputs)
-            peak = peak_memory(lambda: model(inputs), device)
-        del model
-        return None if peak is None else peak / 2**20
-    job = json.dumps({"spec": asdict(spec), "opts": opts})
-    peak = json.loads(run_memory_child([sys.executable, "-m", "expedit_d2.sweep", "--memory-child", job]))
+    if torch.device(cfg.MODEL.DEVICE).type == "cuda":
+        peak = _forward_peak_bytes(model, cfg, spec.input_size)
+    else:
+        job = json.dumps({"spec": asdict(spec), "opts": opts})
+        peak = json.loads(run_memory_child([sys.executable, "-m", "expedit_d2.sweep", "--memory-child", job]))
     return None if peak is None else peak / 2**20
 
 
@@ -590,15 +582,16 @@ def _primary_metric(spec: SweepSpec, metrics: dict) -> tuple[str, str]:
     return name, mode
 
 
-def _check_output_dir(out_dir: Path, spec: SweepSpec) -> None:
-    prints = {r["fingerprint"] for r in read_rows(out_dir)}
+def _check_output_dir(out_dir: Path, rows: list[dict], spec: SweepSpec) -> None:
+    prints = {r["fingerprint"] for r in rows}
     if prints - {spec.fingerprint()}:
         raise SweepError(f"{out_dir} holds results of a different sweep (config file contents, opts or "
                          "input size changed); use a new --output-dir")
 
 
 def run_sweep(spec: SweepSpec, out_dir, shard=None, num_gpus: int = 1, show_progress: bool = True) -> list[dict]:
-    """Evaluate this shard's points not yet in ``out_dir``; returns the rows written now."""
+    """Evaluate this shard's points not yet in ``out_dir`` and rewrite the report; returns
+    the rows written now."""
     from tqdm import tqdm
 
     from .engine import load_project
@@ -607,18 +600,21 @@ def run_sweep(spec: SweepSpec, out_dir, shard=None, num_gpus: int = 1, show_prog
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_output_dir(out_dir, spec)
+    rows = read_rows(out_dir)
+    _check_output_dir(out_dir, rows, spec)
+    done = {r["point_id"] for r in rows}
     project = load_project(spec.project)
     project.register_datasets()
     points = expand_points(spec)
     cfgs = validate_points(project, spec, points)  # every point, before any evaluation
     order = {p.id: i for i, p in enumerate(points)}
     mine = points if shard is None else [p for p in points if order[p.id] % shard[1] == shard[0]]
-    done = {r["point_id"] for r in read_rows(out_dir)}
     todo = [p for p in mine if p.id not in done]
     logger.info(f"{len(points)} points ({len(mine)} in this shard), {len(mine) - len(todo)} already done, "
                 f"{len(todo)} to evaluate; results in {out_dir}")
     if not todo:
+        if done:  # everything was there already: the report still reflects every row
+            write_report(out_dir)
         return []
     device = cfgs["baseline"][0].MODEL.DEVICE
     H, W = spec.input_size
@@ -650,9 +646,9 @@ def run_sweep(spec: SweepSpec, out_dir, shard=None, num_gpus: int = 1, show_prog
             latency = times["point"]
             base_latency = times.get("baseline", latency)
             speedup = base_latency / latency
+        peak = measure_memory(spec, opts, cfg, model) if spec.memory else None
         if model is not baseline_model:
             del model
-        peak = measure_memory(spec, opts, device, project, cfg) if spec.memory else None
         row = {
             "order": order[point.id], "point_id": point.id, "label": point.label, "baseline": point.baseline,
             "overrides": dict(point.overrides), "opts": opts, "metric": metric, "metric_mode": mode,
@@ -767,12 +763,17 @@ def main(argv=None) -> int:
         return 0
     setup_logger(name="expedit_d2")  # Detectron2's own INFO lines stay in each point's log
     out_dir = Path(args.output_dir)
+    budget = args.budget_gflops is not None or args.budget_ms is not None
     if args.merge:
         merge(out_dir)
     elif not args.report_only:
         spec = spec_from_args(args)
-        run_sweep(spec, out_dir, _parse_shard(args.shard), args.num_gpus)
-    rows, best = write_report(out_dir, args.budget_gflops, args.budget_ms)
+        run_sweep(spec, out_dir, _parse_shard(args.shard), args.num_gpus)  # writes the report
+    if args.merge or args.report_only or budget:
+        write_report(out_dir, args.budget_gflops, args.budget_ms)
+    rows = read_rows(out_dir)
+    if not rows:
+        raise SweepError(f"no sweep results under {out_dir}")
     logger.info(f"{len(rows)} points: {out_dir / 'table.md'}, {out_dir / 'pareto.png'}")
     print((out_dir / "table.md").read_text())
     return 0

@@ -15,22 +15,17 @@ All content is a function of the seed.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .fileio import atomic_write
+
 __all__ = ["SCENE_CATEGORIES", "draw_scene", "write_coco", "write_nyuv2_mat"]
 
 # COCO panoptic ids of what the scenes contain
 SCENE_CATEGORIES = {"person": 1, "car": 3, "sky": 187, "grass": 193}
-
-
-def _atomic_bytes(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def draw_scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 3):
@@ -78,11 +73,6 @@ def draw_scene(rng: np.random.Generator, height: int, width: int, max_objects: i
     return np.clip(rgb, 0, 255).astype(np.uint8), depth, segments
 
 
-def _bbox(mask):
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-
-
 def write_coco(root, splits: dict[str, int], height: int = 128, width: int = 192, seed: int = 0) -> Path:
     """Write ``root/coco`` (see module doc) with ``splits`` = {"train": n, "val": n} images.
     Also writes the semantic PNGs Mask2Former derives (``panoptic_semseg_*``). Idempotent:
@@ -91,7 +81,7 @@ def write_coco(root, splits: dict[str, int], height: int = 128, width: int = 192
 
     from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-    from .evaluation.panoptic import id2rgb
+    from .evaluation.panoptic import id2rgb, mask_bbox
 
     coco = Path(root) / "coco"
     categories = [{k: c[k] for k in ("id", "name", "isthing", "color")} for c in COCO_CATEGORIES]
@@ -119,9 +109,9 @@ def write_coco(root, splits: dict[str, int], height: int = 128, width: int = 192
                 ids[mask] = seg_id
                 sem[mask] = contiguous[cat]
                 infos.append({"id": seg_id, "category_id": cat, "iscrowd": 0, "area": int(mask.sum()),
-                              "bbox": _bbox(mask)})
+                              "bbox": mask_bbox(mask)})
                 if kind == "box":
-                    x, y, w, h = _bbox(mask)
+                    x, y, w, h = mask_bbox(mask)
                     seg = [[x, y, x + w, y, x + w, y + h, x, y + h]]
                 elif kind == "disc":
                     rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
@@ -129,19 +119,17 @@ def write_coco(root, splits: dict[str, int], height: int = 128, width: int = 192
                 else:
                     continue
                 inst_anns.append({"id": len(inst_anns) + 1, "image_id": i, "category_id": cat, "iscrowd": 0,
-                                  "area": float(mask.sum()), "bbox": _bbox(mask), "segmentation": seg})
-            _atomic_bytes(dirs[f"{split}2017"] / name, lambda p: Image.fromarray(rgb).save(p, format="PNG"))
-            _atomic_bytes(dirs[f"panoptic_{split}2017"] / name,
+                                  "area": float(mask.sum()), "bbox": mask_bbox(mask), "segmentation": seg})
+            atomic_write(dirs[f"{split}2017"] / name, lambda p: Image.fromarray(rgb).save(p, format="PNG"))
+            atomic_write(dirs[f"panoptic_{split}2017"] / name,
                           lambda p: Image.fromarray(id2rgb(ids)).save(p, format="PNG"))
-            _atomic_bytes(dirs[f"panoptic_semseg_{split}2017"] / name,
+            atomic_write(dirs[f"panoptic_semseg_{split}2017"] / name,
                           lambda p: Image.fromarray(sem).save(p, format="PNG"))
             images.append({"id": i, "file_name": name, "height": height, "width": width})
             pan_anns.append({"image_id": i, "file_name": name, "segments_info": infos})
-        _atomic_bytes(inst_json, lambda p: p.write_text(json.dumps({
-            "images": images, "annotations": inst_anns,
-            "categories": [c for c in categories if c["isthing"]]})))
-        _atomic_bytes(pan_json, lambda p: p.write_text(json.dumps({
-            "images": images, "annotations": pan_anns, "categories": categories})))
+        atomic_write(inst_json, json.dumps({"images": images, "annotations": inst_anns,
+                                            "categories": [c for c in categories if c["isthing"]]}))
+        atomic_write(pan_json, json.dumps({"images": images, "annotations": pan_anns, "categories": categories}))
     return coco
 
 
@@ -174,7 +162,7 @@ def write_nyuv2_mat(folder, n: int = 4, n_test: int = 2, seed: int = 0, scenes: 
             f.create_dataset("images", data=images)
             f.create_dataset("depths", data=depths)
 
-    _atomic_bytes(labeled, write_h5)
+    atomic_write(labeled, write_h5)
     splits = folder / "splits.mat"
     idx = np.arange(1, n + 1).reshape(-1, 1)
 
@@ -182,5 +170,5 @@ def write_nyuv2_mat(folder, n: int = 4, n_test: int = 2, seed: int = 0, scenes: 
         with open(path, "wb") as f:  # a handle: savemat would append ".mat" to the name
             savemat(f, {"trainNdxs": idx[: n - n_test], "testNdxs": idx[n - n_test:]})
 
-    _atomic_bytes(splits, write_splits)
+    atomic_write(splits, write_splits)
     return labeled, splits, images, depths

@@ -72,7 +72,8 @@ def train(project: str, config: str, out: Path, device: str) -> Path:
 def main(argv=None) -> int:
     from detectron2.utils.logger import setup_logger
 
-    from expedit_d2.sweep import SweepSpec, load_sweep_file, read_rows, run_sweep, write_report
+    from expedit_d2.fileio import atomic_write
+    from expedit_d2.sweep import SweepSpec, load_sweep_file, read_rows, run_sweep
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=REPO / "output" / "demo")
@@ -105,14 +106,12 @@ def main(argv=None) -> int:
         if rows and rows[0]["fingerprint"] != spec.fingerprint():
             logger.info(f"{out / name} holds an older demo sweep; starting it again")
             shutil.rmtree(out / name)
-        run_sweep(spec, out / name)
-        write_report(out / name)
+        run_sweep(spec, out / name)  # also (re)writes table.md and pareto.png
         tables.append(f"## {name}\n\n" + (out / name / "table.md").read_text()
                       + f"\n![{name}]({name}/pareto.png)\n")
     summary = out / "README.md"
-    tmp = summary.with_name(summary.name + ".tmp")
-    tmp.write_text("# expedit-d2 demo (synthetic data, small models trained from scratch)\n\n" + "\n".join(tables))
-    os.replace(tmp, summary)
+    atomic_write(summary, "# expedit-d2 demo (synthetic data, small models trained from scratch)\n\n"
+                 + "\n".join(tables))
     print("\n".join(tables))
     logger.info(f"demo done in {time.time() - t0:.0f} s: {summary}")
     return 0

@@ -30,10 +30,16 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-__all__ = ["rgb2id", "id2rgb", "PQStat", "pq_single_image", "pq_compute", "PanopticQualityEvaluator"]
+__all__ = ["rgb2id", "id2rgb", "mask_bbox", "PQStat", "pq_single_image", "pq_compute", "PanopticQualityEvaluator"]
 
 VOID = 0
 _OFFSET = 256 * 256 * 256
+
+
+def mask_bbox(mask: np.ndarray) -> list[int]:
+    """COCO box [x, y, width, height] (ints) of a non-empty HxW boolean mask."""
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
 
 
 def rgb2id(rgb: np.ndarray) -> np.ndarray:

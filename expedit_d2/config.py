@@ -21,7 +21,8 @@ def add_expedit_config(cfg) -> None:
         "ENABLED": True,
         "BASE": "D2SwinTransformer",
         # alpha: Swin -- clustering right before global block alpha (blocks counted over
-        # all stages); ViT -- clustering right after block alpha (0-based).
+        # all stages); ViT -- clustering right after block alpha (0-based). -1: not
+        # expedited (the plain base backbone), as in the official code.
         "CLUSTERING_LOCATION": -1,
         # (h, w) cluster grid: per attention window for Swin, global for ViT
         "NUM_CLUSTERS": [8, 8],
@@ -31,6 +32,17 @@ def add_expedit_config(cfg) -> None:
         "WINDOW": 7,
         "RECON_K": 10,
         "RECON_TEMPERATURE": 0.05,
+        # "topk": the paper's reconstruction layer (official Swin/Mask2Former release);
+        # "nearest": copy the nearest final centre's cluster (official DPT release)
+        "RECONSTRUCTION": "topk",
+        # topk only. False = the official weights exp(-tau_r * D), which underflow for
+        # tokens far from every centre (the token then shrinks towards 0); True subtracts
+        # each token's smallest distance first (identical wherever nothing underflows)
+        "RECON_SUBTRACT_MIN_DISTANCE": False,
+        # Swin blocks after clustering: the shifted-window mask of the official release
+        # ("official": regions cut at the stage's ORIGINAL shift, window // 2, while the
+        # blocks roll by s // 2) or the self-consistent one ("consistent": s // 2 for both)
+        "SWIN_SHIFT_MASK": "official",
         # cap on the operators' temporaries per chunk, in MB
         "MEMORY_LIMIT_MB": 256,
     })
@@ -56,8 +68,9 @@ def add_expedit_config(cfg) -> None:
         "PATCH_NORM": True,
         "OUT_FEATURES": ["res2", "res3", "res4", "res5"],
         "USE_CHECKPOINT": False,
-        # ... and the official Expedit ones (D2HourglassSwinTransformer)
-        "CLUSTERING_LOCATION": 10,
+        # ... and the official Expedit ones (D2HourglassSwinTransformer); -1 (the official
+        # default): not expedited
+        "CLUSTERING_LOCATION": -1,
     })
     # ViT / ViT-Hybrid (D2ViT, D2ViTHybrid); defaults: ViT-B/16 at 384 with DPT taps
     _add_defaults(cfg.MODEL, "VIT", {

@@ -25,6 +25,7 @@ from .backbones.swin import SwinTransformer, window_partition, window_reverse
 from .backbones.vit import VisionTransformer
 from .ops import (
     DEFAULT_MEMORY_LIMIT,
+    RECONSTRUCTION_MODES,
     TokenClustering,
     TokenReconstruction,
     _pair,
@@ -48,6 +49,9 @@ class ExpeditSettings:
     recon_k: int = 10
     recon_temperature: float = 0.05
     memory_limit: int = DEFAULT_MEMORY_LIMIT
+    reconstruction_mode: str = "topk"  # or "nearest" (the official DPT release)
+    recon_subtract_min_distance: bool = False  # True: no underflow (not the official formula)
+    swin_shift_mask: str = "official"  # or "consistent" (see SwinWindowExpedit)
 
     @classmethod
     def from_config(cls, cfg) -> "ExpeditSettings":
@@ -59,7 +63,8 @@ class ExpeditSettings:
             raise ValueError(f"MODEL.EXPEDIT.NUM_CLUSTERS must be [h, w], got {nc!r}")
         return cls(int(e.CLUSTERING_LOCATION), (int(nc[0]), int(nc[1])), e.ITERS,
                    e.TEMPERATURE, e.WINDOW, e.RECON_K, e.RECON_TEMPERATURE,
-                   int(e.MEMORY_LIMIT_MB * 2**20))
+                   int(e.MEMORY_LIMIT_MB * 2**20), e.RECONSTRUCTION,
+                   e.RECON_SUBTRACT_MIN_DISTANCE, e.SWIN_SHIFT_MASK)
 
     def __post_init__(self):
         """Validate every field, naming its config key."""
@@ -71,13 +76,29 @@ class ExpeditSettings:
         _positive_int(self.recon_k, key + "RECON_K")
         _positive_float(self.recon_temperature, key + "RECON_TEMPERATURE")
         _positive_int(self.memory_limit, key + "MEMORY_LIMIT_MB (in bytes)")
+        if self.reconstruction_mode not in RECONSTRUCTION_MODES:
+            raise ValueError(f"{key}RECONSTRUCTION must be one of {list(RECONSTRUCTION_MODES)}, "
+                             f"got {self.reconstruction_mode!r}")
+        if not isinstance(self.recon_subtract_min_distance, bool):
+            raise ValueError(f"{key}RECON_SUBTRACT_MIN_DISTANCE must be True or False, "
+                             f"got {self.recon_subtract_min_distance!r}")
+        if self.swin_shift_mask not in SWIN_SHIFT_MASKS:
+            raise ValueError(f"{key}SWIN_SHIFT_MASK must be one of {list(SWIN_SHIFT_MASKS)}, "
+                             f"got {self.swin_shift_mask!r}")
 
     def clustering(self) -> TokenClustering:
         return TokenClustering(self.num_clusters, self.iters, self.temperature, self.window,
                                self.memory_limit)
 
     def reconstruction(self) -> TokenReconstruction:
-        return TokenReconstruction(self.recon_k, self.recon_temperature, self.memory_limit)
+        return TokenReconstruction(self.recon_k, self.recon_temperature, self.memory_limit,
+                                   self.reconstruction_mode, self.recon_subtract_min_distance)
+
+
+#: MODEL.EXPEDIT.SWIN_SHIFT_MASK values, see :class:`SwinWindowExpedit`.
+SWIN_SHIFT_MASKS = ("official", "consistent")
+#: CLUSTERING_LOCATION that means "not expedited" (the official default and meaning).
+NOT_EXPEDITED = -1
 
 
 _ADAPTERS: dict[type, Callable] = {}
@@ -114,7 +135,7 @@ def build_expedit_backbone(cfg, input_shape):
     if base not in BACKBONE_REGISTRY:
         raise KeyError(f"MODEL.EXPEDIT.BASE {base!r} is not in Detectron2's BACKBONE_REGISTRY")
     backbone = BACKBONE_REGISTRY.get(base)(cfg, input_shape)
-    if cfg.MODEL.EXPEDIT.ENABLED:
+    if cfg.MODEL.EXPEDIT.ENABLED and cfg.MODEL.EXPEDIT.CLUSTERING_LOCATION != NOT_EXPEDITED:
         expedite(backbone, ExpeditSettings.from_config(cfg))
     return backbone
 
@@ -125,7 +146,8 @@ BACKBONE_REGISTRY.register(build_expedit_backbone)
 
 def build_hourglass_swin(cfg, input_shape):
     """``D2HourglassSwinTransformer``: the official Expedit Swin config keys, mapped onto
-    ``ExpeditBackbone`` over ``D2SwinTransformer``."""
+    ``ExpeditBackbone`` over ``D2SwinTransformer``. ``MODEL.SWIN.CLUSTERING_LOCATION: -1``
+    (the official default) builds the plain Swin, as the official code never clusters then."""
     s = cfg.MODEL.SWIN
     side = math.isqrt(int(s.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS))
     if side * side != s.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS:
@@ -154,9 +176,14 @@ BACKBONE_REGISTRY.register(build_hourglass_swin)
 # ======================================================================================
 class SwinWindowExpedit(nn.Module):
     """Stage hook: per-window clustering before block ``block_index`` of the stage, the
-    rest of the stage on the cluster map with window s (shift s // 2, shifted-window
-    mask and resized relative-position bias recomputed), per-window reconstruction at the
-    end of the stage (before patch merging). No parameters.
+    rest of the stage on the cluster map with window s (blocks roll by s // 2, resized
+    relative-position bias), per-window reconstruction at the end of the stage (before
+    patch merging). No parameters.
+
+    The shifted-window mask of the blocks after clustering: ``shift_mask="official"`` cuts
+    its regions at the stage's original shift (trained window // 2, 6 for Swin-L) while the
+    blocks roll by s // 2, as the official HourglassBasicLayer does (the published numbers
+    came from it); ``"consistent"`` cuts them at s // 2.
 
     Shapes: x (B, H*W, C) -> pad to (Hp, Wp) multiples of the window ws -> windows
     (B*nW, ws*ws, C) -> clusters (B*nW, s*s, C) -> map (B, Hp/ws*s, Wp/ws*s, C) ->
@@ -168,6 +195,7 @@ class SwinWindowExpedit(nn.Module):
         self.block_index = block_index
         self.clustering = settings.clustering()
         self.reconstruction = settings.reconstruction()
+        self.shift_mask = settings.swin_shift_mask
 
     def forward(self, stage, x, H, W):
         ws = stage.window_size
@@ -179,12 +207,13 @@ class SwinWindowExpedit(nn.Module):
         clusters, state = self.clustering(window_partition(grid, ws), (ws, ws))
         h2, w2 = Hp // ws * s, Wp // ws * s
         y = window_reverse(clusters, s, h2, w2).reshape(B, h2 * w2, C)
-        y = stage.run_blocks(y, h2, w2, self.block_index, None, window_size=s)
+        mask_shift = ws // 2 if self.shift_mask == "official" else s // 2
+        y = stage.run_blocks(y, h2, w2, self.block_index, None, window_size=s, mask_shift=mask_shift)
         full = self.reconstruction(window_partition(y.view(B, h2, w2, -1), s), state)
         return window_reverse(full, ws, Hp, Wp)[:, :H, :W].reshape(B, H * W, -1)
 
     def extra_repr(self) -> str:
-        return f"block_index={self.block_index}"
+        return f"block_index={self.block_index}, shift_mask={self.shift_mask}"
 
 
 @register_adapter(SwinTransformer)
@@ -220,7 +249,7 @@ def expedite_swin(backbone: SwinTransformer, settings: ExpeditSettings) -> None:
 # ======================================================================================
 class ViTTokenExpedit(nn.Module):
     """Global clustering of the patch tokens right after block ``location`` (the cls
-    token passes through), reconstruction of every tap at or after it. No parameters.
+    token passes through), reconstruction of every tap after it. No parameters.
 
     Shapes: (B, 1 + H*W, C) -> clusters (B, 1 + h*w, C) -> taps (B, 1 + H*W, C).
     """
@@ -240,6 +269,8 @@ class ViTTokenExpedit(nn.Module):
         return self.clustering(x, grid, num_prefix_tokens=1)
 
     def reconstruct(self, x, state):
+        if x.shape[1] == state.tokens.shape[1] + state.num_prefix_tokens:
+            return x  # as many clusters as tokens: the official hook leaves such taps as they are
         return self.reconstruction(x, state)
 
     def extra_repr(self) -> str:

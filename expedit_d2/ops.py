@@ -13,10 +13,13 @@ Shapes (B batch, P prefix tokens such as cls, N = H*W, M = h*w)::
 
 Arithmetic follows the official implementation (the published numbers came from it):
 squared Euclidean distances, ``softmax(-tau * D)`` over the clusters in each token's
-(2r+1) x (2r+1) neighbourhood, centres ``sum_t A X / max(sum_t A, 1e-16)``; top-k
-``exp(-tau_r * D)`` weights normalised to unit L2 norm for reconstruction. Everything
-runs in float32, whatever the input dtype or autocast state, and masking never uses
-large finite constants.
+(2r+1) x (2r+1) neighbourhood, centres ``sum_t A X / max(sum_t A, 1e-16)`` (an empty
+cluster becomes the zero vector, as there); reconstruction either mixes the top-k
+``exp(-tau_r * D)`` weights normalised by their L2 norm (``mode="topk"``, the paper's
+layer and the official Swin release) or copies the nearest final centre's cluster
+(``mode="nearest"``, what the official DPT release runs). Everything runs in float32,
+whatever the input dtype or autocast state, and masking never uses large finite
+constants.
 
 Implementation: one batched matmul per iteration, restricted to the band of cluster
 rows that a block of token rows can reach. When ``batch * tokens * band`` would need
@@ -42,6 +45,8 @@ __all__ = [
     "token_clustering",
     "token_reconstruction",
     "DEFAULT_MEMORY_LIMIT",
+    "RECONSTRUCTION_MODES",
+    "initial_cells",
 ]
 
 #: Default cap, in bytes, on the temporaries (distance/assignment matrices) of one chunk.
@@ -189,6 +194,17 @@ class _Centred:
         return x[bs, t0:t1], x_sq[bs, t0:t1]
 
 
+def initial_cells(size: int, cells: int, device=None) -> torch.Tensor:
+    """(size,) long: the cluster cell of each token row (or column) at initialisation.
+
+    Nearest-neighbour resizing of the ``cells`` cell indices to ``size`` positions, computed
+    the way the official code does it (``F.interpolate(mode="nearest")``, float32 scale);
+    it equals ``i * cells // size`` except where float rounding of the scale differs.
+    """
+    index = torch.arange(cells, device=device, dtype=torch.float32).view(1, 1, cells, 1)
+    return F.interpolate(index, size=(size, 1), mode="nearest").view(size).long()
+
+
 def _sq_dist(x: torch.Tensor, x_sq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """||x_t - s_m||^2 for all pairs: (B, n, C), (B, n), (B, m, C) -> (B, n, m)."""
     s_sq = (s * s).sum(-1)
@@ -256,14 +272,13 @@ def token_clustering(
         centers = centers.flatten(2).transpose(1, 2) - mean  # (B, M, C)
 
         # 2./3. initial cluster cell of each token row/column, and reachable neighbourhood
-        row_of = torch.arange(H, device=device) * h // H  # (H,)
-        col_of = torch.arange(W, device=device) * w // W  # (W,)
+        rows = initial_cells(H, h)  # (H,) on the CPU (also for meta-device runs)
+        row_of, col_of = rows.to(device), initial_cells(W, w).to(device)  # (H,), (W,)
+        rows = rows.tolist()
         m_col = torch.arange(w, device=device)
 
         def band(r0: int, r1: int) -> tuple[int, int]:
-            lo = max(0, (r0 * h) // H - radius)
-            hi = min(h, ((r1 - 1) * h) // H + radius + 1)
-            return lo, hi
+            return max(0, rows[r0] - radius), min(h, rows[r1 - 1] + radius + 1)
 
         def band_rows(rows: int) -> int:  # upper bound on the cluster rows a block reaches
             return min(h, math.ceil(rows * h / H) + 1 + 2 * radius)
@@ -297,7 +312,12 @@ def token_clustering(
                 assign = torch.softmax(logits, dim=-1)  # (b, n, m), every row has a finite entry
                 numer[bs, m0:m1] += torch.bmm(assign.transpose(1, 2), xc)
                 denom[bs, m0:m1] += assign.sum(1)
-            centers = numer / denom.clamp_min(1e-16).unsqueeze(-1)
+            # Official update S = sum_t A X / max(sum_t A, 1e-16) in absolute coordinates: a
+            # cluster whose total affinity is (close to) 0 becomes (close to) the zero vector,
+            # i.e. -mean here. ``scale`` is exactly 1 for every other cluster.
+            denom = denom.unsqueeze(-1)
+            safe = denom.clamp_min(1e-16)
+            centers = numer / safe + mean * (denom / safe - 1.0)
 
         centers = centers + mean
         clusters = torch.cat([prefix, centers.to(tokens.dtype)], dim=1)
@@ -308,29 +328,45 @@ def token_clustering(
 # --------------------------------------------------------------------------------------
 # token reconstruction
 # --------------------------------------------------------------------------------------
+RECONSTRUCTION_MODES = ("topk", "nearest")
+
+
 def token_reconstruction(
     clusters: torch.Tensor,
     state: ClusteringState,
     k: int = 20,
     temperature: float = 1.0,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    mode: str = "topk",
+    subtract_min_distance: bool = False,
 ) -> torch.Tensor:
     """Rebuild the full token grid from processed cluster tokens (SPEC section 3).
 
     Args:
         clusters: (B, P + M, C') cluster tokens after the later layers (any C').
         state: what :func:`token_clustering` returned at the clustering layer.
-        k: number of nearest cluster centres mixed per token, 1 <= k <= M.
-        temperature: tau_r > 0, weights exp(-tau_r * squared distance).
+        k: number of nearest cluster centres mixed per token, 1 <= k <= M ("topk").
+        temperature: tau_r > 0, weights exp(-tau_r * squared distance) ("topk").
         memory_limit: bytes allowed for one chunk's temporaries.
+        mode: ``"topk"`` -- the paper's layer, as the official Swin release computes it:
+            W = exp(-tau_r * max(D, 0)) over all M centres, entries below the k-th largest
+            weight zeroed (ties with it kept), rows divided by max(||W||_2, 1e-12);
+            ``"nearest"`` -- what the official DPT release runs: token t copies the
+            cluster whose final centre is nearest, argmin_m D[t, m] over all M.
+        subtract_min_distance: "topk" only, off by default (official): subtract each
+            token's smallest distance before the exponential. The official weights
+            underflow for tokens far from every centre (all below 1e-12: the row is then
+            scaled towards zero instead of normalised); this option keeps the largest
+            weight at 1, which equals the official result wherever no underflow happens.
 
     Returns:
-        (B, P + H*W, C') tokens in the dtype of ``clusters``: token t is
-        sum_m W[t, m] S'_m with W the top-k weights normalised to unit L2 norm;
-        the P prefix tokens of ``clusters`` are passed through.
+        (B, P + H*W, C') tokens in the dtype of ``clusters``; the P prefix tokens of
+        ``clusters`` are passed through.
     """
     if not isinstance(state, ClusteringState):
         raise TypeError(f"state must be the ClusteringState returned by token_clustering, got {type(state)}")
+    if mode not in RECONSTRUCTION_MODES:
+        raise ValueError(f"reconstruction mode must be one of {RECONSTRUCTION_MODES}, got {mode!r}")
     H, W = state.grid_size
     h, w = state.num_clusters
     M = h * w
@@ -362,14 +398,19 @@ def token_reconstruction(
         # Blocks beyond a few tens of MB buy no speed (the matmuls are already large).
         for bs, r0, r1 in _chunks(B, H, chunk_bytes, min(memory_limit, _LARGE_CHUNK)):
             t0, t1 = r0 * W, r1 * W
-            dist = _sq_dist(*centred(bs, t0, t1), centers[bs]).clamp_min_(0)
-            near, idx = torch.topk(dist, k, dim=-1, largest=False, sorted=True)
-            # Subtracting each token's smallest distance leaves the weights unchanged after
-            # L2 normalisation and keeps the largest one at exp(0) = 1 (no underflow to 0).
-            weight = torch.exp((near - near[..., :1]).mul_(-tau))
-            weight = F.normalize(weight, p=2.0, dim=-1, eps=1e-12)
-            dense = dist.zero_().scatter_(-1, idx, weight)
-            out[bs, P + t0 : P + t1] = torch.bmm(dense, values[bs])
+            dist = _sq_dist(*centred(bs, t0, t1), centers[bs]).clamp_min_(0)  # (b, n, M)
+            if mode == "nearest":
+                idx = dist.argmin(dim=-1, keepdim=True)  # first index on ties, as argmin
+                mixed = values[bs].gather(1, idx.expand(-1, -1, values.shape[-1]))
+            else:
+                if subtract_min_distance:
+                    dist -= dist.amin(dim=-1, keepdim=True)
+                weight = dist.mul_(-tau).exp_()
+                kth = torch.topk(weight, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+                weight = weight.masked_fill_(weight < kth, 0.0)
+                weight = F.normalize(weight, p=2.0, dim=-1, eps=1e-12)
+                mixed = torch.bmm(weight, values[bs])
+            out[bs, P + t0 : P + t1] = mixed
     return out
 
 
@@ -402,14 +443,23 @@ class TokenReconstruction(nn.Module):
     """Module form of :func:`token_reconstruction` holding its settings (no parameters)."""
 
     def __init__(self, k: int = 20, temperature: float = 1.0,
-                 memory_limit: int = DEFAULT_MEMORY_LIMIT):
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT, mode: str = "topk",
+                 subtract_min_distance: bool = False):
         super().__init__()
         self.k = _positive_int(k, "reconstruction k")
         self.temperature = _positive_float(temperature, "reconstruction temperature")
         self.memory_limit = _positive_int(memory_limit, "memory_limit")
+        if mode not in RECONSTRUCTION_MODES:
+            raise ValueError(f"reconstruction mode must be one of {RECONSTRUCTION_MODES}, got {mode!r}")
+        self.mode = mode
+        self.subtract_min_distance = bool(subtract_min_distance)
 
     def forward(self, clusters: torch.Tensor, state: ClusteringState) -> torch.Tensor:
-        return token_reconstruction(clusters, state, self.k, self.temperature, self.memory_limit)
+        return token_reconstruction(clusters, state, self.k, self.temperature, self.memory_limit,
+                                    self.mode, self.subtract_min_distance)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, temperature={self.temperature}"
+        if self.mode == "nearest":
+            return "mode=nearest"
+        return (f"mode=topk, k={self.k}, temperature={self.temperature}, "
+                f"subtract_min_distance={self.subtract_min_distance}")

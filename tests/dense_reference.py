@@ -15,8 +15,11 @@ def neighbourhood_mask(grid_size, num_clusters, window: int, device=None) -> tor
     H, W = grid_size
     h, w = num_clusters
     r = window // 2
-    rows = torch.tensor([i * h // H for i in range(H) for _ in range(W)], device=device)
-    cols = torch.tensor([j * w // W for _ in range(H) for j in range(W)], device=device)
+    # initial label map: the h x w cell indices resized to H x W by nearest-neighbour
+    # interpolation (what the official code does), then split into row and column
+    labels = torch.arange(h * w, dtype=torch.float32).view(1, 1, h, w)
+    label = F.interpolate(labels, size=(H, W), mode="nearest").flatten().long().to(device)
+    rows, cols = label // w, label % w
     m_rows = torch.tensor([m // w for m in range(h * w)], device=device)
     m_cols = torch.tensor([m % w for m in range(h * w)], device=device)
     return ((rows[:, None] - m_rows[None]).abs() <= r) & ((cols[:, None] - m_cols[None]).abs() <= r)
@@ -45,14 +48,26 @@ def dense_clustering(tokens, grid_size, num_clusters, iters=5, temperature=0.05,
 
 
 def dense_reconstruction(clusters, x, s, k=20, temperature=1.0, num_prefix_tokens=0,
-                         dtype=torch.float64):
-    """Top-k of exp(-tau D), L2-normalised rows, mixed (SPEC 3, with the per-token
-    minimum of D subtracted before the exponential, as the SPEC asks)."""
+                         dtype=torch.float64, subtract_min=False):
+    """The official top-k layer: W = exp(-tau max(D, 0)), entries below the k-th largest
+    weight zeroed (ties with it kept), rows divided by max(||W||_2, 1e-12), mixed.
+    ``subtract_min``: the per-token minimum of D is subtracted before the exponential."""
     P = num_prefix_tokens
     v = clusters[:, P:].to(dtype)
     d = sq_dist(x.to(dtype), s.to(dtype)).clamp_min(0)
-    weight = torch.exp(-temperature * (d - d.amin(-1, keepdim=True)))
-    top, idx = weight.topk(k, dim=-1)
-    weight = torch.zeros_like(weight).scatter(-1, idx, top)
-    weight = F.normalize(weight, p=2, dim=-1)
+    if subtract_min:
+        d = d - d.amin(-1, keepdim=True)
+    weight = torch.exp(-temperature * d)
+    kth = weight.topk(k, dim=-1).values[..., -1:]
+    weight = torch.where(weight >= kth, weight, torch.zeros_like(weight))
+    weight = weight / weight.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return torch.cat([clusters[:, :P].to(dtype), weight @ v], 1)
+
+
+def dense_nearest_reconstruction(clusters, x, s, num_prefix_tokens=0, dtype=torch.float64):
+    """Each token copies the cluster token of its nearest final centre (all centres)."""
+    P = num_prefix_tokens
+    v = clusters[:, P:].to(dtype)
+    nearest = sq_dist(x.to(dtype), s.to(dtype)).argmin(-1)  # (B, N)
+    copied = torch.stack([v[b, nearest[b]] for b in range(v.shape[0])])
+    return torch.cat([clusters[:, :P].to(dtype), copied], 1)

@@ -1,6 +1,7 @@
 """Token clustering / reconstruction against the dense oracle and the SPEC's invariants."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from expedit_d2.ops import (
     ClusteringState,
@@ -9,7 +10,12 @@ from expedit_d2.ops import (
     token_clustering,
     token_reconstruction,
 )
-from tests.dense_reference import dense_clustering, dense_reconstruction
+from expedit_d2.ops import initial_cells
+from tests.dense_reference import (
+    dense_clustering,
+    dense_nearest_reconstruction,
+    dense_reconstruction,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -53,6 +59,9 @@ def test_matches_dense_oracle(case, device):
     assert out.shape == (B, P + H * W, C + 5)
     torch.testing.assert_close(out.cpu().double(), expect, atol=1e-5, rtol=1e-5)
     assert torch.equal(out[:, :P], later[:, :P])
+    near = token_reconstruction(later, state, k, tau, mode="nearest")
+    expect = dense_nearest_reconstruction(later.cpu(), state.tokens.cpu(), state.centers.cpu(), P)
+    torch.testing.assert_close(near.cpu().double(), expect, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("case", CASES[:6], ids=str)
@@ -123,22 +132,106 @@ def test_reconstruction_rows_have_unit_l2_norm():
     assert torch.equal(rows.argmax(-1), d.argmin(-1))
 
 
-def test_no_nan_or_inf_where_the_official_formula_underflows():
+def test_underflowing_weights_follow_the_official_formula_unless_asked():
     torch.manual_seed(6)
     H, W, h, w = 16, 16, 4, 4
     x = torch.randn(1, H * W, 32) * 1e3 + 5e3  # large magnitude, large common offset
     clusters, state = token_clustering(x, (H, W), (h, w), iters=5, temperature=1.0, window=3)
     assert torch.isfinite(clusters).all()
-    rec = token_reconstruction(clusters, state, k=4, temperature=1.0)
-    assert torch.isfinite(rec).all()
-    # exp(-tau * D) underflows to 0 for every cluster here: the official formula would
-    # output all-zero tokens; ours gives each token a unit-norm mix.
+    # exp(-tau * D) underflows to 0 for every cluster here: the official layer then
+    # normalises an all-zero row and outputs all-zero tokens -- the default, as published
     d = torch.cdist(state.tokens.float(), state.centers).pow(2)
     assert (torch.exp(-1.0 * d) == 0).all()
-    assert (rec.abs().amax(-1) > 0).all()
+    rec = token_reconstruction(clusters, state, k=4, temperature=1.0)
+    assert torch.isfinite(rec).all() and (rec == 0).all()
+    # subtract_min_distance keeps the largest weight at 1: unit-norm rows everywhere
+    stable = token_reconstruction(clusters, state, k=4, temperature=1.0, subtract_min_distance=True)
+    assert torch.isfinite(stable).all() and (stable.abs().amax(-1) > 0).all()
     eye = torch.eye(h * w)[None]
-    torch.testing.assert_close(token_reconstruction(eye, state, 4, 1.0).norm(dim=-1),
-                               torch.ones(1, H * W))
+    torch.testing.assert_close(
+        token_reconstruction(eye, state, 4, 1.0, subtract_min_distance=True).norm(dim=-1),
+        torch.ones(1, H * W))
+    expect = dense_reconstruction(clusters, state.tokens, state.centers, 4, 1.0, subtract_min=True)
+    torch.testing.assert_close(stable.double(), expect, atol=1e-3, rtol=1e-5)
+
+
+def test_small_weights_are_scaled_by_the_normalisation_eps_as_officially():
+    # all weights of a token below 1e-12 (but not 0): F.normalize divides by 1e-12, not by
+    # the row norm, so the token shrinks towards 0 -- reproduced, and the oracle agrees
+    x = torch.tensor([[[0.0], [0.0], [6.0], [6.0]]])
+    state = ClusteringState(x, torch.tensor([[[3.0], [3.0]]]), (2, 2), (1, 2))
+    values = torch.tensor([[[1.0], [1.0]]])
+    out = token_reconstruction(values, state, k=2, temperature=4.0)  # D = 9, w = e^-36
+    w = torch.exp(torch.tensor(-36.0))
+    torch.testing.assert_close(out, torch.full((1, 4, 1), 2 * w.item() / 1e-12))
+    assert (out < 1e-3).all()
+
+
+def test_reconstruction_keeps_every_weight_tied_with_the_kth():
+    # identical centres tie: the official mask `weight >= k-th largest` keeps all of them
+    torch.manual_seed(9)
+    x = torch.randn(1, 6, 3)
+    centers = torch.zeros(1, 4, 3)
+    centers[0, 1:] = 5.0  # clusters 1, 2, 3 identical; cluster 0 nearest to every token
+    state = ClusteringState(x, centers, (2, 3), (2, 2))
+    eye = torch.eye(4)[None]
+    rows = token_reconstruction(eye, state, k=2, temperature=0.01)
+    assert ((rows > 0).sum(-1) == 4).all()  # k = 2, but the three tied clusters all stay
+    expect = dense_reconstruction(eye, x, centers, 2, 0.01)
+    torch.testing.assert_close(rows.double(), expect, atol=1e-6, rtol=1e-5)
+
+
+def test_nearest_mode_copies_the_cluster_of_the_nearest_final_centre():
+    torch.manual_seed(10)
+    H, W, h, w = 30, 40, 16, 16
+    x = torch.randn(2, 1 + H * W, 24)
+    clusters, state = token_clustering(x, (H, W), (h, w), 5, 1.0, 5, num_prefix_tokens=1)
+    later = torch.randn(2, 1 + h * w, 7)
+    out = token_reconstruction(later, state, mode="nearest")
+    # from the definition: argmin over ALL centres (no neighbourhood restriction)
+    nearest = torch.cdist(x[:, 1:].double(), state.centers.double()).argmin(-1)
+    for b in range(2):
+        torch.testing.assert_close(out[b, 1:], later[b, 1 + nearest[b]])
+    assert torch.equal(out[:, :1], later[:, :1])
+    # no neighbourhood restriction: with window 1 every token was clustered within its own
+    # cell only, yet copies the nearest centre wherever it lies
+    _, state1 = token_clustering(x, (H, W), (h, w), 5, 1.0, 1, num_prefix_tokens=1)
+    nearest1 = torch.cdist(x[:, 1:].double(), state1.centers.double()).argmin(-1)
+    own = (initial_cells(H, h)[:, None] * w + initial_cells(W, w)[None, :]).flatten()
+    assert (nearest1 != own).any()
+    out1 = token_reconstruction(later, state1, mode="nearest")
+    for b in range(2):
+        torch.testing.assert_close(out1[b, 1:], later[b, 1 + nearest1[b]])
+    with pytest.raises(ValueError, match=r"reconstruction mode must be one of .*got 'mean'"):
+        token_reconstruction(later, state, mode="mean")
+
+
+def test_an_empty_cluster_becomes_the_zero_vector_as_officially():
+    # 4x4 tokens, 2x2 clusters, all reachable. The top-left quadrant averages to 10 while
+    # every token sits at 0 or 20, exactly on another centre: with tau = 10 the top-left
+    # cluster's total affinity is exactly 0 in float32, and the official update
+    # 0 / clamp(0, 1e-16) makes it the zero vector (not the tokens' mean, 12.5).
+    v = torch.tensor([[20, 20, 20, 20],
+                      [0, 0, 20, 20],
+                      [0, 0, 20, 20],
+                      [0, 0, 20, 20]], dtype=torch.float32)
+    x = v.reshape(1, 16, 1).repeat(1, 1, 3)
+    clusters, state = token_clustering(x, (4, 4), (2, 2), iters=3, temperature=10.0, window=3)
+    assert torch.equal(clusters[0, 0], torch.zeros(3))
+    ref, _, _ = dense_clustering(x, (4, 4), (2, 2), 3, 10.0, 3)
+    torch.testing.assert_close(clusters.double(), ref, atol=1e-5, rtol=0)
+    # nearly empty (affinities ~1e-44, their sum below 1e-16): also ~0, as officially
+    clusters, _ = token_clustering(x, (4, 4), (2, 2), iters=3, temperature=1.0, window=3)
+    assert clusters[0, 0].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("size, cells", [(12, 8), (30, 16), (40, 16), (30, 24), (40, 28),
+                                         (30, 14), (13, 5), (9, 9), (97, 31), (7, 1)])
+def test_initial_cells_are_nearest_resizing_of_the_cell_grid(size, cells):
+    ref = F.interpolate(torch.arange(cells, dtype=torch.float32)[None, None, None],
+                        size=(1, size), mode="nearest").flatten().long()
+    assert torch.equal(initial_cells(size, cells), ref)
+    assert initial_cells(size, cells).tolist() == sorted(initial_cells(size, cells).tolist())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -63,6 +63,21 @@ def test_disabled_is_bitwise_identical_to_base():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("name", ["ExpeditBackbone", "D2HourglassSwinTransformer"])
+def test_clustering_location_minus_one_means_not_expedited(name):
+    """-1 is the official default and means "no clustering": the plain backbone."""
+    base = build(tiny_swin_cfg())
+    cfg = tiny_swin_cfg(name)
+    cfg.MODEL.EXPEDIT.CLUSTERING_LOCATION = cfg.MODEL.SWIN.CLUSTERING_LOCATION = -1
+    plain = build(cfg, seed=1)
+    plain.load_state_dict(base.state_dict())
+    assert all(stage.expedit is None for stage in plain.layers)
+    x = torch.randn(1, 3, 200, 296)
+    with torch.no_grad():
+        a, b = base(x), plain(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_enabled_changes_only_stages_from_the_clustering_point():
     base = build(tiny_swin_cfg())
     ex = build(tiny_swin_cfg("ExpeditBackbone"))
@@ -96,9 +111,15 @@ def test_one_cluster_per_token_reproduces_the_base_backbone():
 # the official arithmetic, written out from the SPEC in the test
 # ----------------------------------------------------------------------------------
 def _region_mask(H, W, ws, shift):
-    """Brute force: (nW, N, N) 0/-100, tokens of different pre-shift regions masked."""
+    """Brute force: (nW, N, N) 0/-100, tokens of different pre-shift regions masked.
+
+    Along each axis of length n, position i is in region 2 if it is among the last
+    ``shift`` positions, else region 1 if among the last ``ws``, else region 0 -- the
+    official cut into slices (0, -ws), (-ws, -shift), (-shift, None) filled in that order,
+    which for shift > ws (the official expedited stage: shift 6, s = 4) leaves region 1
+    empty and gives the last ``shift`` positions to region 2."""
     def region(i, n):
-        return 0 if i < n - ws else (1 if i < n - shift else 2)
+        return 2 if i >= n - shift else (1 if i >= n - ws else 0)
 
     labels = torch.tensor([[region(i, H) * 3 + region(j, W) for j in range(W)] for i in range(H)])
     win = labels.view(H // ws, ws, W // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
@@ -139,17 +160,31 @@ def _manual_block(blk, x, H, W, ws, bias, mask):
     return x + blk.mlp(blk.norm2(x))
 
 
-def test_hourglass_stage_matches_the_spec_written_out():
+@pytest.mark.parametrize("ws, shift", [(12, 6), (8, 4), (8, 6), (6, 6), (4, 6), (4, 2)])
+def test_shifted_window_mask_matches_brute_force(ws, shift):
+    from expedit_d2.backbones.swin import shifted_window_mask
+
+    H, W = 3 * ws, 2 * ws
+    assert torch.equal(shifted_window_mask(H, W, ws, shift, "cpu"), _region_mask(H, W, ws, shift))
+
+
+# (s = 4 keeps all 16 clusters: its padded windows hold exactly tied centres, and which of
+# them a k < 16 cut keeps depends on float rounding, in the official code as anywhere)
+@pytest.mark.parametrize("shift_mask, s, k", [("official", 8, 7), ("consistent", 8, 7),
+                                              ("official", 6, 7), ("official", 4, 16)])
+def test_hourglass_stage_matches_the_spec_written_out(shift_mask, s, k):
     cfg = tiny_swin_cfg("D2HourglassSwinTransformer")
+    cfg.MODEL.EXPEDIT.SWIN_SHIFT_MASK = shift_mask
     s_cfg = cfg.MODEL.SWIN
     s_cfg.CLUSTERING_LOCATION = 6  # stage 2 (0-based), its block 2
-    s_cfg.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS = 36  # 6x6 per window
+    s_cfg.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS = s * s  # s x s per window
     s_cfg.TOKEN_CLUSTERING_BLOCK.WINDOW_SIZE = 5
     s_cfg.TOKEN_CLUSTERING_BLOCK.TEMPERATURE = 0.02
-    s_cfg.TOKEN_RECONSTRUCTION_BLOCK.K, s_cfg.TOKEN_RECONSTRUCTION_BLOCK.TEMPERATURE = 7, 0.03
+    s_cfg.TOKEN_RECONSTRUCTION_BLOCK.K, s_cfg.TOKEN_RECONSTRUCTION_BLOCK.TEMPERATURE = k, 0.03
     model = build(cfg)
     stage = model.layers[2]
-    H, W, C, ws, s = 20, 30, stage.blocks[0].norm1.normalized_shape[0], 12, 6
+    H, W, C, ws = 20, 30, stage.blocks[0].norm1.normalized_shape[0], 12
+    assert stage.expedit.shift_mask == shift_mask
     torch.manual_seed(3)
     x = torch.randn(2, H * W, C)
     with torch.no_grad():
@@ -162,14 +197,16 @@ def test_hourglass_stage_matches_the_spec_written_out():
         grid = F.pad(y.view(2, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))
         wins = grid.view(2, 2, ws, 3, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(12, ws * ws, C)
         clusters, X, S = dense_clustering(wins, (ws, ws), (s, s), 5, 0.02, 5)
-        cmap = clusters.float().view(2, 2, 3, s, s, C).permute(0, 1, 3, 2, 4, 5).reshape(2, 12 * 18, C)
-        # the remaining blocks with window s, shift s // 2, resized bias, new mask
-        mask = _region_mask(12, 18, s, s // 2)
+        h2, w2 = 2 * s, 3 * s
+        cmap = clusters.float().view(2, 2, 3, s, s, C).permute(0, 1, 3, 2, 4, 5).reshape(2, h2 * w2, C)
+        # the remaining blocks with window s, roll s // 2, resized bias, and the mask cut at
+        # the stage's original shift 12 // 2 (official) or at s // 2 (consistent)
+        mask = _region_mask(h2, w2, s, 6 if shift_mask == "official" else s // 2)
         for blk in stage.blocks[2:]:
-            cmap = _manual_block(blk, cmap, 12, 18, s, _resized_bias(blk.attn, s), mask)
+            cmap = _manual_block(blk, cmap, h2, w2, s, _resized_bias(blk.attn, s), mask)
         # per-window reconstruction, crop the padding
         cw = cmap.view(2, 2, s, 3, s, C).permute(0, 1, 3, 2, 4, 5).reshape(12, s * s, C)
-        rec = dense_reconstruction(cw, X, S, 7, 0.03).float()
+        rec = dense_reconstruction(cw, X, S, k, 0.03).float()
         rec = rec.view(2, 2, 3, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(2, Hp, Wp, C)
         expect = rec[:, :H, :W].reshape(2, H * W, C)
     torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
@@ -263,7 +300,10 @@ def test_autocast_forward_is_finite(dtype):
 
 @pytest.mark.parametrize("key, value, message", [
     ("CLUSTERING_LOCATION", 12, r"MODEL.EXPEDIT.CLUSTERING_LOCATION=12 is outside this Swin's blocks 0..9"),
-    ("CLUSTERING_LOCATION", -1, r"CLUSTERING_LOCATION=-1"),
+    ("CLUSTERING_LOCATION", -2, r"CLUSTERING_LOCATION=-2"),
+    ("RECONSTRUCTION", "mean", r"MODEL.EXPEDIT.RECONSTRUCTION must be one of \['topk', 'nearest'\], got 'mean'"),
+    ("SWIN_SHIFT_MASK", "new", r"MODEL.EXPEDIT.SWIN_SHIFT_MASK must be one of \['official', 'consistent'\], got 'new'"),
+    ("RECON_SUBTRACT_MIN_DISTANCE", 1, r"RECON_SUBTRACT_MIN_DISTANCE must be True or False, got 1"),
     ("NUM_CLUSTERS", [8, 6], r"MODEL.EXPEDIT.NUM_CLUSTERS=\[8, 6\]: Swin clusters each 12x12"),
     ("NUM_CLUSTERS", [13, 13], r"NUM_CLUSTERS=\[13, 13\]"),
     ("WINDOW", 4, r"MODEL.EXPEDIT.WINDOW must be an odd int >= 1, got 4"),

@@ -79,10 +79,13 @@ def test_disabled_is_bitwise_identical(hybrid):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_taps_follow_the_spec():
-    """Cluster right after block alpha (cls kept), later blocks on clusters, every tap at
-    or after alpha reconstructed -- written out with the operators."""
+@pytest.mark.parametrize("mode", ["topk", "nearest"])
+def test_taps_follow_the_spec(mode):
+    """Cluster right after block alpha (cls kept), later blocks on clusters, every tap
+    after alpha reconstructed, the tap at alpha exact (the official hook records the
+    block's output before clustering) -- written out with the operators."""
     cfg = tiny_vit_cfg()
+    cfg.MODEL.EXPEDIT.RECONSTRUCTION = mode
     base = build(cfg)
     cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
     ex = build(cfg)
@@ -90,7 +93,7 @@ def test_taps_follow_the_spec():
     x = torch.randn(2, 3, 160, 224)
     with torch.no_grad():
         got, grid, _ = ex.forward_taps(x, [1, 2, 3, 5])
-        plain, grid0, _ = base.forward_taps(x, [1])
+        plain, grid0, _ = base.forward_taps(x, [1, 2])
         assert grid == grid0 == (10, 14)
         # by hand
         tok, _, _ = base.patch_embed(x)
@@ -98,15 +101,33 @@ def test_taps_follow_the_spec():
         for blk in base.blocks[:3]:
             t = blk(t)
         clusters, state = token_clustering(t, grid, (5, 6), 5, 1.0, 5, num_prefix_tokens=1)
-        expect = {2: token_reconstruction(clusters, state, 4, 1.0)}
+        expect = {}
         for i in (3, 4, 5):
             clusters = base.blocks[i](clusters)
-            expect[i] = token_reconstruction(clusters, state, 4, 1.0)
+            expect[i] = token_reconstruction(clusters, state, 4, 1.0, mode=mode)
     torch.testing.assert_close(got[0], plain[0])  # tap 1 is before the clustering point
-    assert got[1].shape == (2, 1 + 140, 32)
-    for tap, i in zip(got[1:], (2, 3, 5)):
+    assert torch.equal(got[1], t) and torch.equal(got[1], plain[1])  # tap 2 = alpha: exact
+    for tap, i in zip(got[2:], (3, 5)):
+        assert tap.shape == (2, 1 + 140, 32)
         torch.testing.assert_close(tap, expect[i], atol=1e-5, rtol=1e-5)
         assert torch.equal(tap[:, :1], expect[i][:, :1])  # cls token passed through
+
+
+def test_as_many_clusters_as_tokens_leaves_taps_unreconstructed():
+    """The official hook reconstructs only taps whose token count differs from the input's:
+    with h x w = H x W the later taps are the cluster tokens themselves."""
+    cfg = tiny_vit_cfg("ExpeditBackbone")
+    cfg.MODEL.EXPEDIT.NUM_CLUSTERS, cfg.MODEL.EXPEDIT.RECON_K = [10, 14], 4
+    ex = build(cfg)
+    x = torch.randn(1, 3, 160, 224)
+    with torch.no_grad():
+        got, grid, _ = ex.forward_taps(x, [2, 3])
+        tok, _, _ = ex.patch_embed(x)
+        t = torch.cat([ex.cls_token.expand(1, -1, -1), tok], 1) + ex.resized_pos_embed(grid)
+        for blk in ex.blocks[:3]:
+            t = blk(t)
+        clusters, _ = token_clustering(t, grid, (10, 14), 5, 1.0, 5, num_prefix_tokens=1)
+    torch.testing.assert_close(got[1], ex.blocks[3](clusters), atol=1e-6, rtol=1e-6)
 
 
 def test_dpt_checkpoint_names_load_cleanly(tmp_path):

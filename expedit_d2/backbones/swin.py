@@ -82,7 +82,11 @@ def relative_position_index(ws: int, device=None) -> torch.Tensor:
 
 def shifted_window_mask(H: int, W: int, ws: int, shift: int, device) -> torch.Tensor:
     """(nW, ws*ws, ws*ws) additive mask (0 / -100) for shifted windows on an H x W map
-    (H, W multiples of ws): tokens from different pre-shift regions do not attend."""
+    (H, W multiples of ws): tokens from different pre-shift regions do not attend.
+
+    Regions are cut by the row/column slices (0, -ws), (-ws, -shift), (-shift, None),
+    assigned in that order (a later slice overwrites an overlapping earlier one, which
+    matters when shift > ws, as in the official expedited stage)."""
     img = torch.zeros(1, H, W, 1, device=device)
     region = 0
     for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
@@ -216,11 +220,14 @@ class SwinStage(nn.Module):
         self.downsample = PatchMerging(dim) if downsample else None
         self.expedit = None  # token clustering/reconstruction hook (see module docstring)
 
-    def run_blocks(self, x, H, W, start=0, stop=None, window_size=None):
-        """Run blocks[start:stop] on an H x W map with the given window size."""
+    def run_blocks(self, x, H, W, start=0, stop=None, window_size=None, mask_shift=None):
+        """Run blocks[start:stop] on an H x W map with the given window size; the
+        shifted-window mask cuts its regions at ``mask_shift`` (default: window // 2, the
+        shift the blocks roll by)."""
         ws = window_size or self.window_size
         Hp, Wp = H + (-H) % ws, W + (-W) % ws
-        mask = shifted_window_mask(Hp, Wp, ws, ws // 2, x.device) if len(self.blocks) > 1 else None
+        shift = ws // 2 if mask_shift is None else mask_shift
+        mask = shifted_window_mask(Hp, Wp, ws, shift, x.device) if len(self.blocks) > 1 else None
         for blk in self.blocks[start:stop]:
             x = blk(x, H, W, mask, ws)
         return x

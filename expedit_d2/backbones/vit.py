@@ -18,7 +18,7 @@ any multi-scale meta-architecture can use it.
 
 Hook point: ``self.expedit`` (``None`` by default), installed by
 :mod:`expedit_d2.expedit_backbone`: clusters the patch tokens after block alpha and
-reconstructs every tap at or after it.
+reconstructs every tap after it (a tap at block alpha is taken before clustering).
 """
 from __future__ import annotations
 
@@ -250,7 +250,8 @@ class VisionTransformer(nn.Module):
 
     def forward_taps(self, x: torch.Tensor, taps) -> tuple[list, tuple[int, int], list]:
         """(B, 3, H, W) -> (tokens after each tap block (B, 1 + h*w, C), grid (h, w),
-        ResNet stage maps). Taps at or after the clustering point are reconstructed."""
+        ResNet stage maps). Taps after the clustering point are reconstructed; a tap at
+        the clustering block is its exact output (taken before clustering)."""
         tokens, grid, stages = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         x = self.pos_drop(x + self.resized_pos_embed(grid))
@@ -259,10 +260,10 @@ class VisionTransformer(nn.Module):
         last = max(taps)
         for i, blk in enumerate(self.blocks[: last + 1]):
             x = blk(x)
+            if i in wanted:  # a tap at the clustering block itself is exact (taken before)
+                outs[i] = x if state is None else hook.reconstruct(x, state)
             if hook is not None and i == hook.location:
                 x, state = hook.cluster(x, grid)
-            if i in wanted:
-                outs[i] = x if state is None else hook.reconstruct(x, state)
         return [outs[i] for i in taps], grid, stages
 
 

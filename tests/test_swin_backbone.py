@@ -14,7 +14,7 @@ from detectron2.modeling import build_backbone
 from expedit_d2.config import add_expedit_config
 from expedit_d2.backbones.swin import SwinTransformer
 from tests.dense_reference import dense_clustering, dense_reconstruction
-from tests.d2_helpers import run_faster_rcnn_fpn
+from tests.d2_helpers import run_faster_rcnn_fpn, run_retinanet
 from tests.reference_keys import read_keys
 
 
@@ -285,6 +285,17 @@ def test_drops_into_generalized_rcnn_with_fpn(bottom_up):
     instances = run_faster_rcnn_fpn(cfg, bottom_up, (375, 500))
     assert instances.image_size == (375, 500)
 
+
+
+@pytest.mark.parametrize("name", ["build_bottom_up_fpn_backbone", "build_bottom_up_retinanet_fpn_backbone"])
+def test_drops_into_detectron2_retinanet(name):
+    """Detectron2's RetinaNet config with only the backbone name changed: p3..p7, p6/p7
+    from the top input (LastLevelP6P7), as Detectron2's own RetinaNet FPN."""
+    model, instances = run_retinanet(tiny_swin_cfg(), name, "ExpeditBackbone", (250, 330))
+    assert instances.image_size == (250, 330)
+    assert list(model.backbone.output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
+    assert type(model.backbone.top_block).__name__ == "LastLevelP6P7"
+    assert model.backbone.top_block.in_feature == "res5"
 
 
 # ----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ installs the hooks, registered with :func:`register_adapter` for the backbone's 
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -34,7 +35,10 @@ from .ops import (
     _window,
 )
 
-__all__ = ["ExpeditSettings", "expedite", "register_adapter", "build_expedit_backbone"]
+__all__ = ["ExpeditSettings", "expedite", "register_adapter", "build_expedit_backbone",
+           "unexpedited_images"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class ExpeditSettings:
     reconstruction_mode: str = "topk"  # or "nearest" (the official DPT release)
     recon_subtract_min_distance: bool = False  # True: no underflow (not the official formula)
     swin_shift_mask: str = "official"  # or "consistent" (see SwinWindowExpedit)
+    small_input: str = "skip"  # ViT input with fewer tokens than clusters: "skip" or "error"
 
     @classmethod
     def from_config(cls, cfg) -> "ExpeditSettings":
@@ -64,7 +69,7 @@ class ExpeditSettings:
         return cls(int(e.CLUSTERING_LOCATION), (int(nc[0]), int(nc[1])), e.ITERS,
                    e.TEMPERATURE, e.WINDOW, e.RECON_K, e.RECON_TEMPERATURE,
                    int(e.MEMORY_LIMIT_MB * 2**20), e.RECONSTRUCTION,
-                   e.RECON_SUBTRACT_MIN_DISTANCE, e.SWIN_SHIFT_MASK)
+                   e.RECON_SUBTRACT_MIN_DISTANCE, e.SWIN_SHIFT_MASK, e.SMALL_INPUT)
 
     def __post_init__(self):
         """Validate every field, naming its config key."""
@@ -82,6 +87,8 @@ class ExpeditSettings:
         if not isinstance(self.recon_subtract_min_distance, bool):
             raise ValueError(f"{key}RECON_SUBTRACT_MIN_DISTANCE must be True or False, "
                              f"got {self.recon_subtract_min_distance!r}")
+        if self.small_input not in ("skip", "error"):
+            raise ValueError(f"{key}SMALL_INPUT must be 'skip' or 'error', got {self.small_input!r}")
         if self.swin_shift_mask not in SWIN_SHIFT_MASKS:
             raise ValueError(f"{key}SWIN_SHIFT_MASK must be one of {list(SWIN_SHIFT_MASKS)}, "
                              f"got {self.swin_shift_mask!r}")
@@ -259,13 +266,25 @@ class ViTTokenExpedit(nn.Module):
         self.location = location
         self.clustering = settings.clustering()
         self.reconstruction = settings.reconstruction()
+        self.small_input = settings.small_input
+        #: images run unexpedited because their token grid was smaller than the cluster
+        #: grid (a count for the evaluation's results; not a parameter, not a buffer)
+        self.unexpedited_images = 0
 
     def cluster(self, x, grid):
+        """(B, 1 + H*W, C) -> (clusters, state); an input whose token grid is smaller than
+        the cluster grid is left as it is, state None (or an error, SMALL_INPUT "error")."""
         h, w = self.clustering.num_clusters
         if h > grid[0] or w > grid[1]:
-            raise ValueError(
-                f"MODEL.EXPEDIT.NUM_CLUSTERS={[h, w]} is larger than this input's token grid "
-                f"{list(grid)} (rows, columns)")
+            message = (f"MODEL.EXPEDIT.NUM_CLUSTERS={[h, w]} is larger than this input's token "
+                       f"grid {list(grid)} (rows, columns)")
+            if self.small_input == "error":
+                raise ValueError(message)
+            if self.unexpedited_images == 0:
+                logger.warning(f"{message}: such inputs run unexpedited (MODEL.EXPEDIT.SMALL_INPUT "
+                               "'skip'); they are counted, this is said once")
+            self.unexpedited_images += x.shape[0]
+            return x, None
         return self.clustering(x, grid, num_prefix_tokens=1)
 
     def reconstruct(self, x, state):
@@ -288,3 +307,9 @@ def expedite_vit(backbone: VisionTransformer, settings: ExpeditSettings) -> None
     if settings.recon_k > h * w:
         raise ValueError(f"MODEL.EXPEDIT.RECON_K={settings.recon_k} exceeds the {h}x{w} clusters")
     backbone.expedit = ViTTokenExpedit(alpha, settings)
+
+
+def unexpedited_images(model: nn.Module) -> int:
+    """How many images the hooks in ``model`` ran unexpedited (token grid smaller than the
+    cluster grid, ``MODEL.EXPEDIT.SMALL_INPUT: skip``) since it was built."""
+    return sum(getattr(m, "unexpedited_images", 0) for m in model.modules())

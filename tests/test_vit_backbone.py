@@ -173,10 +173,12 @@ def test_autocast_forward_is_finite(dtype):
     ("NUM_CLUSTERS", [11, 4], r"MODEL.EXPEDIT.NUM_CLUSTERS=\[11, 4\] is larger than this input's token grid \[10, 14\]"),
     ("RECON_K", 31, r"MODEL.EXPEDIT.RECON_K=31 exceeds the 5x6 clusters"),
     ("ITERS", 0, r"MODEL.EXPEDIT.ITERS must be an int >= 1, got 0"),
+    ("SMALL_INPUT", "clamp", r"MODEL.EXPEDIT.SMALL_INPUT must be 'skip' or 'error', got 'clamp'"),
     ("RECON_TEMPERATURE", -1.0, r"MODEL.EXPEDIT.RECON_TEMPERATURE must be a positive finite number, got -1.0"),
 ])
 def test_bad_expedit_config_names_the_key(key, value, message):
     cfg = tiny_vit_cfg("ExpeditBackbone")
+    cfg.MODEL.EXPEDIT.SMALL_INPUT = "error"
     setattr(cfg.MODEL.EXPEDIT, key, value)
     with pytest.raises(ValueError, match=message):
         build(cfg)(torch.randn(1, 3, 160, 224))
@@ -187,3 +189,25 @@ def test_bad_taps_are_rejected():
     cfg.MODEL.VIT.TAPS = [1, 2, 3, 6]
     with pytest.raises(ValueError, match=r"MODEL.VIT.TAPS \[1, 2, 3, 6\]: block indices \[6\] outside 0..5"):
         build(cfg)
+
+
+def test_input_smaller_than_the_cluster_grid_runs_unexpedited_and_is_counted(caplog):
+    """One small image must not abort a long evaluation: it runs as the base backbone,
+    is counted, and the fact is logged once."""
+    from expedit_d2.expedit_backbone import unexpedited_images
+
+    cfg = tiny_vit_cfg()
+    base = build(cfg)
+    cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
+    cfg.MODEL.EXPEDIT.NUM_CLUSTERS = [8, 8]
+    ex = build(cfg)
+    ex.load_state_dict(base.state_dict())
+    small, large = torch.randn(2, 3, 96, 160), torch.randn(1, 3, 160, 224)  # 6x10, 10x14 tokens
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        a, b = base(small), ex(small)
+        ex(small[:1])
+        ex(large)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert unexpedited_images(ex) == 3 and unexpedited_images(base) == 0
+    warned = [r for r in caplog.records if "run unexpedited" in r.getMessage()]
+    assert len(warned) == 1 and "NUM_CLUSTERS=[8, 8] is larger than this input's token grid [6, 10]" in warned[0].getMessage()

@@ -97,6 +97,20 @@ def test_expedit_disabled_is_identical_and_enabled_differs():
     assert c.shape == a.shape and torch.isfinite(c).all() and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_is_rejected_naming_the_image(bad):
+    model = build(dpt_cfg())
+    image = torch.rand(3, 96, 128) * 255
+    image[1, 5, 7] = bad
+    ok = {"image": torch.rand(3, 96, 128) * 255, "file_name": "fine.png"}
+    with pytest.raises(ValueError, match=r"input image '/data/nyu/rgb_00042.png' \(batch index 1\) has 1 non-finite"):
+        model([ok, {"image": image, "file_name": "/data/nyu/rgb_00042.png"}])
+    with pytest.raises(ValueError, match=r"input image batch index 0 has 1 non-finite"):
+        model([{"image": image}])
+    with torch.no_grad():  # integer images are never scanned, and finite ones pass
+        assert torch.isfinite(model([{"image": (torch.rand(3, 96, 128) * 255).to(torch.uint8)}])[0]["depth"]).all()
+
+
 def test_training_step_gives_finite_loss_and_gradients():
     model = build(dpt_cfg()).train()
     depth = torch.rand(96, 128) * 5 + 0.5

@@ -17,6 +17,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 
 from expedit_d2.backbones.vit import D2ViTHybrid, VisionTransformer
+from expedit_d2.inputs import check_finite_images
 
 from .head import DPTReassemble, DPTScratch
 
@@ -88,6 +89,7 @@ class DPTDepth(nn.Module):
         return 1.0 / (self.scale * raw + self.shift).clamp_min(1e-8)
 
     def forward(self, batched_inputs):
+        check_finite_images(batched_inputs)
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         images = ImageList.from_tensors(images, self.backbone.size_divisibility)
         depth = self.to_depth(self.forward_raw(images.tensor))

@@ -1,0 +1,23 @@
+"""Checks on what the projects' models are given (one home for both meta-architectures)."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_finite_images"]
+
+
+def check_finite_images(batched_inputs) -> None:
+    """Raise if any ``batched_inputs[i]["image"]`` holds NaN or inf, naming the image.
+
+    A single non-finite pixel turns the whole output into NaN (attention and normalisation
+    mix every position), silently; integer images (what the dataset mappers produce) are
+    always finite and are not scanned.
+    """
+    for i, x in enumerate(batched_inputs):
+        image = x["image"]
+        if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+            bad = int((~torch.isfinite(image)).sum())
+            name = x.get("file_name") or (f"image_id {x['image_id']}" if "image_id" in x else None)
+            where = f"{name!r} (batch index {i})" if name else f"batch index {i}"
+            raise ValueError(f"input image {where} has {bad} non-finite (NaN/inf) values of "
+                             f"{image.numel()}: the model would output NaN; fix the input")

@@ -47,6 +47,7 @@ from expedit_d2.fileio import atomic_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "Mask2Former"))
 from mask2former.data.ade20k_categories import ADE20K_150_CATEGORIES  # noqa: E402
+from expedit_d2.cli import HelpFormatter  # noqa: E402
 
 SPLITS = (("train", "training"), ("val", "validation"))
 MAPPING_SOURCE = "https://github.com/CSAILVision/ADE20K (utils/ade20k_instance_catid_mapping.txt)"
@@ -170,7 +171,7 @@ def convert_split(root: Path, split: str, folder: str, mapping: dict[int, int]) 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     default_root = Path(os.environ.get("DETECTRON2_DATASETS", "datasets")) / "ADEChallengeData2016"
     parser.add_argument("--root", type=Path, default=default_root)
     parser.add_argument("--catid-mapping", type=Path, default=None,

@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from expedit_d2.fileio import atomic_write
+from expedit_d2.cli import HelpFormatter  # noqa: E402
 
 
 def convert_label(label: np.ndarray) -> np.ndarray:
@@ -46,7 +47,7 @@ def convert_split(root: Path, split: str) -> int:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--root", type=Path,
                         default=Path(os.environ.get("DETECTRON2_DATASETS", "datasets")) / "ADEChallengeData2016")
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from expedit_d2.evaluation.panoptic import rgb2id
 from expedit_d2.fileio import atomic_write
+from expedit_d2.cli import HelpFormatter  # noqa: E402
 
 
 def convert(panoptic_json: Path, panoptic_root: Path, out: Path) -> int:
@@ -52,7 +53,7 @@ def convert(panoptic_json: Path, panoptic_root: Path, out: Path) -> int:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--root", type=Path, default=Path(os.environ.get("DETECTRON2_DATASETS", "datasets")) / "coco")
     parser.add_argument("--panoptic-json", type=Path)
     parser.add_argument("--panoptic-root", type=Path)

@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from expedit_d2.fileio import atomic_write
+from expedit_d2.cli import HelpFormatter  # noqa: E402
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -91,8 +92,7 @@ def prepare(labeled: Path, splits_file: Path, root: Path) -> dict[str, int]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--labeled", type=Path, required=True, help="nyu_depth_v2_labeled.mat")
     parser.add_argument("--splits", type=Path, required=True, help="splits.mat")
     parser.add_argument("--root", type=Path, default=Path(os.environ.get("DETECTRON2_DATASETS", "datasets")))

@@ -6,9 +6,20 @@ before features leave the backbone. Importing the package registers the backbone
 (``D2SwinTransformer``, ``ExpeditBackbone``, ``D2HourglassSwinTransformer``) in
 Detectron2's ``BACKBONE_REGISTRY``; :func:`add_expedit_config` adds the config keys.
 """
-from .config import add_expedit_config
-from .expedit_backbone import ExpeditSettings, expedite, register_adapter
-from .ops import (
+import warnings
+
+# Detectron2 (box_regression, ...) and fvcore.nn (focal loss) script functions with
+# torch.jit.script at import time, and torch warns on every start that torch.jit.script is
+# deprecated. Import them here with that one warning silenced, before anything else does.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                            category=FutureWarning)
+    import fvcore.nn  # noqa: F401
+    import detectron2.modeling  # noqa: F401
+
+from .config import add_expedit_config  # noqa: E402
+from .expedit_backbone import ExpeditSettings, expedite, register_adapter  # noqa: E402
+from .ops import (  # noqa: E402
     ClusteringState,
     TokenClustering,
     TokenReconstruction,

@@ -28,6 +28,7 @@ from detectron2.utils.logger import setup_logger
 from expedit_d2 import add_expedit_config
 from expedit_d2.engine import load_project
 from expedit_d2.flops import gflops
+from expedit_d2.cli import HelpFormatter  # noqa: E402
 
 
 def setup(args):
@@ -51,8 +52,7 @@ def setup(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--config-file", default="", metavar="FILE")
     parser.add_argument("--input-size", nargs=2, type=int, default=[1024, 1024], metavar=("H", "W"))
     parser.add_argument("--tasks", nargs="+", choices=["flop", "parameter"], default=["flop"])

@@ -39,6 +39,7 @@ from expedit_d2.measure import (  # noqa: E402
 )
 from expedit_d2.ops import DEFAULT_MEMORY_LIMIT, token_clustering, token_reconstruction  # noqa: E402
 from tests.dense_reference import dense_clustering, dense_reconstruction  # noqa: E402
+from expedit_d2.cli import HelpFormatter  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,7 @@ def format_table(rows, device: str, threads: int, memory_limit: int) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)

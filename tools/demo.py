@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from expedit_d2.cli import HelpFormatter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     from expedit_d2.fileio import atomic_write
     from expedit_d2.sweep import SweepSpec, load_sweep_file, read_rows, run_sweep
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=REPO / "output" / "demo")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--only", choices=[d[0] for d in DEMOS], action="append",

@@ -1,0 +1,44 @@
+"""What every command shows a user: --help with defaults, no deprecation noise on start."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(rel):
+    spec = importlib.util.spec_from_file_location("_cli_" + Path(rel).stem, ROOT / rel)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("datasets/prepare_nyuv2.py", ["--root ROOT", "(default: "]),
+    ("datasets/prepare_ade20k_sem_seg.py", ["--root ROOT", "(default: ", "ADEChallengeData2016"]),
+    ("datasets/prepare_ade20k_pan_ins_seg.py", ["(default: ", "ADEChallengeData2016", "(default: ['train', 'val'])"]),
+    ("datasets/prepare_coco_semantic_annos_from_panoptic_annos.py", ["(default: ", "coco"]),
+    ("tools/demo.py", ["--output-dir", "(default: ", "output/demo"]),
+    ("tools/analyze_model.py", ["(default: [1024, 1024])", "(default: ['flop'])"]),
+    ("tools/benchmark_ops.py", ["--repeats REPEATS", "(default: 5)", "(default: 256.0)"]),
+])
+def test_help_shows_defaults(script, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        _load(script).main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
+    for text in expected:
+        assert text in out, (script, text, out)
+
+
+def test_importing_the_package_prints_no_torch_jit_deprecation():
+    """Detectron2 and fvcore script functions at import; torch then warns twice on every
+    start that torch.jit.script is deprecated. expedit_d2 imports them with it silenced."""
+    code = "import expedit_d2, detectron2.engine, detectron2.evaluation, detectron2.data"
+    run = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]

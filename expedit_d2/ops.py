@@ -272,8 +272,8 @@ def token_clustering(
         centers = centers.flatten(2).transpose(1, 2) - mean  # (B, M, C)
 
         # 2./3. initial cluster cell of each token row/column, and reachable neighbourhood
-        rows = initial_cells(H, h)  # (H,) on the CPU (also for meta-device runs)
-        row_of, col_of = rows.to(device), initial_cells(W, w).to(device)  # (H,), (W,)
+        rows = initial_cells(H, h, "cpu")  # (H,) on the CPU, also in meta-device runs
+        row_of, col_of = rows.to(device), initial_cells(W, w, "cpu").to(device)  # (H,), (W,)
         rows = rows.tolist()
         m_col = torch.arange(w, device=device)
 
@@ -404,10 +404,10 @@ def token_reconstruction(
                 mixed = values[bs].gather(1, idx.expand(-1, -1, values.shape[-1]))
             else:
                 if subtract_min_distance:
-                    dist -= dist.amin(dim=-1, keepdim=True)
-                weight = dist.mul_(-tau).exp_()
+                    dist = dist - dist.amin(dim=-1, keepdim=True)
+                weight = torch.exp(dist * -tau)  # out of place: gradients flow in training
                 kth = torch.topk(weight, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-                weight = weight.masked_fill_(weight < kth, 0.0)
+                weight = weight.masked_fill(weight < kth, 0.0)
                 weight = F.normalize(weight, p=2.0, dim=-1, eps=1e-12)
                 mixed = torch.bmm(weight, values[bs])
             out[bs, P + t0 : P + t1] = mixed

@@ -175,7 +175,7 @@ def test_depth_metrics_by_hand():
     assert (m["d1"], m["d2"], m["d3"]) == pytest.approx((0.5, 0.5, 0.75))
 
 
-def test_depth_evaluator_averages_per_image():
+def test_depth_evaluator_averages_per_image(caplog):
     import numpy as np
 
     from dpt import DepthEvaluator
@@ -187,7 +187,13 @@ def test_depth_evaluator_averages_per_image():
     ev.process([{"depth": torch.from_numpy(gt)}], [{"depth": torch.full((480, 640), 2.0)}])
     ev.process([{"depth": torch.from_numpy(gt)}], [{"depth": torch.full((480, 640), 4.0)}])
     ev.process([{"depth": torch.zeros(480, 640)}], [{"depth": torch.ones(480, 640)}])  # no valid pixel
-    res = ev.evaluate()["depth"]
+    with caplog.at_level("INFO", logger="dpt"):
+        res = ev.evaluate()["depth"]
+    table = caplog.records[-1].getMessage()  # Detectron2's small table of every metric
+    assert "Depth metrics on 2 images (1 without valid pixels)" in table
+    header, _, values = table.splitlines()[1:4]
+    assert [h.strip() for h in header.strip("|").split("|")][:3] == ["abs_rel", "sq_rel", "rmse"]
+    assert values.strip("|").split("|")[0].strip() == "0.500"
     assert res["abs_rel"] == pytest.approx(0.5)  # (0 + 1) / 2 images
     assert res["d1"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match=r"Eigen crop is defined on 480x640 frames, got \(100, 100\)"):

@@ -83,7 +83,7 @@ def test_file_based_pq_compute(tmp_path):
     check(pq_compute(str(gt_json), str(pred_json), str(root), str(pred_dir)))
 
 
-def test_evaluator_on_model_outputs(tmp_path):
+def test_evaluator_on_model_outputs(tmp_path, caplog):
     root, gt_json = _write_gt(tmp_path)
     name = "expedit_test_pq_fixture"
     DatasetCatalog.register(name, lambda: [])
@@ -98,7 +98,15 @@ def test_evaluator_on_model_outputs(tmp_path):
         segments = [{"id": s["id"], "category_id": contiguous[s["category_id"]],
                      "isthing": s["category_id"] != 2} for s in PRED_SEGMENTS]
         ev.process([{"image_id": 1}], [{"panoptic_seg": (torch.from_numpy(PRED), segments)}])
-        res = ev.evaluate()["panoptic_seg"]
+        with caplog.at_level("INFO", logger="expedit_d2"):
+            res = ev.evaluate()["panoptic_seg"]
+        # Detectron2's panoptic table: one row each for All, Things, Stuff
+        table = caplog.records[-1].getMessage()
+        header = [c.strip() for c in table.splitlines()[1].strip("|").split("|")]
+        assert header == ["", "PQ", "SQ", "RQ", "#categories"]
+        rows = {line.split("|")[1].strip(): line for line in table.splitlines()[3:]}
+        assert set(rows) == {"All", "Things", "Stuff"}
+        assert f"{100 * PERSON_PQ:.3f}" in rows["Things"] and f"{100 * PERSON_PQ / 2:.3f}" in rows["All"]
         assert res["PQ"] == pytest.approx(100 * PERSON_PQ / 2)
         assert res["PQ_th"] == pytest.approx(100 * PERSON_PQ)
         assert res["SQ_th"] == pytest.approx(100 * PERSON_SQ)

@@ -25,6 +25,7 @@ from collections import OrderedDict, defaultdict
 
 import numpy as np
 from PIL import Image
+from tabulate import tabulate
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
@@ -248,6 +249,14 @@ class PanopticQualityEvaluator(DatasetEvaluator):
         for suffix, name in (("", "All"), ("_th", "Things"), ("_st", "Stuff")):
             for k in ("pq", "sq", "rq"):
                 res[k.upper() + suffix] = 100 * m[name][k]
-        self._logger.info(
-            f"Panoptic quality on {n} images: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+        self._logger.info(f"Panoptic quality on {n} images:\n" + pq_table(m))
         return OrderedDict(panoptic_seg=res)
+
+
+def pq_table(metrics: dict) -> str:
+    """Detectron2's panoptic table: PQ / SQ / RQ (in %) and #categories for All, Things,
+    Stuff, from :meth:`PQStat.metrics`."""
+    rows = [[name, *(100 * metrics[name][k] for k in ("pq", "sq", "rq")), metrics[name]["n"]]
+            for name in ("All", "Things", "Stuff")]
+    return tabulate(rows, headers=["", "PQ", "SQ", "RQ", "#categories"], tablefmt="pipe",
+                    floatfmt=".3f", stralign="center", numalign="center")

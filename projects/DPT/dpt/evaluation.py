@@ -21,6 +21,7 @@ import torch
 
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
+from detectron2.utils.logger import create_small_table
 
 __all__ = ["DEPTH_METRICS", "depth_metrics", "eigen_crop_mask", "DepthEvaluator"]
 
@@ -105,5 +106,7 @@ class DepthEvaluator(DatasetEvaluator):
             self._logger.warning(f"DepthEvaluator on {self.dataset_name!r}: no image with valid depth")
             return {}
         mean = np.asarray(rows, dtype=np.float64).mean(0)
-        self._logger.info(f"Depth metrics on {len(rows)} images ({skipped} without valid pixels)")
-        return OrderedDict(depth=OrderedDict((k, float(v)) for k, v in zip(DEPTH_METRICS, mean)))
+        res = OrderedDict((k, float(v)) for k, v in zip(DEPTH_METRICS, mean))
+        self._logger.info(f"Depth metrics on {len(rows)} images ({skipped} without valid "
+                          f"pixels):\n" + create_small_table(res))
+        return OrderedDict(depth=res)

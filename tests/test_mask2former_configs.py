@@ -1,25 +1,64 @@
 """Every Mask2Former config builds the official model; expedited configs differ from their
-baseline only in the backbone keys."""
+baseline only in the backbone keys and carry the published Expedit-Mask2Former settings."""
 from pathlib import Path
 
 import pytest
 import torch
 
-from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser
 
-from mask2former import MaskFormer, add_maskformer2_config
+from mask2former import MaskFormer
+from tests.d2_helpers import load_train_net
 from tests.reference_keys import read_keys
 
 CONFIGS = Path(__file__).resolve().parents[1] / "projects/Mask2Former/configs"
 ALL = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("maskformer2_*.yaml"))
+EXPEDITED = [r for r in ALL if "expedit" in r or "hourglass" in r]
 REFERENCE = {"coco/panoptic": "coco_panoptic", "coco/instance": "coco_instance", "ade20k/panoptic": "ade20k_panoptic"}
+# The official Expedit-Mask2Former configs (maskformer2_hourglass_swin_large_IN21k_384_bs16_
+# {100ep,100ep,160k,160k_res640}.yaml; SPEC 5): alpha = MODEL.SWIN.CLUSTERING_LOCATION, 8x8
+# clusters per window = NUM_SPIXELS 64, lambda = TOKEN_CLUSTERING_BLOCK.WINDOW_SIZE.
+PUBLISHED = {
+    "coco/panoptic-segmentation": dict(alpha=10, clusters=(8, 8), iters=5, tau=0.05, lam=7, k=10, tau_r=0.05),
+    "coco/instance-segmentation": dict(alpha=12, clusters=(8, 8), iters=5, tau=0.01, lam=11, k=60, tau_r=0.01),
+    "ade20k/panoptic-segmentation": dict(alpha=14, clusters=(8, 8), iters=4, tau=0.01, lam=7, k=49, tau_r=0.01),
+    "ade20k/semantic-segmentation": dict(alpha=7, clusters=(8, 8), iters=5, tau=0.01, lam=5, k=10, tau_r=0.01),
+}
 
 
-def load(rel):
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    cfg.merge_from_file(str(CONFIGS / rel))
-    return cfg
+def build_config(path, *opts):
+    """The frozen config ``projects/Mask2Former/train_net.py`` builds for ``--config-file path``."""
+    args = default_argument_parser().parse_args(["--config-file", str(path), *opts])
+    return load_train_net("Mask2Former").build_config(args)
+
+
+def load(rel, *opts):
+    return build_config(CONFIGS / rel, *opts)
+
+
+def installed_settings(backbone):
+    """What the expedit hook installed in a Swin backbone actually uses (None: no hook)."""
+    first = 0
+    for stage, depth in zip(backbone.layers, backbone.depths):
+        hook = getattr(stage, "expedit", None)
+        if hook is not None:
+            c, r = hook.clustering, hook.reconstruction
+            return dict(alpha=first + hook.block_index, clusters=tuple(c.num_clusters), iters=c.iters,
+                        tau=c.temperature, lam=c.window, k=r.k, tau_r=r.temperature)
+        first += depth
+    return None
+
+
+def settings_in_config(cfg):
+    s = cfg.MODEL.SWIN
+    c, r = s.TOKEN_CLUSTERING_BLOCK, s.TOKEN_RECONSTRUCTION_BLOCK
+    side = round(c.NUM_SPIXELS ** 0.5)
+    return dict(alpha=s.CLUSTERING_LOCATION, clusters=(side, side) if side * side == c.NUM_SPIXELS else None,
+                iters=c.N_ITERS, tau=c.TEMPERATURE, lam=c.WINDOW_SIZE, k=r.K, tau_r=r.TEMPERATURE)
+
+
+def published_for(rel):
+    return next(v for k, v in PUBLISHED.items() if rel.startswith(k) or f"/{k}/" in rel)
 
 
 @pytest.mark.parametrize("rel", ALL)
@@ -43,13 +82,38 @@ def _flat(node, prefix=""):
     return out
 
 
-@pytest.mark.parametrize("rel", [r for r in ALL if "expedit" in r])
+def _baseline_of(rel):
+    if "_expedit" in rel:
+        return rel[: rel.index("_expedit")] + ".yaml"
+    return rel.replace("maskformer2_hourglass_swin", "maskformer2_swin")
+
+
+@pytest.mark.parametrize("rel", EXPEDITED)
 def test_expedited_config_differs_only_in_backbone_keys(rel):
-    base_rel = rel[: rel.index("_expedit")] + ".yaml"
-    exp, base = _flat(load(rel)), _flat(load(base_rel))
+    exp, base = _flat(load(rel)), _flat(load(_baseline_of(rel)))
     changed = {k for k in exp if exp[k] != base[k]}
     assert changed and all(k.startswith(("MODEL.BACKBONE.", "MODEL.SWIN.")) for k in changed), changed
     assert exp["MODEL.BACKBONE.NAME"] == "D2HourglassSwinTransformer"
+
+
+@pytest.mark.parametrize("rel", EXPEDITED)
+def test_expedited_config_carries_the_published_settings(rel):
+    """Config values and what the built backbone's hook really uses, both names of each."""
+    cfg = load(rel)
+    assert settings_in_config(cfg) == published_for(rel)
+    with torch.device("meta"):
+        model = MaskFormer(**MaskFormer.from_config(cfg))
+    assert installed_settings(model.backbone) == published_for(rel)
+
+
+@pytest.mark.parametrize("rel", [r for r in ALL if "_expedit" in r])
+def test_our_expedit_names_are_aliases_of_the_official_names(rel):
+    """One home per set of values: ``*_expedit_a*_8x8.yaml`` only points at the official name."""
+    official = rel[: rel.index("_expedit")].replace("maskformer2_swin", "maskformer2_hourglass_swin") + ".yaml"
+    assert (CONFIGS / official).is_file()
+    body = [ln for ln in (CONFIGS / rel).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert body == [f'_BASE_: "{Path(official).name}"']
+    assert _flat(load(rel)) == _flat(load(official))
 
 
 def test_ade20k_registration_reads_the_official_layout(tmp_path):

@@ -50,7 +50,8 @@ def tiny_cfg(name="expedit_test_m2f_meta"):
     m.HIDDEN_DIM, m.NUM_OBJECT_QUERIES, m.DEC_LAYERS, m.DIM_FEEDFORWARD, m.NHEADS, m.DROPOUT = 32, 6, 3, 64, 4, 0.0
     m.TRAIN_NUM_POINTS = 256
     m.TEST.SEMANTIC_ON = m.TEST.PANOPTIC_ON = m.TEST.INSTANCE_ON = True
-    m.TEST.OBJECT_MASK_THRESHOLD, m.TEST.OVERLAP_THRESHOLD, m.TEST.DETECTIONS_PER_IMAGE = 0.0, 0.0, 5
+    m.TEST.OBJECT_MASK_THRESHOLD, m.TEST.OVERLAP_THRESHOLD = 0.0, 0.0
+    cfg.TEST.DETECTIONS_PER_IMAGE = 5  # the instance top-k (the official key)
     MetadataCatalog.get(name).set(thing_dataset_id_to_contiguous_id={1: 0, 2: 1}, stuff_classes=["a", "b", "c", "d"])
     cfg.DATASETS.TRAIN = (name,)
     return cfg

@@ -32,9 +32,9 @@ TINY = ["MODEL.SWIN.EMBED_DIM", "32", "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODE
         "INPUT.MAX_SIZE_TRAIN", "128", "DATASETS.TRAIN", "('synthetic_coco_panoptic',)",
         "DATASETS.TEST", "('synthetic_coco_panoptic',)", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
         "SOLVER.AMP.ENABLED", "False",
-        # hourglass Swin on 7x7 windows: 4x4 clusters per window before global block 4
+        # hourglass Swin on 7x7 windows: 4x4 clusters per window before global block 4 (k <= 16)
         "MODEL.SWIN.CLUSTERING_LOCATION", "4", "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS", "16",
-        "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.WINDOW_SIZE", "3"]
+        "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.WINDOW_SIZE", "3", "MODEL.SWIN.TOKEN_RECONSTRUCTION_BLOCK.K", "10"]
 CONFIGS = "projects/Mask2Former/configs/coco/panoptic-segmentation/swin/"
 
 
@@ -182,16 +182,37 @@ def coco_instances(coco):
     return "synthetic_coco_instances"
 
 
+INSTANCE_CONFIGS = "projects/Mask2Former/configs/coco/instance-segmentation/swin/"
+
+
+def _instance_opts(dataset):
+    return [*TINY, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "2", "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "True",
+            "DATASETS.TRAIN", f"('{dataset}',)", "DATASETS.TEST", f"('{dataset}',)"]
+
+
+@pytest.fixture(scope="module")
+def instance_weights(tmp_path_factory, coco_instances):
+    """The tiny 2-class baseline model's (random) weights, saved by Detectron2's checkpointer:
+    --eval-only needs a checkpoint that covers the model."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    tn = _train_net()
+    cfg = tn.setup(default_argument_parser().parse_args([
+        "--config-file", str(ROOT / INSTANCE_CONFIGS / "maskformer2_swin_large_IN21k_384_bs16_100ep.yaml"),
+        *_instance_opts(coco_instances)]))
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("instance_weights")
+    DetectionCheckpointer(tn.Trainer.build_model(cfg), save_dir=str(folder)).save("model_random")
+    return folder / "model_random.pth"
+
+
 @pytest.mark.parametrize("config", ["maskformer2_swin_large_IN21k_384_bs16_100ep.yaml",
                                     "maskformer2_swin_large_IN21k_384_bs16_100ep_expedit_a12_8x8.yaml"])
-def test_instance_eval_only_end_to_end(coco_instances, tmp_path, config):
+def test_instance_eval_only_end_to_end(coco_instances, instance_weights, tmp_path, config):
     tn = _train_net()
     args = default_argument_parser().parse_args([
-        "--config-file", str(ROOT / "projects/Mask2Former/configs/coco/instance-segmentation/swin" / config),
-        "--eval-only", *TINY, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "2",
-        "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "True",
-        "DATASETS.TRAIN", f"('{coco_instances}',)", "DATASETS.TEST", f"('{coco_instances}',)",
-        "OUTPUT_DIR", str(tmp_path)])
+        "--config-file", str(ROOT / INSTANCE_CONFIGS / config), "--eval-only", *_instance_opts(coco_instances),
+        "MODEL.WEIGHTS", str(instance_weights), "OUTPUT_DIR", str(tmp_path)])
     res = tn.main(args)
     assert {"AP", "AP50", "AP75"} <= set(res["segm"])
     assert 0 <= res["segm"]["AP"] <= 100 and 0 <= res["segm"]["AP50"] <= 100  # NaN fails

@@ -5,7 +5,10 @@
     python projects/Mask2Former/train_net.py --config-file CONFIG --num-gpus 8
 
 Official Mask2Former model-zoo ``.pkl`` checkpoints load as they are (same names). The
-expedited configs differ from the baselines only in the backbone keys.
+expedited configs differ from the baselines only in the backbone keys. The official
+Mask2Former / Expedit-Mask2Former YAMLs run unchanged: their ``_BASE_`` chains set DeepLab
+keys, so DeepLab's config is added first (as the official script does), and their ADE20K
+``SOLVER.LR_SCHEDULER_NAME: "WarmupPolyLR"`` is built by DeepLab's scheduler factory.
 """
 import os
 import sys
@@ -16,6 +19,7 @@ from detectron2.data import MetadataCatalog, build_detection_train_loader  # noq
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_setup  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator  # noqa: E402
+from detectron2.projects.deeplab import add_deeplab_config, build_lr_scheduler  # noqa: E402
 
 from expedit_d2.engine import build_cfg, launch_main, train_or_evaluate  # noqa: E402
 from expedit_d2.evaluation import PanopticQualityEvaluator  # noqa: E402
@@ -53,6 +57,11 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        # "WarmupPolyLR" (the ADE20K recipes) or any of Detectron2's own schedulers
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, mapper=MaskFormerTrainMapper(cfg))
 
@@ -61,7 +70,7 @@ Checkpointer = DetectionCheckpointer
 
 
 def build_config(args):
-    return build_cfg(args, add_maskformer2_config)
+    return build_cfg(args, add_deeplab_config, add_maskformer2_config)
 
 
 def register_datasets():

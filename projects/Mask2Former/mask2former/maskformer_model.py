@@ -7,9 +7,15 @@ Inference, per image, on the mask logits upsampled to the padded input and cropp
             each pixel goes to argmax_q score_q * sigmoid(mask)_q; a query keeps its segment
             when the pixels it wins are >= OVERLAP_THRESHOLD of its own mask (> 0.5);
             stuff segments of one class are merged
-  instance  the top DETECTIONS_PER_IMAGE (query, class) pairs by class probability, scored
-            by probability x mean mask probability inside the binary mask; with panoptic on,
-            thing classes only
+  instance  the top TEST.DETECTIONS_PER_IMAGE (query, class) pairs by class probability,
+            scored by probability x mean mask probability inside the binary mask; with
+            panoptic on, thing classes only. Boxes are the binary masks' bounding boxes (the
+            official code outputs all-zero boxes)
+Test-time resize (the Expedit fork's ``MODEL.MASK_FORMER.TEST.RESIZE_RATIO`` r > 0): the
+padded, normalised batch (N, 3, H, W) is resized bilinearly to
+(int(H / 32 * r) * 32, int(W / 32 * r) * 32) before the backbone; the mask logits are still
+upsampled to the unresized padded size, so outputs keep the image size.
+``MODEL.MASK_FORMER.TEST.RESIZE_SHORT_EDGE_LENGTH`` is accepted and unused (as officially).
 Expediting is a backbone matter: ``MODEL.BACKBONE.NAME: D2HourglassSwinTransformer`` (the
 official keys) or ``ExpeditBackbone``.
 """
@@ -35,7 +41,8 @@ class MaskFormer(nn.Module):
     @configurable
     def __init__(self, *, backbone, sem_seg_head, criterion, num_queries, object_mask_threshold,
                  overlap_threshold, metadata, size_divisibility, sem_seg_postprocess_before_inference,
-                 pixel_mean, pixel_std, semantic_on, panoptic_on, instance_on, test_topk_per_image):
+                 pixel_mean, pixel_std, semantic_on, panoptic_on, instance_on, test_topk_per_image,
+                 resize_ratio=-1.0, resize_short_edge_length=-1):
         super().__init__()
         self.backbone, self.sem_seg_head, self.criterion = backbone, sem_seg_head, criterion
         self.num_queries = num_queries
@@ -47,6 +54,8 @@ class MaskFormer(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
         self.test_topk_per_image = test_topk_per_image
+        self.resize_ratio = float(resize_ratio)
+        self.resize_short_edge_length = resize_short_edge_length  # unused, as officially
         if not (semantic_on or panoptic_on or instance_on):
             raise ValueError("MODEL.MASK_FORMER.TEST: enable at least one of SEMANTIC_ON, PANOPTIC_ON, INSTANCE_ON")
 
@@ -71,7 +80,8 @@ class MaskFormer(nn.Module):
                                                      or t.PANOPTIC_ON or t.INSTANCE_ON),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "semantic_on": t.SEMANTIC_ON, "panoptic_on": t.PANOPTIC_ON, "instance_on": t.INSTANCE_ON,
-            "test_topk_per_image": t.DETECTIONS_PER_IMAGE,
+            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "resize_ratio": t.RESIZE_RATIO, "resize_short_edge_length": t.RESIZE_SHORT_EDGE_LENGTH,
         }
 
     @property
@@ -81,7 +91,10 @@ class MaskFormer(nn.Module):
     def forward(self, batched_inputs):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         images = ImageList.from_tensors(images, self.size_divisibility)
-        outputs = self.sem_seg_head(self.backbone(images.tensor))
+        x = images.tensor
+        if not self.training and self.resize_ratio > 0:
+            x = self.resize_for_backbone(x)
+        outputs = self.sem_seg_head(self.backbone(x))
         if self.training:
             if "instances" not in batched_inputs[0]:
                 raise KeyError("training inputs need 'instances' (gt_classes, gt_masks)")
@@ -106,6 +119,14 @@ class MaskFormer(nn.Module):
                 r["instances"] = self.instance_inference(cls_i, mask_i)
             results.append(r)
         return results
+
+    def resize_for_backbone(self, x):
+        """(N, C, H, W) -> (N, C, int(H / 32 * r) * 32, int(W / 32 * r) * 32), bilinear."""
+        size = tuple(int(s / 32 * self.resize_ratio) * 32 for s in x.shape[-2:])
+        if min(size) == 0:
+            raise ValueError(f"MODEL.MASK_FORMER.TEST.RESIZE_RATIO={self.resize_ratio} shrinks the "
+                             f"{tuple(x.shape[-2:])} batch below 32 pixels")
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     def prepare_targets(self, instances, images):
         H, W = images.tensor.shape[-2:]

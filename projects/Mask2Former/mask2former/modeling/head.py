@@ -24,16 +24,16 @@ class MaskFormerHead(nn.Module):
     def __init__(self, input_shape, num_classes, conv_dim=256, mask_dim=256, norm="GN",
                  transformer_in_features=("res3", "res4", "res5"), enc_layers=6, enc_dim_feedforward=1024,
                  enc_n_points=4, dropout=0.0, hidden_dim=256, num_queries=100, nheads=8,
-                 dim_feedforward=2048, dec_layers=9, enforce_input_project=False):
+                 dim_feedforward=2048, dec_layers=9, enforce_input_project=False, num_feature_levels=3):
         super().__init__()
         self.num_classes = num_classes
         self.pixel_decoder = MSDeformAttnPixelDecoder(
             input_shape, transformer_in_features, conv_dim, mask_dim, norm, dropout=dropout,
             nheads=nheads, dim_feedforward=enc_dim_feedforward, enc_layers=enc_layers,
-            n_points=enc_n_points)
+            n_points=enc_n_points, num_feature_levels=num_feature_levels)
         self.predictor = MultiScaleMaskedTransformerDecoder(
             conv_dim, num_classes, hidden_dim, num_queries, nheads, dim_feedforward, dec_layers,
-            mask_dim, enforce_input_project)
+            mask_dim, enforce_input_project, num_feature_levels)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -60,6 +60,7 @@ class MaskFormerHead(nn.Module):
             "dim_feedforward": m.DIM_FEEDFORWARD,
             # one "layer" of the config is the prediction before the first decoder layer
             "dec_layers": m.DEC_LAYERS - 1, "enforce_input_project": m.ENFORCE_INPUT_PROJ,
+            "num_feature_levels": h.NUM_FEATURE_LEVELS,
         }
 
     def forward(self, features):

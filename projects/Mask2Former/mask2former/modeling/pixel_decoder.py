@@ -170,11 +170,15 @@ class PositionEmbeddingSine(nn.Module):
 
 class MSDeformAttnPixelDecoder(nn.Module):
     """``forward_features(features) -> (mask_features (N, mask_dim, H/4, W/4),
-    transformer output at stride 32, [3 multi-scale maps, coarse to fine])``."""
+    transformer output at stride 32, [num_feature_levels multi-scale maps, coarse to fine])``.
+
+    ``num_feature_levels`` (``MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS``, 3 in every published
+    model) keeps the first maps of [transformer levels coarse to fine, then the FPN levels];
+    at most ``num_outputs`` exist."""
 
     def __init__(self, input_shape: dict[str, ShapeSpec], transformer_in_features, conv_dim=256,
                  mask_dim=256, norm="GN", dropout=0.0, nheads=8, dim_feedforward=1024,
-                 enc_layers=6, common_stride=4, n_points=4):
+                 enc_layers=6, common_stride=4, n_points=4, num_feature_levels=3):
         super().__init__()
         shapes = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
         self.in_features = [k for k, _ in shapes]
@@ -194,7 +198,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.mask_features = Conv2d(conv_dim, mask_dim, 1)
         nn.init.kaiming_uniform_(self.mask_features.weight, a=1)
         nn.init.zeros_(self.mask_features.bias)
-        self.maskformer_num_feature_levels = 3
+        self.maskformer_num_feature_levels = num_feature_levels
         # FPN-style path for the features finer than the transformer's (res2 for Swin)
         min_tr_stride = tr[0][1].stride
         finer = [(k, s) for k, s in shapes if s.stride < min_tr_stride and s.stride >= common_stride]
@@ -211,6 +215,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
             self.lateral_convs.insert(0, lateral)  # applied fine-last, like the official
             self.output_convs.insert(0, output)
         self.finer_features = [k for k, _ in finer][::-1]
+        self.num_outputs = self.num_levels + len(finer)
+        if not 1 <= num_feature_levels <= self.num_outputs:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS={num_feature_levels}: the pixel decoder "
+                f"gives 1..{self.num_outputs} maps ({self.num_levels} transformer levels "
+                f"{self.transformer_in_features} + {len(finer)} FPN levels)")
 
     def forward_features(self, features):
         names = self.transformer_in_features[::-1]  # coarse to fine

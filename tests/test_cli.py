@@ -42,3 +42,12 @@ def test_importing_the_package_prints_no_torch_jit_deprecation():
     run = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code],
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("project", ["DPT", "Mask2Former"])
+def test_train_net_help_starts_without_deprecation_warnings(project):
+    run = subprocess.run([sys.executable, "-W", "error::FutureWarning",
+                          str(ROOT / "projects" / project / "train_net.py"), "--help"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "--eval-only" in run.stdout and "Warning" not in run.stderr

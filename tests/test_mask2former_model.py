@@ -73,6 +73,17 @@ def test_inference_outputs_all_three_tasks():
     assert all(c in (0, 1) for c in inst.pred_classes.tolist())  # things only when panoptic is on
 
 
+def test_non_finite_input_is_rejected_naming_the_image():
+    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
+    image = torch.rand(3, 90, 120) * 255
+    image[0, 3, 4] = float("nan")
+    image[2, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"input image '000000000139.jpg' \(batch index 0\) has 2 non-finite"):
+        model([{"image": image, "file_name": "000000000139.jpg"}])
+    with pytest.raises(ValueError, match=r"input image 'image_id 7' \(batch index 0\) has 2 non-finite"):
+        model([{"image": image, "image_id": 7}])
+
+
 def test_training_step_gives_finite_losses():
     torch.manual_seed(0)
     model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).train()

@@ -15,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the mask2former package
 
+import expedit_d2  # noqa: E402,F401  (first: registers the backbones, quiets import-time warnings)
 from detectron2.data import MetadataCatalog, build_detection_train_loader  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_setup  # noqa: E402

@@ -31,6 +31,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_se
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 
+from expedit_d2.inputs import check_finite_images
+
 from .modeling.criterion import HungarianMatcher, SetCriterion
 
 __all__ = ["MaskFormer"]
@@ -89,6 +91,7 @@ class MaskFormer(nn.Module):
         return self.pixel_mean.device
 
     def forward(self, batched_inputs):
+        check_finite_images(batched_inputs)
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         images = ImageList.from_tensors(images, self.size_divisibility)
         x = images.tensor

@@ -10,6 +10,14 @@ A project folder holds a ``train_net.py`` that defines
 * ``main(args)`` -- :func:`train_or_evaluate`; with ``--eval-only`` the results also land in
   ``OUTPUT_DIR/eval_results.json`` (written atomically), which is how the sweep reads them.
 
+``--eval-only`` evaluates the weights it was given or fails: no ``MODEL.WEIGHTS``, a missing or
+unreadable file, or a checkpoint that does not cover the model (missing or unexpected keys,
+shape mismatches; buffers the model rebuilds aside) raise
+:class:`~expedit_d2.checkpoint.WeightsError` naming the file and the first offending keys.
+``--allow-partial-weights`` (in :func:`argument_parser`) evaluates a partial load with
+warnings instead. Training keeps Detectron2's lenient loading (an ImageNet backbone
+checkpoint covers only part of the model).
+
 :func:`load_project` imports such a file as a module, the way running it would.
 """
 from __future__ import annotations
@@ -25,9 +33,10 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
+from .checkpoint import PARTIAL_FLAG, load_weights
 from .fileio import atomic_write
 
-__all__ = ["build_cfg", "train_or_evaluate", "launch_main", "load_project",
+__all__ = ["build_cfg", "argument_parser", "train_or_evaluate", "launch_main", "load_project",
            "EVAL_RESULTS"]
 
 EVAL_RESULTS = "eval_results.json"
@@ -44,13 +53,31 @@ def build_cfg(args, *add_config_fns):
     return cfg
 
 
+def argument_parser(epilog=None):
+    """Detectron2's ``default_argument_parser`` plus ``--allow-partial-weights``."""
+    parser = default_argument_parser(epilog)
+    parser.add_argument(
+        PARTIAL_FLAG, action="store_true",
+        help="with --eval-only: evaluate even if MODEL.WEIGHTS does not cover the whole model "
+             "(missing or unexpected keys, shape mismatches are logged as warnings and those "
+             "weights stay random). Without it such a checkpoint is an error naming the file and "
+             "the keys. A missing or unreadable file and an empty MODEL.WEIGHTS are errors either way")
+    return parser
+
+
 def train_or_evaluate(cfg, args, trainer_cls, checkpointer_cls=DetectionCheckpointer):
-    """``--eval-only``: load ``MODEL.WEIGHTS`` with ``checkpointer_cls``, run the trainer's
-    evaluators and write ``OUTPUT_DIR/eval_results.json``; otherwise train (resuming with
-    ``--resume``)."""
+    """``--eval-only``: load ``MODEL.WEIGHTS`` (or, with ``--resume``, the last checkpoint in
+    ``OUTPUT_DIR``) with ``checkpointer_cls`` through :func:`~expedit_d2.checkpoint.load_weights`
+    (strict unless ``args.allow_partial_weights``), run the trainer's evaluators and write
+    ``OUTPUT_DIR/eval_results.json``; otherwise train (resuming with ``--resume``)."""
     if args.eval_only:
         model = trainer_cls.build_model(cfg)
-        checkpointer_cls(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = checkpointer_cls(model, save_dir=cfg.OUTPUT_DIR)
+        path, source = cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"
+        if args.resume and checkpointer.has_checkpoint():
+            path, source = checkpointer.get_checkpoint_file(), f"{Path(cfg.OUTPUT_DIR) / 'last_checkpoint'} (--resume)"
+        load_weights(checkpointer, path, allow_partial=getattr(args, "allow_partial_weights", False),
+                     source=source)
         res = trainer_cls.test(cfg, model)
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
@@ -63,8 +90,9 @@ def train_or_evaluate(cfg, args, trainer_cls, checkpointer_cls=DetectionCheckpoi
 
 
 def launch_main(main) -> None:
-    """Parse Detectron2's usual flags and run ``main(args)`` on --num-gpus / --num-machines."""
-    args = default_argument_parser().parse_args()
+    """Parse Detectron2's usual flags (and ``--allow-partial-weights``) and run ``main(args)``
+    on --num-gpus / --num-machines."""
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

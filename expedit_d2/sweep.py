@@ -20,7 +20,12 @@ un-expedited baseline is always point 0. For every point:
 
 Every grid value is checked before anything is evaluated: unknown config keys, values the
 backbone rejects (alpha beyond the depth), and cluster grids larger than the token grid at the
-stated input size (a shape-only forward on the meta device).
+stated input size (a shape-only forward on the meta device). So are the weights: the baseline
+model loads ``MODEL.WEIGHTS`` as ``--eval-only`` does (:func:`expedit_d2.checkpoint.load_weights`),
+so no weights, a missing or unreadable file, or a checkpoint of another model stop the sweep with
+an error naming the file and the first offending keys; ``--allow-partial-weights`` (passed on to
+every point's evaluation) accepts a partial load. A point whose evaluation fails reports the
+exception its ``train_net.py`` raised.
 
 Results: one row per point, appended atomically to ``results.jsonl`` and ``results.csv``
 (``results.shard-I-of-N.*`` with ``--shard I/N``); a rerun skips the points already there, so a
@@ -46,6 +51,7 @@ import logging
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -58,6 +64,7 @@ import yaml
 from detectron2.engine import default_argument_parser
 from detectron2.utils.logger import setup_logger
 
+from .checkpoint import PARTIAL_FLAG, WeightsError, load_weights
 from .fileio import atomic_write
 
 __all__ = ["SweepSpec", "Point", "SweepError", "expand_points", "point_opts", "validate_points",
@@ -106,6 +113,7 @@ class SweepSpec:
     warmup: int = 2
     memory: bool = True
     timing: bool = True
+    allow_partial_weights: bool = False  # --allow-partial-weights for every evaluation
 
     def __post_init__(self):
         if not os.path.isfile(self.config_file):
@@ -278,9 +286,14 @@ def validate_points(project, spec: SweepSpec, points: list[Point]):
     cfgs = {}
     for point in points:
         cfg, opts = build_point_cfg(project, spec, point, base_cfg)
+        vcfg = cfg
+        if "EXPEDIT" in cfg.MODEL:  # a stated input smaller than the cluster grid is an error here
+            vcfg = cfg.clone()
+            vcfg.defrost()
+            vcfg.MODEL.EXPEDIT.SMALL_INPUT = "error"
         try:
             with torch.device("meta"):
-                backbone = build_backbone(cfg)
+                backbone = build_backbone(vcfg)
                 div = max(int(getattr(backbone, "size_divisibility", 0) or 0),
                           int(cfg.MODEL.get("MASK_FORMER", {}).get("SIZE_DIVISIBILITY", 0) or 0), 1)
                 H, W = (-(-s // div) * div for s in spec.input_size)
@@ -501,10 +514,10 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _load_model(project, cfg):
+def _load_model(project, cfg, allow_partial: bool = False):
+    """The point's model with ``MODEL.WEIGHTS`` loaded as ``--eval-only`` loads them."""
     model = project.Trainer.build_model(cfg).eval()
-    if cfg.MODEL.WEIGHTS:
-        project.Checkpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_weights(project.Checkpointer(model), cfg.MODEL.WEIGHTS, allow_partial=allow_partial)
     return model
 
 
@@ -513,21 +526,47 @@ def _image(cfg, size, seed=0):
     return (torch.rand(len(cfg.MODEL.PIXEL_MEAN), *size, generator=g) * 255).to(cfg.MODEL.DEVICE)
 
 
+def child_exception(log: str) -> str | None:
+    """The exception (``module.Type: message``) of the last traceback in a child's output,
+    or None; under Detectron2's ``launch`` on several GPUs that is the failed worker's."""
+    start = log.rfind("Traceback (most recent call last):")
+    if start < 0:
+        return None
+    lines = log[start:].splitlines()[1:]
+    i = 0
+    while i < len(lines) and (not lines[i].strip() or lines[i].startswith((" ", "\t"))):
+        i += 1  # the frames: indented "File ..." lines, their source and ^^^ markers
+    text = "\n".join(lines[i:]).strip()
+    return text[:4000] or None
+
+
+_WEIGHTS_ERROR = re.compile(r"^(?:[\w.]+\.)?Weights(?:NotFound)?Error: ")
+
+
 def evaluate_point(project_dir, spec: SweepSpec, opts: list[str], point_dir: Path, num_gpus: int) -> dict:
-    """``train_net.py --eval-only`` in a subprocess; returns its ``eval_results.json``."""
+    """``train_net.py --eval-only`` in a subprocess; returns its ``eval_results.json``. A failed
+    evaluation raises with the exception the child raised (a :class:`WeightsError` when the
+    weights were the problem), the command and the log's path."""
     from .engine import EVAL_RESULTS
 
     result = point_dir / EVAL_RESULTS
     if result.exists():
         result.unlink()
+    partial = [PARTIAL_FLAG] if spec.allow_partial_weights else []
     cmd = [sys.executable, str(Path(project_dir) / "train_net.py"), "--config-file", spec.config_file,
-           "--eval-only", "--num-gpus", str(num_gpus), *spec.opts, *opts, "OUTPUT_DIR", str(point_dir)]
+           "--eval-only", *partial, "--num-gpus", str(num_gpus), *spec.opts, *opts, "OUTPUT_DIR", str(point_dir)]
     point_dir.mkdir(parents=True, exist_ok=True)
-    with open(point_dir / "stdout.txt", "w") as log:
+    log_path = point_dir / "stdout.txt"
+    with open(log_path, "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not result.exists():
-        tail = (point_dir / "stdout.txt").read_text()[-3000:]
-        raise RuntimeError(f"evaluation failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        log_text = log_path.read_text(errors="replace")
+        error = child_exception(log_text)
+        where = f"\n  command: {' '.join(cmd)}\n  log: {log_path}"
+        if error and _WEIGHTS_ERROR.match(error):
+            raise WeightsError(f"point {point_dir.name}: {error.split(': ', 1)[1]}{where}")
+        what = error or f"no exception in the log; its end:\n{log_text[-3000:]}"
+        raise RuntimeError(f"evaluation of point {point_dir.name} failed (exit {proc.returncode}): {what}{where}")
     return json.loads(result.read_text())
 
 
@@ -550,7 +589,8 @@ def memory_child(argv) -> None:
     project = load_project(spec.project)
     project.register_datasets()
     cfg = project.build_config(_args(spec, job["opts"]))
-    print(json.dumps(_forward_peak_bytes(_load_model(project, cfg), cfg, spec.input_size)))
+    model = _load_model(project, cfg, spec.allow_partial_weights)
+    print(json.dumps(_forward_peak_bytes(model, cfg, spec.input_size)))
 
 
 def measure_memory(spec: SweepSpec, opts: list[str], cfg, model) -> float | None:
@@ -618,9 +658,10 @@ def run_sweep(spec: SweepSpec, out_dir, shard=None, num_gpus: int = 1, show_prog
         return []
     device = cfgs["baseline"][0].MODEL.DEVICE
     H, W = spec.input_size
-    baseline_model = None
-    if spec.timing:
-        baseline_model = _load_model(project, cfgs["baseline"][0])
+    # the weights, as every point's --eval-only will load them, before any evaluation
+    baseline_model = _load_model(project, cfgs["baseline"][0], spec.allow_partial_weights)
+    if not spec.timing and not any(p.baseline for p in todo):
+        baseline_model = None  # neither timed against nor measured
     written = []
     for point in tqdm(todo, desc="sweep", unit="point", disable=not show_progress):
         cfg, opts = cfgs[point.id]
@@ -628,7 +669,8 @@ def run_sweep(spec: SweepSpec, out_dir, shard=None, num_gpus: int = 1, show_prog
         logger.info(f"[{point.label}] evaluating: {' '.join(opts) or '(baseline)'}")
         metrics = _flatten(evaluate_point(spec.project, spec, opts, out_dir / "points" / _point_dir(point), num_gpus))
         metric, mode = _primary_metric(spec, metrics)
-        model = _load_model(project, cfg) if not point.baseline or baseline_model is None else baseline_model
+        model = (baseline_model if point.baseline and baseline_model is not None
+                 else _load_model(project, cfg, spec.allow_partial_weights))
         image = _image(cfg, (H, W))
         flops = gflops(model, image)
         latency = speedup = base_latency = None
@@ -676,11 +718,11 @@ def run_sweep(spec: SweepSpec, out_dir, shard=None, num_gpus: int = 1, show_prog
 # ======================================================================================
 def load_sweep_file(path) -> dict:
     """A YAML sweep file: ``config_file``, ``input_size``, ``grid``, ``points``, ``opts``,
-    ``project``, ``metric``, ``metric_mode``, ``repeats``, ``warmup`` (paths relative to the
-    working directory, as on the command line)."""
+    ``project``, ``metric``, ``metric_mode``, ``repeats``, ``warmup``, ``memory``, ``timing``,
+    ``allow_partial_weights`` (paths relative to the working directory, as on the command line)."""
     data = yaml.safe_load(Path(path).read_text()) or {}
     allowed = {"config_file", "input_size", "grid", "points", "opts", "project", "metric", "metric_mode",
-               "repeats", "warmup", "memory", "timing"}
+               "repeats", "warmup", "memory", "timing", "allow_partial_weights"}
     unknown = set(data) - allowed
     if unknown:
         raise SweepError(f"{path}: unknown sweep-file keys {sorted(unknown)} (allowed: {sorted(allowed)})")
@@ -731,6 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int)
     p.add_argument("--warmup", type=int)
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    p.add_argument(PARTIAL_FLAG, action="store_true",
+                   help="evaluate even if MODEL.WEIGHTS does not cover the whole model (passed on to "
+                        "train_net.py --eval-only; see its --help); without it that is an error")
     p.add_argument("--budget-gflops", type=float, help="report the best point within this backbone GFLOPs")
     p.add_argument("--budget-ms", type=float, help="report the best point within this latency (ms)")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -750,6 +795,8 @@ def spec_from_args(args) -> SweepSpec:
     data["opts"] = list(data.get("opts", [])) + list(args.opts)
     if args.no_memory:
         data["memory"] = False
+    if args.allow_partial_weights:
+        data["allow_partial_weights"] = True
     for required in ("config_file", "input_size"):
         if required not in data:
             raise SweepError(f"--{required.replace('_', '-')} is required (or set it in the sweep file)")
@@ -780,10 +827,11 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-    """``main`` with a one-line error and exit status 2 for a sweep that cannot run as asked."""
+    """``main`` with a one-line error and exit status 2 for a sweep that cannot run as asked
+    (bad grid or options, weights that are missing or not this model's)."""
     try:
         sys.exit(main())
-    except SweepError as e:
+    except (SweepError, WeightsError) as e:
         print(f"sweep: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -16,7 +16,10 @@ model in a fresh subprocess);
 and the cosine similarity of each output level, expedited vs base.
 
 Weights are random unless ``MODEL.WEIGHTS`` is given: speed and FLOPs do not depend on
-them, but the cosine similarities are only meaningful with trained weights.
+them, but the cosine similarities are only meaningful with trained weights. Given weights
+load strictly into the backbone (a whole-model file's other keys are ignored): backbone keys
+missing from the file, backbone keys the model lacks, shape mismatches, a missing or
+unreadable file are errors naming the file and the keys, unless ``--allow-partial-weights``.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from detectron2.modeling import build_backbone
 from torch import nn
 
 from expedit_d2 import add_expedit_config
+from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
 from expedit_d2.flops import backbone_flops
 from expedit_d2.measure import peak_memory, run_memory_child, sync, time_interleaved, write_report
 from expedit_d2.ops import TokenClustering, TokenReconstruction
@@ -85,8 +89,8 @@ CASES = {
 }
 
 
-def build_pair(cfg):
-    """(base, expedited) backbones on the same weights."""
+def build_pair(cfg, allow_partial: bool = False):
+    """(base, expedited) backbones on the same weights (``MODEL.WEIGHTS``, strictly, if set)."""
     base_cfg = cfg.clone()
     if base_cfg.MODEL.BACKBONE.NAME in ("ExpeditBackbone", "D2HourglassSwinTransformer"):
         base_cfg.MODEL.BACKBONE.NAME = cfg.MODEL.EXPEDIT.BASE
@@ -99,16 +103,17 @@ def build_pair(cfg):
     if cfg.MODEL.WEIGHTS:
         holder = nn.Module()
         holder.backbone = base
-        DetectionCheckpointer(holder).load(cfg.MODEL.WEIGHTS)
+        load_weights(DetectionCheckpointer(holder), cfg.MODEL.WEIGHTS, allow_partial=allow_partial,
+                     ignore_unexpected=lambda key: not key.startswith("backbone."))
     expedited = build_backbone(exp_cfg)
     expedited.load_state_dict(base.state_dict())
     device = torch.device(cfg.MODEL.DEVICE)
     return base.to(device).eval(), expedited.to(device).eval()
 
 
-def memory_child(cfg, size, variant, taps_only=False) -> int | None:
+def memory_child(cfg, size, variant, taps_only=False, allow_partial=False) -> int | None:
     """Peak extra bytes of one forward of ``variant`` (run in a fresh subprocess)."""
-    model = dict(zip(("base", "expedited"), build_pair(cfg)))[variant]
+    model = dict(zip(("base", "expedited"), build_pair(cfg, allow_partial)))[variant]
     if taps_only:
         model = TapsOnly(model)
     device = cfg.MODEL.DEVICE
@@ -166,9 +171,9 @@ class TapsOnly(nn.Module):
         return {f"tap{t}": y for t, y in zip(self.taps, taps)}
 
 
-def run_case(name, cfg, size, repeats, warmup, log, memory, taps_only=False):
+def run_case(name, cfg, size, repeats, warmup, log, memory, taps_only=False, allow_partial=False):
     device = cfg.MODEL.DEVICE
-    base, expedited = build_pair(cfg)
+    base, expedited = build_pair(cfg, allow_partial)
     if taps_only:
         if not hasattr(base, "forward_taps"):
             raise ValueError(f"--taps-only needs a ViT backbone, {name} has {type(base).__name__}")
@@ -233,6 +238,8 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--taps-only", action="store_true",
                         help="ViT: measure forward_taps (token taps) instead of forward (maps at strides 4..32)")
+    parser.add_argument(PARTIAL_FLAG, action="store_true",
+                        help="with MODEL.WEIGHTS: accept a file that covers only part of the backbone")
     parser.add_argument("--_memory-child", nargs=2, metavar=("JOB", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
@@ -258,7 +265,7 @@ def main(argv=None):
     if args._memory_child:
         index, variant = args._memory_child
         _, cfg, size = jobs[int(index)]
-        print(memory_child(cfg, size, variant, args.taps_only))
+        print(memory_child(cfg, size, variant, args.taps_only, args.allow_partial_weights))
         return
     argv = sys.argv[1:] if argv is None else list(argv)
     rows = []
@@ -269,7 +276,8 @@ def main(argv=None):
             log(f"{name}: peak memory of the {variant} backbone (subprocess)")
             return measure_memory(argv, index, variant)
 
-        rows.append(run_case(name, cfg, size, args.repeats, args.warmup, log, memory, args.taps_only))
+        rows.append(run_case(name, cfg, size, args.repeats, args.warmup, log, memory, args.taps_only,
+                             args.allow_partial_weights))
         if args.output:  # after every case, so a long run keeps what it measured
             write_report(args.output, format_table(rows, args.threads), rows)
     print(format_table(rows, args.threads))

@@ -37,7 +37,7 @@ from .checkpoint import PARTIAL_FLAG, load_weights
 from .fileio import atomic_write
 
 __all__ = ["build_cfg", "argument_parser", "train_or_evaluate", "launch_main", "load_project",
-           "EVAL_RESULTS"]
+           "find_project", "config_from_file", "EVAL_RESULTS"]
 
 EVAL_RESULTS = "eval_results.json"
 
@@ -96,6 +96,30 @@ def launch_main(main) -> None:
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
+
+
+def find_project(config_file):
+    """The nearest folder above ``config_file`` holding a ``train_net.py`` (or None)."""
+    path = Path(config_file).resolve()
+    return next((p for p in path.parents if (p / "train_net.py").is_file()), None)
+
+
+def config_from_file(config_file, project=None, opts=()):
+    """A frozen config for ``config_file`` as its project builds it (``project`` or the one
+    found above the file: its config keys, e.g. ``MODEL.SEM_SEG_HEAD.*``, and its datasets
+    registered), or expedit-d2's keys alone for a file outside any project. Returns
+    (cfg, project module or None)."""
+    import argparse
+
+    from .config import add_expedit_config
+
+    project = project or find_project(config_file)
+    if project is None:
+        return build_cfg(argparse.Namespace(config_file=str(config_file), opts=list(opts)),
+                         add_expedit_config), None
+    module = load_project(project)
+    module.register_datasets()
+    return module.build_config(argparse.Namespace(config_file=str(config_file), opts=list(opts))), module
 
 
 def load_project(project) -> object:

@@ -42,6 +42,7 @@ base config on a plain backbone (``D2SwinTransformer``, ``D2ViT``, ``D2ViTHybrid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -172,11 +173,12 @@ class Point:
 
 def find_project(config_file) -> Path:
     """The nearest folder above ``config_file`` holding a ``train_net.py``."""
-    path = Path(config_file).resolve()
-    for parent in path.parents:
-        if (parent / "train_net.py").is_file():
-            return parent
-    raise SweepError(f"no train_net.py in any folder above {config_file}; pass --project")
+    from .engine import find_project as find
+
+    project = find(config_file)
+    if project is None:
+        raise SweepError(f"no train_net.py in any folder above {config_file}; pass --project")
+    return project
 
 
 def _canonical(key: str, value):
@@ -629,17 +631,66 @@ def _check_output_dir(out_dir: Path, rows: list[dict], spec: SweepSpec) -> None:
                          "input size changed); use a new --output-dir")
 
 
+@contextlib.contextmanager
+def output_lock(out_dir: Path, shard=None):
+    """Hold ``out_dir`` (for this shard) exclusively while a sweep writes there: a second
+    sweep on the same folder and shard refuses at once, naming the holder. Shards lock
+    separately, so they can run side by side and merge. The lock is the kernel's (flock):
+    it goes with the process, also when it is killed."""
+    import fcntl
+
+    path = out_dir / f".{_results_name(shard)}.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise SweepError(f"{out_dir} is in use by another sweep ({holder}); wait for it to "
+                             "finish, or use another --output-dir (or --shard I/N to split one "
+                             "sweep)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{' '.join(sys.argv)}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_test_datasets(cfg) -> None:
+    """The evaluation needs DATASETS.TEST, registered: say what is missing before any work."""
+    from detectron2.data import DatasetCatalog
+
+    if not cfg.DATASETS.TEST:
+        raise SweepError("the config has no DATASETS.TEST: the sweep evaluates every point on it; "
+                         "set DATASETS.TEST (e.g. DATASETS.TEST \"('coco_2017_val_panoptic',)\")")
+    missing = [d for d in cfg.DATASETS.TEST if d not in DatasetCatalog.list()]
+    if missing:
+        raise SweepError(f"DATASETS.TEST names {missing}, not registered by the project "
+                         f"(registered: {sorted(DatasetCatalog.list())[:12]} ...)")
+
+
 def run_sweep(spec: SweepSpec, out_dir, shard=None, num_gpus: int = 1, show_progress: bool = True) -> list[dict]:
     """Evaluate this shard's points not yet in ``out_dir`` and rewrite the report; returns
-    the rows written now."""
+    the rows written now. ``out_dir`` is locked for this shard meanwhile (:func:`output_lock`)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with output_lock(out_dir, shard):
+        return _run_sweep(spec, out_dir, shard, num_gpus, show_progress)
+
+
+def _run_sweep(spec: SweepSpec, out_dir: Path, shard, num_gpus: int, show_progress: bool) -> list[dict]:
     from tqdm import tqdm
 
     from .engine import load_project
     from .flops import gflops
     from .measure import time_interleaved
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = read_rows(out_dir)
     _check_output_dir(out_dir, rows, spec)
     done = {r["point_id"] for r in rows}
@@ -647,6 +698,7 @@ def run_sweep(spec: SweepSpec, out_dir, shard=None, num_gpus: int = 1, show_prog
     project.register_datasets()
     points = expand_points(spec)
     cfgs = validate_points(project, spec, points)  # every point, before any evaluation
+    _check_test_datasets(cfgs["baseline"][0])
     order = {p.id: i for i, p in enumerate(points)}
     mine = points if shard is None else [p for p in points if order[p.id] % shard[1] == shard[0]]
     todo = [p for p in mine if p.id not in done]
@@ -834,6 +886,10 @@ def cli() -> None:
     except (SweepError, WeightsError) as e:
         print(f"sweep: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("sweep: interrupted; every finished point is kept in the output folder's "
+              "results.jsonl: run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

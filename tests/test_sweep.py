@@ -211,3 +211,46 @@ def test_command_line_errors_exit_2_naming_the_value(tmp_path):
     assert out.returncode == 2 and "--grid 'MODEL.EXPEDIT.WINDOW=3': the values must be a list" in out.stderr
     out = subprocess.run(base + ["--merge"], capture_output=True, text=True)
     assert out.returncode == 2 and "no results*.jsonl rows" in out.stderr
+
+
+def test_second_sweep_on_a_busy_output_dir_refuses_and_ctrl_c_says_how_to_resume(data, tmp_path):
+    """Two real sweep processes on one --output-dir: the second refuses at once naming the
+    holder (before, both evaluated the baseline and rows were lost); Ctrl-C on the first
+    prints one line on what was kept and how to resume, no traceback."""
+    weights = data[1]
+    cmd = [sys.executable, "-m", "expedit_d2.sweep", "--config-file", CONFIG, "--input-size", "64", "96",
+           "--output-dir", str(tmp_path), "--repeats", "1", "--warmup", "0", "--no-memory",
+           "--grid", "MODEL.EXPEDIT.CLUSTERING_LOCATION=[4, 6]", "--grid", "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3]]",
+           *SMALL, "MODEL.WEIGHTS", weights]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    lock = tmp_path / ".results.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not (lock.exists() and lock.read_text()):
+        time.sleep(0.2)
+    assert first.poll() is None and f"pid {first.pid}" in lock.read_text()
+    other_grid = [c if c != "MODEL.EXPEDIT.CLUSTERING_LOCATION=[4, 6]" else "MODEL.EXPEDIT.CLUSTERING_LOCATION=[2]"
+                  for c in cmd]
+    second = subprocess.run(other_grid, capture_output=True, text=True)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is in use by another sweep (pid {first.pid} on " in second.stderr
+    assert first.poll() is None  # the first one was not disturbed
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole group
+    err = first.communicate(timeout=120)[1]
+    assert first.returncode == 130
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("sweep: interrupted; every finished point is kept")
+    from expedit_d2.sweep import output_lock
+
+    with output_lock(tmp_path):  # released with the process
+        assert f"pid {os.getpid()}" in lock.read_text()
+
+
+def test_config_without_test_dataset_fails_before_any_evaluation(data, tmp_path):
+    with pytest.raises(SweepError, match=r"the config has no DATASETS.TEST"):
+        run_sweep(spec(data[1], opts=SMALL + ["MODEL.WEIGHTS", data[1], "DATASETS.TEST", "()"]),
+                  tmp_path, show_progress=False)
+    with pytest.raises(SweepError, match=r"DATASETS.TEST names \['no_such_val'\], not registered"):
+        run_sweep(spec(data[1], opts=SMALL + ["MODEL.WEIGHTS", data[1], "DATASETS.TEST", "('no_such_val',)"]),
+                  tmp_path, show_progress=False)
+    assert not (tmp_path / "points").exists() and not read_rows(tmp_path)

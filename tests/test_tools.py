@@ -86,3 +86,16 @@ def test_vit_backbone_flops_drop_when_expedited():
     cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
     expedited = backbone_flops(build(cfg), image).total()
     assert 0 < expedited < base
+
+
+def test_benchmark_backbone_takes_a_project_config(tmp_path):
+    """A Mask2Former config carries MODEL.SEM_SEG_HEAD.* etc.: it is built as the project's
+    train_net.py builds it (project found from the path)."""
+    out = tmp_path / "bench"
+    benchmark_backbone.main([
+        "--config-file", "projects/Mask2Former/configs/demo/tiny_swin_coco_panoptic.yaml",
+        "--input-size", "128", "192", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+        "--no-memory", "--output", str(out), "MODEL.EXPEDIT.CLUSTERING_LOCATION", "6",
+        "MODEL.EXPEDIT.NUM_CLUSTERS", "[5, 5]", "MODEL.EXPEDIT.RECON_K", "10"])
+    (row,) = json.loads(out.with_suffix(".json").read_text())
+    assert 0 < row["gflops_ratio"] < 1 and row["ms_expedited"] > 0

@@ -37,6 +37,7 @@ from detectron2.modeling import build_backbone
 from torch import nn
 
 from expedit_d2 import add_expedit_config
+from expedit_d2.engine import config_from_file
 from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
 from expedit_d2.flops import backbone_flops
 from expedit_d2.measure import peak_memory, run_memory_child, sync, time_interleaved, write_report
@@ -89,8 +90,9 @@ CASES = {
 }
 
 
-def build_pair(cfg, allow_partial: bool = False):
-    """(base, expedited) backbones on the same weights (``MODEL.WEIGHTS``, strictly, if set)."""
+def build_pair(cfg, allow_partial: bool = False, checkpointer=DetectionCheckpointer):
+    """(base, expedited) backbones on the same weights (``MODEL.WEIGHTS``, strictly, if set,
+    read by ``checkpointer``: the project's, for its checkpoint formats)."""
     base_cfg = cfg.clone()
     if base_cfg.MODEL.BACKBONE.NAME in ("ExpeditBackbone", "D2HourglassSwinTransformer"):
         base_cfg.MODEL.BACKBONE.NAME = cfg.MODEL.EXPEDIT.BASE
@@ -103,7 +105,7 @@ def build_pair(cfg, allow_partial: bool = False):
     if cfg.MODEL.WEIGHTS:
         holder = nn.Module()
         holder.backbone = base
-        load_weights(DetectionCheckpointer(holder), cfg.MODEL.WEIGHTS, allow_partial=allow_partial,
+        load_weights(checkpointer(holder), cfg.MODEL.WEIGHTS, allow_partial=allow_partial,
                      ignore_unexpected=lambda key: not key.startswith("backbone."))
     expedited = build_backbone(exp_cfg)
     expedited.load_state_dict(base.state_dict())
@@ -111,9 +113,10 @@ def build_pair(cfg, allow_partial: bool = False):
     return base.to(device).eval(), expedited.to(device).eval()
 
 
-def memory_child(cfg, size, variant, taps_only=False, allow_partial=False) -> int | None:
+def memory_child(cfg, size, variant, taps_only=False, allow_partial=False,
+                 checkpointer=DetectionCheckpointer) -> int | None:
     """Peak extra bytes of one forward of ``variant`` (run in a fresh subprocess)."""
-    model = dict(zip(("base", "expedited"), build_pair(cfg, allow_partial)))[variant]
+    model = dict(zip(("base", "expedited"), build_pair(cfg, allow_partial, checkpointer)))[variant]
     if taps_only:
         model = TapsOnly(model)
     device = cfg.MODEL.DEVICE
@@ -171,9 +174,10 @@ class TapsOnly(nn.Module):
         return {f"tap{t}": y for t, y in zip(self.taps, taps)}
 
 
-def run_case(name, cfg, size, repeats, warmup, log, memory, taps_only=False, allow_partial=False):
+def run_case(name, cfg, size, repeats, warmup, log, memory, taps_only=False, allow_partial=False,
+             checkpointer=DetectionCheckpointer):
     device = cfg.MODEL.DEVICE
-    base, expedited = build_pair(cfg, allow_partial)
+    base, expedited = build_pair(cfg, allow_partial, checkpointer)
     if taps_only:
         if not hasattr(base, "forward_taps"):
             raise ValueError(f"--taps-only needs a ViT backbone, {name} has {type(base).__name__}")
@@ -228,7 +232,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="built-in cases (default: all)")
-    parser.add_argument("--config-file", help="benchmark this config instead of the built-in cases")
+    parser.add_argument("--config-file", help="benchmark this config instead of the built-in cases "
+                        "(a project's config is built as its train_net.py builds it)")
+    parser.add_argument("--project", help="project folder of --config-file (default: found from its path)")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
@@ -249,10 +255,13 @@ def main(argv=None):
         print(f"[benchmark_backbone] {msg}", file=sys.stderr, flush=True)
 
     jobs = []
-    if args.config_file:
-        cfg = get_cfg()
-        add_expedit_config(cfg)
-        cfg.merge_from_file(args.config_file)
+    checkpointer = DetectionCheckpointer
+    if args.config_file:  # any config: a project's (found above the file, or --project) or ours
+        cfg, project = config_from_file(args.config_file, args.project)
+        cfg = cfg.clone()
+        cfg.defrost()
+        if project is not None:
+            checkpointer = project.Checkpointer  # the project's formats (e.g. official DPT .pt)
         jobs.append((Path(args.config_file).stem, cfg, tuple(args.input_size or (640, 640))))
     else:
         for name in args.cases or list(CASES):
@@ -265,7 +274,7 @@ def main(argv=None):
     if args._memory_child:
         index, variant = args._memory_child
         _, cfg, size = jobs[int(index)]
-        print(memory_child(cfg, size, variant, args.taps_only, args.allow_partial_weights))
+        print(memory_child(cfg, size, variant, args.taps_only, args.allow_partial_weights, checkpointer))
         return
     argv = sys.argv[1:] if argv is None else list(argv)
     rows = []
@@ -277,7 +286,7 @@ def main(argv=None):
             return measure_memory(argv, index, variant)
 
         rows.append(run_case(name, cfg, size, args.repeats, args.warmup, log, memory, args.taps_only,
-                             args.allow_partial_weights))
+                             args.allow_partial_weights, checkpointer))
         if args.output:  # after every case, so a long run keeps what it measured
             write_report(args.output, format_table(rows, args.threads), rows)
     print(format_table(rows, args.threads))

@@ -24,27 +24,34 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from .checkpoint import PARTIAL_FLAG, load_weights
+from .expedit_backbone import unexpedited_images
 from .fileio import atomic_write
 
-__all__ = ["build_cfg", "argument_parser", "train_or_evaluate", "launch_main", "load_project",
+__all__ = ["build_cfg", "argument_parser", "setup_project", "train_or_evaluate", "launch_main", "load_project",
            "find_project", "config_from_file", "EVAL_RESULTS"]
 
 EVAL_RESULTS = "eval_results.json"
 
 
 def build_cfg(args, *add_config_fns):
-    """A frozen config: defaults from ``add_config_fns``, then the file, then the opts."""
+    """A frozen config: defaults from ``add_config_fns``, then the file, then the opts.
+    ``MODEL.DEVICE`` defaults to what this machine has (cuda if available, else cpu); a
+    value in the file or the opts wins."""
     cfg = get_cfg()
+    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     for add in add_config_fns:
         add(cfg)
     cfg.merge_from_file(args.config_file)
@@ -79,6 +86,11 @@ def train_or_evaluate(cfg, args, trainer_cls, checkpointer_cls=DetectionCheckpoi
         load_weights(checkpointer, path, allow_partial=getattr(args, "allow_partial_weights", False),
                      source=source)
         res = trainer_cls.test(cfg, model)
+        skipped = sum(comm.all_gather(unexpedited_images(model)))
+        if skipped:  # token grid smaller than the cluster grid (MODEL.EXPEDIT.SMALL_INPUT skip)
+            logging.getLogger(__name__).warning(f"{skipped} image(s) ran unexpedited: their token grid "
+                                                "is smaller than MODEL.EXPEDIT.NUM_CLUSTERS")
+            res["expedit"] = {"unexpedited_images": skipped}
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
             atomic_write(Path(cfg.OUTPUT_DIR) / EVAL_RESULTS, json.dumps(res, indent=2))
@@ -89,13 +101,31 @@ def train_or_evaluate(cfg, args, trainer_cls, checkpointer_cls=DetectionCheckpoi
     return trainer.train()
 
 
+def setup_project(cfg, args, *logger_names: str) -> None:
+    """Detectron2's ``default_setup`` plus loggers for expedit_d2 and the project's packages
+    (``logger_names``), so their messages (e.g. the PQ and depth tables) reach the console
+    and ``OUTPUT_DIR/log.txt`` like Detectron2's own."""
+    default_setup(cfg, args)
+    for name in ("expedit_d2", *logger_names):
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)
+
+
 def launch_main(main) -> None:
     """Parse Detectron2's usual flags (and ``--allow-partial-weights``) and run ``main(args)``
-    on --num-gpus / --num-machines."""
+    on --num-gpus / --num-machines. Ctrl-C ends with one line on what was kept."""
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except KeyboardInterrupt:
+        if args.eval_only:
+            kept = "the evaluation was not finished and nothing was written; run the command again"
+        else:
+            kept = ("checkpoints saved so far are in OUTPUT_DIR (its last_checkpoint); run the same "
+                    "command with --resume to continue from there")
+        print(f"interrupted: {kept}", file=sys.stderr)
+        sys.exit(130)
 
 
 def find_project(config_file):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from datasets.prepare_nyuv2 import main as prepare_main
+from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 from expedit_d2.synthetic import write_nyuv2_mat
 from tests.d2_helpers import load_train_net
@@ -83,6 +84,35 @@ def test_eval_only_end_to_end(nyu_root, official_weights, tmp_path, monkeypatch,
     assert set(res["depth"]) == METRICS
     assert all(np.isfinite(v) for v in res["depth"].values())
     assert 0 <= res["depth"]["d1"] <= 1
+    assert "expedit" not in res  # every image was expedited (or the model is the baseline)
+    log = (tmp_path / "log.txt").read_text()  # the project's loggers reach Detectron2's log
+    table = log[log.index("Depth metrics on"):].splitlines()[1:4]
+    assert table[0].startswith("|") and "abs_rel" in table[0] and "rmse" in table[0]
+
+
+def test_images_smaller_than_the_cluster_grid_are_counted_in_the_results(nyu_root, official_weights,
+                                                                         tmp_path, monkeypatch):
+    root, _, _ = nyu_root
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    tn = _train_net()
+    args = default_argument_parser().parse_args([
+        "--config-file", str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2_expedit_a4_16x16.yaml"),
+        "--eval-only", "MODEL.WEIGHTS", str(official_weights), "OUTPUT_DIR", str(tmp_path), *TINY,
+        "MODEL.EXPEDIT.NUM_CLUSTERS", "[32, 32]"])  # NYUv2 frames have 30 x 40 tokens
+    res = tn.main(args)
+    assert res["expedit"] == {"unexpedited_images": len(DatasetCatalog.get("nyuv2_test"))}
+    assert all(np.isfinite(v) for v in res["depth"].values())
+    assert json.loads((tmp_path / "eval_results.json").read_text())["expedit"] == res["expedit"]
+
+
+def test_model_device_follows_the_machine(nyu_root):
+    tn = _train_net()
+    cfg = tn.build_config(default_argument_parser().parse_args([
+        "--config-file", str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2.yaml")]))
+    assert cfg.MODEL.DEVICE == ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = tn.build_config(default_argument_parser().parse_args([
+        "--config-file", str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2.yaml"), "MODEL.DEVICE", "cuda:1"]))
+    assert cfg.MODEL.DEVICE == "cuda:1"  # an explicit value wins
 
 
 def test_a_few_training_iterations(nyu_root, tmp_path, monkeypatch):

@@ -107,6 +107,9 @@ def test_eval_only_end_to_end(coco, official_pkl, tmp_path, config):
     assert set(pq) == {"PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"}
     assert all(np.isfinite(v) and 0 <= v <= 100 for v in pq.values())
     assert np.isfinite(res["sem_seg"]["mIoU"])
+    log = (tmp_path / "log.txt").read_text()  # the PQ table reaches Detectron2's log
+    table = log[log.index("Panoptic quality on"):].splitlines()[1:6]
+    assert "PQ" in table[0] and [line.split("|")[1].strip() for line in table[2:5]] == ["All", "Things", "Stuff"]
 
 
 def test_a_few_training_iterations(coco, tmp_path):

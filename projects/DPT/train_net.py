@@ -16,10 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the dpt packag
 
 import expedit_d2  # noqa: E402,F401  (first: registers the backbones, quiets import-time warnings)
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_setup  # noqa: E402
+from detectron2.engine import DefaultTrainer  # noqa: E402
 
 from expedit_d2.solver import build_optimizer  # noqa: E402
-from expedit_d2.engine import build_cfg, launch_main, train_or_evaluate  # noqa: E402
+from expedit_d2.engine import build_cfg, launch_main, setup_project, train_or_evaluate  # noqa: E402
 from dpt import DepthDatasetMapper, DepthEvaluator, DPTCheckpointer, add_dpt_config, register_nyuv2  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def register_datasets():
 
 def setup(args):
     cfg = build_config(args)
-    default_setup(cfg, args)
+    setup_project(cfg, args, "dpt")
     register_datasets()
     return cfg
 

@@ -18,11 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the mask2forme
 import expedit_d2  # noqa: E402,F401  (first: registers the backbones, quiets import-time warnings)
 from detectron2.data import MetadataCatalog, build_detection_train_loader  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_setup  # noqa: E402
+from detectron2.engine import DefaultTrainer  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator  # noqa: E402
 from detectron2.projects.deeplab import add_deeplab_config, build_lr_scheduler  # noqa: E402
 
-from expedit_d2.engine import build_cfg, launch_main, train_or_evaluate  # noqa: E402
+from expedit_d2.engine import build_cfg, launch_main, setup_project, train_or_evaluate  # noqa: E402
 from expedit_d2.evaluation import PanopticQualityEvaluator  # noqa: E402
 from mask2former import add_maskformer2_config  # noqa: E402
 from mask2former.data import register_all  # noqa: E402
@@ -81,7 +81,7 @@ def register_datasets():
 
 def setup(args):
     cfg = build_config(args)
-    default_setup(cfg, args)
+    setup_project(cfg, args, "mask2former")
     register_datasets()
     return cfg
 

@@ -119,4 +119,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("demo: interrupted; the data, trained models and finished sweep points are kept "
+              "under --output-dir: run the same command again to resume", file=sys.stderr)
+        sys.exit(130)

@@ -1,11 +1,16 @@
 """FLOP counting (fvcore) that sees the whole method.
 
-fvcore counts one multiply-add as one flop and knows matmuls, convolutions, norms and
+fvcore counts one multiply-add as one "flop" and knows matmuls, convolutions, norms and
 pooling. Out of the box it skips ``aten::scaled_dot_product_attention`` (the fused
 attention our backbones use) and ``aten::baddbmm`` (the distance matmul of the
 clustering/reconstruction operators), which would make both the baseline and the
 expedited model look cheaper than they are. :data:`EXTRA_HANDLES` counts them.
 Elementwise work (softmax, exp, masking) is not counted, as in fvcore's convention.
+
+Units: what fvcore counts are multiply-adds, so expedit-d2 reports them as **GMACs**. The
+papers differ: Mask2Former (and Detectron2's tools) publish fvcore's count under the name
+"GFLOPs" (the Swin-L backbone's 937), while the DPT figures count two flops per multiply-add
+(DPT-Hybrid's 560.2 GFLOPs is about 2 x 280 GMACs). :data:`FLOPS_PER_MAC` converts.
 """
 from __future__ import annotations
 
@@ -16,7 +21,10 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
-__all__ = ["EXTRA_HANDLES", "backbone_flops", "model_flops", "gflops"]
+__all__ = ["EXTRA_HANDLES", "FLOPS_PER_MAC", "backbone_flops", "model_flops", "gmacs"]
+
+#: GFLOPs = FLOPS_PER_MAC x GMACs in the two-flops-per-multiply-add convention.
+FLOPS_PER_MAC = 2
 
 
 def _numel(shape) -> int:
@@ -78,8 +86,9 @@ def model_flops(model: torch.nn.Module, inputs: list) -> FlopCountAnalysis:
     return _configure(D2FlopCountAnalysis(model, inputs))
 
 
-def gflops(model: torch.nn.Module, image: torch.Tensor, whole_model: bool = True) -> dict[str, float]:
-    """Backbone and whole-model GFLOPs of a Detectron2 model on one (C, H, W) image.
+def gmacs(model: torch.nn.Module, image: torch.Tensor, whole_model: bool = True) -> dict[str, float]:
+    """Backbone and whole-model GMACs (fvcore multiply-adds / 1e9) of a Detectron2 model on
+    one (C, H, W) image.
 
     The backbone sees the image as the model preprocesses it (normalised, padded to the
     size divisibility) when the model has ``preprocess_image``. Returns ``backbone``,

@@ -1,4 +1,4 @@
-"""Accuracy versus GFLOPs and speed over clustering settings: the sweep every project uses.
+"""Accuracy versus GMACs and speed over clustering settings: the sweep every project uses.
 
     python -m expedit_d2.sweep --config-file projects/DPT/configs/dpt_hybrid_nyuv2.yaml \\
         --input-size 480 640 --output-dir output/sweep_dpt \\
@@ -11,7 +11,8 @@ A sweep is a base config (+ weights), the project that owns it (the folder of it
 and a grid: the product of ``KEY=[values]`` lists plus any explicit points. The
 un-expedited baseline is always point 0. For every point:
 
-* backbone and whole-model GFLOPs (fvcore, one image of the stated size),
+* backbone and whole-model GMACs (fvcore multiply-adds, one image of the stated size; GFLOPs
+  in the two-flops-per-multiply-add convention are twice that),
 * latency (median of ``--repeats`` after warm-up, synchronised, batch 1), FPS, and the speed-up
   over the baseline timed interleaved with it in the same process,
 * peak memory of one forward (on CPU in a fresh process, see :mod:`expedit_d2.measure`),
@@ -30,9 +31,9 @@ exception its ``train_net.py`` raised.
 Results: one row per point, appended atomically to ``results.jsonl`` and ``results.csv``
 (``results.shard-I-of-N.*`` with ``--shard I/N``); a rerun skips the points already there, so a
 killed sweep resumes without duplicates. ``table.md`` (deltas vs. the baseline) and
-``pareto.png`` (metric vs. backbone GFLOPs and vs. FPS, baseline and Pareto front marked) are
+``pareto.png`` (metric vs. backbone GMACs and vs. FPS, baseline and Pareto front marked) are
 rebuilt from all rows after each run; ``--merge`` joins the shards' rows into ``results.*``.
-``--budget-gflops`` / ``--budget-ms`` report the best setting within a budget.
+``--budget-gmacs`` / ``--budget-ms`` report the best setting within a budget.
 
 Official Expedit Swin keys are accepted as grid keys (``MODEL.SWIN.CLUSTERING_LOCATION``,
 ``MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS`` ...) and mapped to ``MODEL.EXPEDIT.*``; a
@@ -66,7 +67,9 @@ from detectron2.engine import default_argument_parser
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import PARTIAL_FLAG, WeightsError, load_weights
+from .cli import HelpFormatter
 from .fileio import atomic_write
+from .flops import FLOPS_PER_MAC
 
 __all__ = ["SweepSpec", "Point", "SweepError", "expand_points", "point_opts", "validate_points",
            "run_sweep", "read_rows", "merge", "write_report", "best_within_budget", "main", "cli"]
@@ -321,12 +324,15 @@ def read_rows(out_dir: Path) -> list[dict]:
         for line in path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
+                for old in ("backbone", "model"):  # rows written before the GMACs labels
+                    if f"{old}_gflops" in row:
+                        row[f"{old}_gmacs"] = row.pop(f"{old}_gflops")
                 rows.setdefault(row["point_id"], row)
     return sorted(rows.values(), key=lambda r: (not r["baseline"], r["order"]))
 
 
 CSV_FIELDS = ["order", "point_id", "label", "baseline", "overrides", "metric", "metric_value",
-              "backbone_gflops", "model_gflops", "input_size", "latency_ms", "fps",
+              "backbone_gmacs", "model_gmacs", "input_size", "latency_ms", "fps",
               "speedup_vs_baseline", "peak_memory_mb", "metrics", "device", "versions", "time",
               "fingerprint"]
 
@@ -378,10 +384,10 @@ def _pct(v, base):
     return f"{100.0 * (v - base) / base:+.1f}%"
 
 
-def best_within_budget(rows: list[dict], budget_gflops=None, budget_ms=None):
-    """The row with the best primary metric whose backbone GFLOPs / latency fit the budget."""
+def best_within_budget(rows: list[dict], budget_gmacs=None, budget_ms=None):
+    """The row with the best primary metric whose backbone GMACs / latency fit the budget."""
     ok = [r for r in rows if r.get("metric_value") is not None
-          and (budget_gflops is None or r["backbone_gflops"] <= budget_gflops)
+          and (budget_gmacs is None or r["backbone_gmacs"] <= budget_gmacs)
           and (budget_ms is None or (r.get("latency_ms") is not None and r["latency_ms"] <= budget_ms))]
     if not ok:
         return None
@@ -390,7 +396,7 @@ def best_within_budget(rows: list[dict], budget_gflops=None, budget_ms=None):
 
 
 def pareto_front(rows: list[dict], x: str) -> list[dict]:
-    """Rows no other row beats on both ``x`` (lower better for GFLOPs, higher for FPS) and
+    """Rows no other row beats on both ``x`` (lower better for GMACs, higher for FPS) and
     the metric; sorted by ``x``."""
     lower_x = x != "fps"
     lower_m = rows[0]["metric_mode"] == "min" if rows else False
@@ -410,18 +416,18 @@ def table_markdown(rows: list[dict], budget=None) -> str:
     base = next((r for r in rows if r["baseline"]), None)
     metric = rows[0]["metric"]
     lines = [f"Sweep of `{rows[0]['config_file']}` at input {rows[0]['input_size'][0]}x"
-             f"{rows[0]['input_size'][1]} on {rows[0]['device']} ({len(rows)} points; GFLOPs: "
-             "fvcore, one image; latency: median, batch 1; speed-up: baseline time / point time, the two "
+             f"{rows[0]['input_size'][1]} on {rows[0]['device']} ({len(rows)} points; GMACs: "
+             "fvcore multiply-adds, one image (GFLOPs = 2 x GMACs); latency: median, batch 1; speed-up: baseline time / point time, the two "
              "timed interleaved in one run, so machine drift cancels; deltas vs. the baseline)", "",
-             f"| point | backbone GFLOPs | model GFLOPs | latency ms | FPS | speed-up | peak MB | "
+             f"| point | backbone GMACs | model GMACs | latency ms | FPS | speed-up | peak MB | "
              f"{metric} | delta |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = base or r
         dm = None if base is None or r["metric_value"] is None else r["metric_value"] - base["metric_value"]
         lines.append(
-            f"| {r['label']} | {_fmt(r['backbone_gflops'])} ({_pct(r['backbone_gflops'], b['backbone_gflops'])}) "
-            f"| {_fmt(r['model_gflops'])} ({_pct(r['model_gflops'], b['model_gflops'])}) "
+            f"| {r['label']} | {_fmt(r['backbone_gmacs'])} ({_pct(r['backbone_gmacs'], b['backbone_gmacs'])}) "
+            f"| {_fmt(r['model_gmacs'])} ({_pct(r['model_gmacs'], b['model_gmacs'])}) "
             f"| {_fmt(r['latency_ms'], 1)} | {_fmt(r['fps'])} | {_fmt(r['speedup_vs_baseline'])}x "
             f"| {_fmt(r['peak_memory_mb'], 0)} | {_fmt(r['metric_value'], 3)} "
             f"| {'-' if dm is None else f'{dm:+.3f}'} |")
@@ -430,7 +436,7 @@ def table_markdown(rows: list[dict], budget=None) -> str:
         lines += ["", f"Best {metric} within {what}: " +
                   ("none fits" if best is None else
                    f"**{best['label']}** ({metric} {best['metric_value']:.3f}, "
-                   f"{best['backbone_gflops']:.2f} backbone GFLOPs, {_fmt(best['latency_ms'], 1)} ms)")]
+                   f"{best['backbone_gmacs']:.2f} backbone GMACs, {_fmt(best['latency_ms'], 1)} ms)")]
     return "\n".join(lines) + "\n"
 
 
@@ -442,7 +448,7 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
 
     metric = rows[0]["metric"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, x, xlabel in ((axes[0], "backbone_gflops", "backbone GFLOPs"), (axes[1], "fps", "FPS (batch 1)")):
+    for ax, x, xlabel in ((axes[0], "backbone_gmacs", "backbone GMACs"), (axes[1], "fps", "FPS (batch 1)")):
         pts = [r for r in rows if r.get(x) is not None and r.get("metric_value") is not None]
         others = [r for r in pts if not r["baseline"]]
         ax.scatter([r[x] for r in others], [r["metric_value"] for r in others], s=28, color="tab:blue",
@@ -470,7 +476,7 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out_dir, budget_gflops=None, budget_ms=None) -> tuple[list[dict], dict | None]:
+def write_report(out_dir, budget_gmacs=None, budget_ms=None) -> tuple[list[dict], dict | None]:
     """``table.md`` and ``pareto.png`` from every row under ``out_dir``; returns the rows and
     the budget's best row (None without a budget or when nothing fits)."""
     out_dir = Path(out_dir)
@@ -478,10 +484,10 @@ def write_report(out_dir, budget_gflops=None, budget_ms=None) -> tuple[list[dict
     if not rows:
         raise SweepError(f"no sweep results under {out_dir}")
     budget = None
-    if budget_gflops is not None or budget_ms is not None:
-        what = " and ".join(s for s in (budget_gflops is not None and f"{budget_gflops} backbone GFLOPs",
+    if budget_gmacs is not None or budget_ms is not None:
+        what = " and ".join(s for s in (budget_gmacs is not None and f"{budget_gmacs} backbone GMACs",
                                         budget_ms is not None and f"{budget_ms} ms") if s)
-        budget = (what, best_within_budget(rows, budget_gflops, budget_ms))
+        budget = (what, best_within_budget(rows, budget_gmacs, budget_ms))
     atomic_write(out_dir / "table.md", table_markdown(rows, budget))
     plot_pareto(rows, out_dir / "pareto.png")
     return rows, None if budget is None else budget[1]
@@ -688,7 +694,7 @@ def _run_sweep(spec: SweepSpec, out_dir: Path, shard, num_gpus: int, show_progre
     from tqdm import tqdm
 
     from .engine import load_project
-    from .flops import gflops
+    from .flops import gmacs
     from .measure import time_interleaved
 
     rows = read_rows(out_dir)
@@ -724,7 +730,7 @@ def _run_sweep(spec: SweepSpec, out_dir: Path, shard, num_gpus: int, show_progre
         model = (baseline_model if point.baseline and baseline_model is not None
                  else _load_model(project, cfg, spec.allow_partial_weights))
         image = _image(cfg, (H, W))
-        flops = gflops(model, image)
+        flops = gmacs(model, image)
         latency = speedup = base_latency = None
         if spec.timing:
             inputs = [{"image": image, "height": H, "width": W}]
@@ -747,7 +753,7 @@ def _run_sweep(spec: SweepSpec, out_dir: Path, shard, num_gpus: int, show_progre
             "order": order[point.id], "point_id": point.id, "label": point.label, "baseline": point.baseline,
             "overrides": dict(point.overrides), "opts": opts, "metric": metric, "metric_mode": mode,
             "metric_value": metrics[metric], "metrics": metrics,
-            "backbone_gflops": flops["backbone"], "model_gflops": flops["model"],
+            "backbone_gmacs": flops["backbone"], "model_gmacs": flops["model"],
             "input_size": list(spec.input_size), "padded_input": list(flops["padded"]),
             "latency_ms": None if latency is None else 1e3 * latency,
             "fps": None if latency is None else 1.0 / latency, "speedup_vs_baseline": speedup,
@@ -759,7 +765,7 @@ def _run_sweep(spec: SweepSpec, out_dir: Path, shard, num_gpus: int, show_progre
         }
         append_row(out_dir, shard, row)
         written.append(row)
-        logger.info(f"[{point.label}] {metric} {metrics[metric]:.4f}, backbone {flops['backbone']:.2f} GFLOPs"
+        logger.info(f"[{point.label}] {metric} {metrics[metric]:.4f}, backbone {flops['backbone']:.2f} GMACs"
                     + ("" if latency is None else f", {1e3 * latency:.1f} ms ({speedup:.2f}x)"))
     write_report(out_dir)
     return written
@@ -808,27 +814,31 @@ def _parse_shard(text):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m expedit_d2.sweep", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--sweep-file", help="YAML sweep file (configs/sweeps/); flags override it")
     p.add_argument("--config-file", help="base config")
     p.add_argument("--project", help="project folder (default: found from the config's path)")
-    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="image size for GFLOPs/latency")
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="image size for GMACs/latency")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V, ...]",
                    help="a grid axis (repeatable); the sweep is the product of the axes")
-    p.add_argument("--output-dir", default="output/sweep")
+    p.add_argument("--output-dir", default="output/sweep", help="results, table and plot go here")
     p.add_argument("--num-gpus", type=int, default=1, help="per point evaluation (Detectron2 launch)")
     p.add_argument("--shard", help="I/N: evaluate every N-th point starting at I")
     p.add_argument("--merge", action="store_true", help="join the shards' results, write the report")
     p.add_argument("--report-only", action="store_true", help="write the report from existing results")
     p.add_argument("--metric", help="primary metric, e.g. panoptic_seg/PQ (default: from the task)")
     p.add_argument("--metric-mode", choices=["max", "min"])
-    p.add_argument("--repeats", type=int)
-    p.add_argument("--warmup", type=int)
+    p.add_argument("--repeats", type=int,
+                   help=f"timed forwards per point (default: the sweep file's, else {SweepSpec.repeats})")
+    p.add_argument("--warmup", type=int,
+                   help=f"untimed forwards first (default: the sweep file's, else {SweepSpec.warmup})")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     p.add_argument(PARTIAL_FLAG, action="store_true",
                    help="evaluate even if MODEL.WEIGHTS does not cover the whole model (passed on to "
                         "train_net.py --eval-only; see its --help); without it that is an error")
-    p.add_argument("--budget-gflops", type=float, help="report the best point within this backbone GFLOPs")
+    p.add_argument("--budget-gmacs", type=float, help="report the best point within this backbone GMACs")
+    p.add_argument("--budget-gflops", type=float,
+                   help="the same in GFLOPs, counting two flops per multiply-add (= 2 x GMACs)")
     p.add_argument("--budget-ms", type=float, help="report the best point within this latency (ms)")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="base config overrides KEY VALUE ...")
@@ -862,14 +872,18 @@ def main(argv=None) -> int:
         return 0
     setup_logger(name="expedit_d2")  # Detectron2's own INFO lines stay in each point's log
     out_dir = Path(args.output_dir)
-    budget = args.budget_gflops is not None or args.budget_ms is not None
+    if args.budget_gflops is not None:
+        if args.budget_gmacs is not None:
+            raise SweepError("give --budget-gmacs or --budget-gflops, not both")
+        args.budget_gmacs = args.budget_gflops / FLOPS_PER_MAC
+    budget = args.budget_gmacs is not None or args.budget_ms is not None
     if args.merge:
         merge(out_dir)
     elif not args.report_only:
         spec = spec_from_args(args)
         run_sweep(spec, out_dir, _parse_shard(args.shard), args.num_gpus)  # writes the report
     if args.merge or args.report_only or budget:
-        write_report(out_dir, args.budget_gflops, args.budget_ms)
+        write_report(out_dir, args.budget_gmacs, args.budget_ms)
     rows = read_rows(out_dir)
     if not rows:
         raise SweepError(f"no sweep results under {out_dir}")

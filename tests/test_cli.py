@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(rel):
+    if rel.startswith("expedit_d2/"):  # a package module: imported by name
+        return importlib.import_module(rel[:-3].replace("/", "."))
     spec = importlib.util.spec_from_file_location("_cli_" + Path(rel).stem, ROOT / rel)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -25,6 +27,9 @@ def _load(rel):
     ("tools/demo.py", ["--output-dir", "(default: ", "output/demo"]),
     ("tools/analyze_model.py", ["(default: [1024, 1024])", "(default: ['flop'])"]),
     ("tools/benchmark_ops.py", ["--repeats REPEATS", "(default: 5)", "(default: 256.0)"]),
+    ("tools/benchmark_backbone.py", ["--repeats REPEATS", "(default: 3)", "--warmup WARMUP (default: 1)"]),
+    ("expedit_d2/sweep.py", ["(default: output/sweep)", "(default: the sweep file's, else 5)",
+                             "(default: the sweep file's, else 2)"]),
 ])
 def test_help_shows_defaults(script, expected, capsys):
     with pytest.raises(SystemExit) as e:

@@ -56,7 +56,7 @@ def spec(weights, **kw):
 
 
 STABLE = ("point_id", "label", "baseline", "overrides", "metric", "metric_value", "metrics",
-          "backbone_gflops", "model_gflops")
+          "backbone_gmacs", "model_gmacs")
 
 
 def stable(rows):
@@ -81,7 +81,7 @@ def test_sweep_writes_every_output(unsharded):
         assert r["peak_memory_mb"] is not None and r["peak_memory_mb"] > 0
         assert r["input_size"] == [64, 96] and r["versions"]["torch"] == torch.__version__
     # blocks after the clustering run on 3x3 clusters instead of padded 7x7 windows
-    assert max(rows[1]["backbone_gflops"], rows[2]["backbone_gflops"]) < base["backbone_gflops"]
+    assert max(rows[1]["backbone_gmacs"], rows[2]["backbone_gmacs"]) < base["backbone_gmacs"]
     assert rows[1]["overrides"] == {"MODEL.EXPEDIT.CLUSTERING_LOCATION": 4, "MODEL.EXPEDIT.NUM_CLUSTERS": [3, 3]}
     lines = (out / "results.jsonl").read_text().splitlines()
     assert [json.loads(x)["point_id"] for x in lines] == [r["point_id"] for r in rows]
@@ -97,10 +97,10 @@ def test_sweep_writes_every_output(unsharded):
 
 def test_budget_and_report(unsharded):
     out, rows, _ = unsharded
-    lo = min(r["backbone_gflops"] for r in rows)
-    _, best = write_report(out, budget_gflops=lo + 1e-9)
-    assert best["backbone_gflops"] == lo
-    _, none = write_report(out, budget_gflops=lo / 2)
+    lo = min(r["backbone_gmacs"] for r in rows)
+    _, best = write_report(out, budget_gmacs=lo + 1e-9)
+    assert best["backbone_gmacs"] == lo
+    _, none = write_report(out, budget_gmacs=lo / 2)
     assert none is None and "none fits" in (out / "table.md").read_text()
 
 

@@ -1,6 +1,8 @@
 """FLOP counting and the measurement tools, on tiny configs."""
 import json
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,13 +54,16 @@ def run_analyze(capsys, *extra):
     return {k: float(v) for k, v in out.items()}
 
 
-def test_analyze_model_prints_backbone_and_model_gflops(capsys):
+def test_analyze_model_prints_backbone_and_model_gmacs(capsys):
     expedited = run_analyze(capsys)
     plain = run_analyze(capsys, "MODEL.EXPEDIT.ENABLED", "False")
-    assert 0 < expedited["backbone_gflops"] < plain["backbone_gflops"]
-    assert plain["model_gflops"] > plain["backbone_gflops"]
-    saved = plain["backbone_gflops"] - expedited["backbone_gflops"]
-    assert abs((plain["model_gflops"] - expedited["model_gflops"]) - saved) < 0.05 * plain["model_gflops"]
+    assert 0 < expedited["backbone_gmacs"] < plain["backbone_gmacs"]
+    assert plain["model_gmacs"] > plain["backbone_gmacs"]
+    saved = plain["backbone_gmacs"] - expedited["backbone_gmacs"]
+    assert abs((plain["model_gmacs"] - expedited["model_gmacs"]) - saved) < 0.05 * plain["model_gmacs"]
+    # labelled units: GFLOPs (two flops per multiply-add) printed beside the GMACs
+    for part in ("backbone", "model"):
+        assert plain[f"{part}_gflops"] == pytest.approx(2 * plain[f"{part}_gmacs"], abs=2e-3)
 
 
 def test_benchmark_backbone_writes_its_table(tmp_path):
@@ -70,7 +75,7 @@ def test_benchmark_backbone_writes_its_table(tmp_path):
     rows = json.loads(out.with_suffix(".json").read_text())
     assert len(rows) == 1
     row = rows[0]
-    assert 0 < row["gflops_ratio"] < 1
+    assert 0 < row["gmacs_ratio"] < 1
     assert row["ms_base"] > 0 and row["ms_expedited"] > 0
     assert set(row["cosine"]) == {"res2", "res3", "res4", "res5"}
     assert row["cosine"]["res2"] > 0.999  # before the clustering point
@@ -98,4 +103,4 @@ def test_benchmark_backbone_takes_a_project_config(tmp_path):
         "--no-memory", "--output", str(out), "MODEL.EXPEDIT.CLUSTERING_LOCATION", "6",
         "MODEL.EXPEDIT.NUM_CLUSTERS", "[5, 5]", "MODEL.EXPEDIT.RECON_K", "10"])
     (row,) = json.loads(out.with_suffix(".json").read_text())
-    assert 0 < row["gflops_ratio"] < 1 and row["ms_expedited"] > 0
+    assert 0 < row["gmacs_ratio"] < 1 and row["ms_expedited"] > 0

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Backbone and whole-model GFLOPs of a config at a stated input size (Detectron2 style).
+"""Backbone and whole-model GMACs of a config at a stated input size (Detectron2 style).
 
     python tools/analyze_model.py --config-file cfg.yaml --input-size 1024 1024 [KEY VALUE ...]
     python tools/analyze_model.py --config-file cfg.yaml --tasks flop parameter
 
-FLOPs are fvcore counts (one multiply-add = one flop) on one image of the stated size
+Counts are fvcore's multiply-adds (GMACs; printed with GFLOPs = 2 x GMACs beside them,
+the convention of the DPT paper -- Mask2Former's published "GFLOPs" are the GMACs) on one image of the stated size
 (channels from the config), with expedit-d2's handles for fused attention and the
 clustering/reconstruction operators (:mod:`expedit_d2.flops`). The whole model is run in
 inference mode on that image. ``parameter`` prints the parameter count per module.
@@ -27,7 +28,7 @@ from detectron2.utils.logger import setup_logger
 
 from expedit_d2 import add_expedit_config
 from expedit_d2.engine import load_project
-from expedit_d2.flops import gflops
+from expedit_d2.flops import FLOPS_PER_MAC, gmacs
 from expedit_d2.cli import HelpFormatter  # noqa: E402
 
 
@@ -72,14 +73,17 @@ def main(argv=None):
     if "parameter" in args.tasks:
         logger.info("Parameter count:\n" + parameter_count_table(model, max_depth=3))
     if "flop" in args.tasks:
-        res = gflops(model, image, whole_model=not args.backbone_only)
-        logger.info(f"Backbone {cfg.MODEL.BACKBONE.NAME}: {res['backbone']:.2f} GFLOPs at input "
-                    f"{H}x{W} (padded to {res['padded']})")
-        print(f"backbone_gflops\t{res['backbone']:.3f}")
+        res = gmacs(model, image, whole_model=not args.backbone_only)
+        parts = [("backbone", f"Backbone {cfg.MODEL.BACKBONE.NAME}")]
         if "model" in res:
-            logger.info(f"Whole model {cfg.MODEL.META_ARCHITECTURE}: {res['model']:.2f} GFLOPs at "
-                        f"input {H}x{W}")
-            print(f"model_gflops\t{res['model']:.3f}")
+            parts.append(("model", f"Whole model {cfg.MODEL.META_ARCHITECTURE}"))
+        for key, what in parts:
+            logger.info(f"{what}: {res[key]:.2f} GMACs (fvcore multiply-adds) = "
+                        f"{FLOPS_PER_MAC * res[key]:.2f} GFLOPs (2 flops per multiply-add) at input "
+                        f"{H}x{W} (padded to {res['padded']})")
+        for key, _ in parts:
+            print(f"{key}_gmacs\t{res[key]:.3f}")
+            print(f"{key}_gflops\t{FLOPS_PER_MAC * res[key]:.3f}")
 
 
 if __name__ == "__main__":

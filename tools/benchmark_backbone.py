@@ -6,7 +6,7 @@
     python tools/benchmark_backbone.py --config-file my.yaml --input-size 800 1216 \\
         MODEL.EXPEDIT.CLUSTERING_LOCATION 8
 
-For each case: backbone GFLOPs of both (fvcore, one image of the stated size, with
+For each case: backbone GMACs of both (fvcore multiply-adds, one image of the stated size, with
 expedit-d2's handles for fused attention and the operators), their ratio; latency of
 both (warm-up, median of repeats, interleaved, synchronised on CUDA) and its ratio; the
 gap between the two ratios; the time spent inside the clustering/reconstruction
@@ -37,6 +37,7 @@ from detectron2.modeling import build_backbone
 from torch import nn
 
 from expedit_d2 import add_expedit_config
+from expedit_d2.cli import HelpFormatter
 from expedit_d2.engine import config_from_file
 from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
 from expedit_d2.flops import backbone_flops
@@ -185,7 +186,7 @@ def run_case(name, cfg, size, repeats, warmup, log, memory, taps_only=False, all
     image = torch.randn(1, 3, *size, device=device)
     with torch.inference_mode():
         log(f"{name}: counting FLOPs")
-        gflops = {k: backbone_flops(m, image).total() / 1e9 for k, m in
+        gmacs = {k: backbone_flops(m, image).total() / 1e9 for k, m in
                   (("base", base), ("expedited", expedited))}
         log(f"{name}: timing (warm-up {warmup}, {repeats} repeats)")
         secs = time_interleaved({"base": lambda: base(image), "expedited": lambda: expedited(image)},
@@ -197,15 +198,15 @@ def run_case(name, cfg, size, repeats, warmup, log, memory, taps_only=False, all
                for k in a}
     row = {
         "case": name, "input": list(size), "device": str(device),
-        "gflops_base": gflops["base"], "gflops_expedited": gflops["expedited"],
-        "gflops_ratio": gflops["expedited"] / gflops["base"],
+        "gmacs_base": gmacs["base"], "gmacs_expedited": gmacs["expedited"],
+        "gmacs_ratio": gmacs["expedited"] / gmacs["base"],
         "ms_base": secs["base"] * 1e3, "ms_expedited": secs["expedited"] * 1e3,
         "latency_ratio": secs["expedited"] / secs["base"],
         "peak_mb_base": mem["base"],
         "peak_mb_expedited": mem["expedited"],
         "cosine": cos,
     }
-    row["ratio_gap"] = row["latency_ratio"] - row["gflops_ratio"]
+    row["ratio_gap"] = row["latency_ratio"] - row["gmacs_ratio"]
     row["operator_share"] = op_secs / secs["base"]
     return row
 
@@ -214,23 +215,22 @@ def format_table(rows, threads) -> str:
     dev = rows[0]["device"] if rows else "?"
     out = [f"Backbone, base vs expedited (same weights); device {dev}, {threads} threads, "
            f"torch {torch.__version__}", "",
-           "| case | input WxH | GFLOPs base | GFLOPs exp | GFLOPs ratio | ms base | ms exp "
+           "| case | input WxH | GMACs base | GMACs exp | GMACs ratio | ms base | ms exp "
            "| latency ratio | gap | operators / base time | peak MB base | peak MB exp | cosine per level |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         mb = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
         cos = " ".join(f"{k} {v:.3f}" for k, v in r["cosine"].items())
         out.append(
-            f"| {r['case']} | {r['input'][1]}x{r['input'][0]} | {r['gflops_base']:.1f} | "
-            f"{r['gflops_expedited']:.1f} | {r['gflops_ratio']:.3f} | {r['ms_base']:.0f} | "
+            f"| {r['case']} | {r['input'][1]}x{r['input'][0]} | {r['gmacs_base']:.1f} | "
+            f"{r['gmacs_expedited']:.1f} | {r['gmacs_ratio']:.3f} | {r['ms_base']:.0f} | "
             f"{r['ms_expedited']:.0f} | {r['latency_ratio']:.3f} | {r['ratio_gap']:+.3f} | {r['operator_share']:.1%} | "
             f"{mb(r['peak_mb_base'])} | {mb(r['peak_mb_expedited'])} | {cos} |")
     return "\n".join(out) + "\n"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="built-in cases (default: all)")
     parser.add_argument("--config-file", help="benchmark this config instead of the built-in cases "
                         "(a project's config is built as its train_net.py builds it)")

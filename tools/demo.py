@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The embedded demo: an accuracy-versus-GFLOPs sweep end to end, with no downloads.
+"""The embedded demo: an accuracy-versus-GMACs sweep end to end, with no downloads.
 
 1. writes small synthetic datasets in the real formats under ``<output>/datasets``
    (``$DETECTRON2_DATASETS`` for the run): COCO panoptic + instances (JSON + PNG) and NYUv2

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Accuracy-versus-GFLOPs sweeps: the same command as ``python -m expedit_d2.sweep``
+"""Accuracy-versus-GMACs sweeps: the same command as ``python -m expedit_d2.sweep``
 (see that module, or ``--help``)."""
 import sys
 from pathlib import Path

@@ -32,20 +32,21 @@ def load_train_net(project: str):
     return load_project(Path(__file__).resolve().parents[1] / "projects" / project)
 
 
-def run_retinanet(cfg, backbone_name: str, bottom_up: str, size=(240, 320)):
-    """Detectron2's own RetinaNet config (COCO-Detection/retinanet_R_50_FPN_1x.yaml) with only
-    the backbone swapped for ours: build, one CPU forward. Returns (model, instances)."""
+def run_model_zoo_config(cfg, config: str, backbone_name: str, bottom_up: str, size=(240, 320),
+                         in_features=("res3", "res4", "res5")):
+    """One of Detectron2's own model-zoo configs with only the backbone swapped for ours:
+    build, one CPU forward. Returns (model, output of the one image)."""
     from detectron2 import model_zoo
 
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
+    cfg.merge_from_file(model_zoo.get_config_file(config))
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.BACKBONE.NAME = backbone_name
     cfg.MODEL.FPN.BOTTOM_UP = bottom_up
-    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = list(in_features)
     cfg.MODEL.FPN.OUT_CHANNELS = 32
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     with torch.no_grad():
         out = model([{"image": torch.rand(3, *size) * 255, "height": size[0], "width": size[1]}])
-    return model, out[0]["instances"]
+    return model, out[0]

@@ -129,3 +129,30 @@ def test_a_few_training_iterations(nyu_root, tmp_path, monkeypatch):
     losses = [r["total_loss"] for r in records if "total_loss" in r]  # = loss_depth, the only loss
     assert losses and all(np.isfinite(losses))
     assert (tmp_path / "model_final.pth").exists()
+
+
+def test_ctrl_c_during_training_says_how_to_resume(nyu_root, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _, _ = nyu_root
+    cmd = [sys.executable, str(ROOT / "projects/DPT/train_net.py"), "--config-file",
+           str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2_expedit_a4_16x16.yaml"),
+           "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "100000", "SOLVER.IMS_PER_BATCH", "1",
+           "TEST.EVAL_PERIOD", "0", *TINY, "MODEL.EXPEDIT.NUM_CLUSTERS", "[16, 16]"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "DETECTRON2_DATASETS": str(root)})
+    log = tmp_path / "log.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (
+            log.exists() and "Starting training" in log.read_text()):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted: checkpoints saved so far are in OUTPUT_DIR")

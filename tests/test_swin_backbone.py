@@ -14,7 +14,7 @@ from detectron2.modeling import build_backbone
 from expedit_d2.config import add_expedit_config
 from expedit_d2.backbones.swin import SwinTransformer
 from tests.dense_reference import dense_clustering, dense_reconstruction
-from tests.d2_helpers import run_faster_rcnn_fpn, run_retinanet
+from tests.d2_helpers import run_faster_rcnn_fpn, run_model_zoo_config
 from tests.reference_keys import read_keys
 
 
@@ -291,11 +291,24 @@ def test_drops_into_generalized_rcnn_with_fpn(bottom_up):
 def test_drops_into_detectron2_retinanet(name):
     """Detectron2's RetinaNet config with only the backbone name changed: p3..p7, p6/p7
     from the top input (LastLevelP6P7), as Detectron2's own RetinaNet FPN."""
-    model, instances = run_retinanet(tiny_swin_cfg(), name, "ExpeditBackbone", (250, 330))
-    assert instances.image_size == (250, 330)
+    model, out = run_model_zoo_config(tiny_swin_cfg(), "COCO-Detection/retinanet_R_50_FPN_1x.yaml",
+                                      name, "ExpeditBackbone", (250, 330))
+    assert out["instances"].image_size == (250, 330)
     assert list(model.backbone.output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
     assert type(model.backbone.top_block).__name__ == "LastLevelP6P7"
     assert model.backbone.top_block.in_feature == "res5"
+
+
+@pytest.mark.parametrize("config, outputs", [
+    ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml", {"instances"}),
+    ("COCO-PanopticSegmentation/panoptic_fpn_R_50_1x.yaml", {"instances", "sem_seg", "panoptic_seg"}),
+])
+def test_drops_into_detectron2_mask_rcnn_and_panoptic_fpn(config, outputs):
+    """Detectron2's Mask R-CNN and Panoptic FPN configs, only the backbone swapped: p2..p6."""
+    model, out = run_model_zoo_config(tiny_swin_cfg(), config, "build_bottom_up_fpn_backbone",
+                                      "ExpeditBackbone", (250, 330), ("res2", "res3", "res4", "res5"))
+    assert set(out) == outputs and out["instances"].image_size == (250, 330)
+    assert list(model.backbone.output_shape()) == ["p2", "p3", "p4", "p5", "p6"]
 
 
 # ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Mask2Former meta-architecture: official key list, inference modes, a training step."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
@@ -99,3 +100,89 @@ def test_training_step_gives_finite_losses():
     assert torch.isfinite(total)
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ----------------------------------------------------------------------------------
+# post-processing against the official per-query rules, written out query by query
+# ----------------------------------------------------------------------------------
+def _official_panoptic(mask_cls, mask_pred, things, object_mask_threshold, overlap_threshold):
+    scores, labels = F.softmax(mask_cls, -1).max(-1)
+    probs = mask_pred.sigmoid()
+    keep = labels.ne(mask_cls.shape[-1] - 1) & (scores > object_mask_threshold)
+    scores, labels, probs = scores[keep], labels[keep], probs[keep]
+    panoptic = torch.zeros(probs.shape[-2:], dtype=torch.int32)
+    segments, stuff, current = [], {}, 0
+    if probs.shape[0] == 0:
+        return panoptic, segments
+    owner = (scores.view(-1, 1, 1) * probs).argmax(0)
+    for k in range(labels.shape[0]):
+        cls = int(labels[k])
+        mask = (owner == k) & (probs[k] >= 0.5)
+        area, original = int((owner == k).sum()), int((probs[k] >= 0.5).sum())
+        if area > 0 and original > 0 and int(mask.sum()) > 0:
+            if area / original < overlap_threshold:
+                continue
+            if cls not in things:
+                if cls in stuff:
+                    panoptic[mask] = stuff[cls]
+                    continue
+                stuff[cls] = current + 1
+            current += 1
+            panoptic[mask] = current
+            segments.append({"id": current, "isthing": cls in things, "category_id": cls})
+    return panoptic, segments
+
+
+def _official_instances(mask_cls, mask_pred, topk, things, panoptic_on):
+    num_classes = mask_cls.shape[-1] - 1
+    scores = F.softmax(mask_cls, -1)[:, :-1]
+    labels = torch.arange(num_classes).unsqueeze(0).repeat(mask_cls.shape[0], 1).flatten(0, 1)
+    top_scores, top_idx = scores.flatten(0, 1).topk(topk, sorted=False)
+    top_labels = labels[top_idx]
+    masks = mask_pred[top_idx // num_classes]
+    if panoptic_on:
+        keep = torch.tensor([int(c) in things for c in top_labels], dtype=torch.bool)
+        top_scores, top_labels, masks = top_scores[keep], top_labels[keep], masks[keep]
+    binary = (masks > 0).float()
+    mask_scores = (masks.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    return binary, top_scores * mask_scores, top_labels
+
+
+@pytest.mark.parametrize("seed, overlap", [(0, 0.8), (1, 0.0), (2, 0.5)])
+def test_batched_post_processing_equals_the_official_per_query_rules(seed, overlap):
+    torch.manual_seed(seed)
+    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
+    model.object_mask_threshold, model.overlap_threshold, model.test_topk_per_image = 0.3, overlap, 9
+    Q, K, H, W = 12, 4, 37, 53
+    mask_cls = torch.randn(Q, K + 1) * 2
+    mask_cls[:, 2] += 2.0  # several queries of stuff class 2: merged segments
+    mask_pred = torch.randn(Q, H, W) * 4
+    mask_pred[3] = -200.0  # a mask whose sigmoid underflows to 0 everywhere
+    things = {0, 1}
+    pan, segments = model.panoptic_inference(mask_cls, mask_pred)
+    ref_pan, ref_segments = _official_panoptic(mask_cls, mask_pred, things, 0.3, overlap)
+    assert torch.equal(pan, ref_pan) and segments == ref_segments
+    if overlap == 0.0:  # the data exercise stuff segments
+        assert any(not s["isthing"] for s in segments)
+    for panoptic_on in (True, False):
+        model.panoptic_on = panoptic_on
+        inst = model.instance_inference(mask_cls, mask_pred)
+        masks, scores, labels = _official_instances(mask_cls, mask_pred, 9, things, panoptic_on)
+        assert torch.equal(inst.pred_masks, masks) and torch.equal(inst.pred_classes, labels)
+        torch.testing.assert_close(inst.scores, scores, rtol=1e-6, atol=0)
+        # boxes: the binary masks' bounding boxes (the official code outputs zeros)
+        from detectron2.structures import BitMasks
+        assert torch.equal(inst.pred_boxes.tensor, BitMasks(masks > 0).get_bounding_boxes().tensor)
+    sem = model.semantic_inference(mask_cls, mask_pred, mask_pred.sigmoid())
+    torch.testing.assert_close(sem, torch.einsum("qc,qhw->chw", F.softmax(mask_cls, -1)[..., :-1],
+                                                 mask_pred.sigmoid()))
+
+
+def test_postprocess_crops_and_skips_the_identity_resize():
+    from detectron2.modeling.postprocessing import sem_seg_postprocess
+
+    from mask2former.maskformer_model import postprocess
+
+    x = torch.randn(3, 64, 96)
+    for size, out in [((60, 90), (60, 90)), ((60, 90), (120, 180)), ((64, 96), (64, 96))]:
+        assert torch.equal(postprocess(x, size, *out), sem_seg_postprocess(x, size, *out))

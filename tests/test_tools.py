@@ -104,3 +104,23 @@ def test_benchmark_backbone_takes_a_project_config(tmp_path):
         "MODEL.EXPEDIT.NUM_CLUSTERS", "[5, 5]", "MODEL.EXPEDIT.RECON_K", "10"])
     (row,) = json.loads(out.with_suffix(".json").read_text())
     assert 0 < row["gmacs_ratio"] < 1 and row["ms_expedited"] > 0
+
+
+def test_benchmark_model_times_the_whole_model_by_parts(tmp_path):
+    from tools import benchmark_model
+
+    out = tmp_path / "model"
+    benchmark_model.main([
+        "--config-file", "projects/Mask2Former/configs/demo/tiny_swin_coco_panoptic.yaml",
+        "--input-size", "96", "128", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+        "--grid", "MODEL.EXPEDIT.CLUSTERING_LOCATION=[4]", "--grid", "MODEL.EXPEDIT.NUM_CLUSTERS=[[5, 5]]",
+        "--output", str(out), "MODEL.EXPEDIT.RECON_K", "10"])
+    base, point = json.loads(out.with_suffix(".json").read_text())
+    assert (base["setting"], point["setting"]) == ("baseline", "a4_5x5")
+    assert base["latency_ratio"] == 1.0 and base["model_gmacs_ratio"] == 1.0
+    assert 0 < point["backbone_gmacs_ratio"] < 1 and point["model_gmacs"] < base["model_gmacs"]
+    parts = set(base["parts_ms"])
+    assert parts == {"backbone", "sem_seg_head.pixel_decoder", "sem_seg_head.predictor", "rest"}
+    assert all(v > 0 for k, v in base["parts_ms"].items() if k != "rest")  # every part was entered
+    assert point["gap"] == pytest.approx(point["latency_ratio"] - point["model_gmacs_ratio"])
+    assert "| a4_5x5 |" in out.with_suffix(".md").read_text()

@@ -211,3 +211,24 @@ def test_input_smaller_than_the_cluster_grid_runs_unexpedited_and_is_counted(cap
     assert unexpedited_images(ex) == 3 and unexpedited_images(base) == 0
     warned = [r for r in caplog.records if "run unexpedited" in r.getMessage()]
     assert len(warned) == 1 and "NUM_CLUSTERS=[8, 8] is larger than this input's token grid [6, 10]" in warned[0].getMessage()
+
+
+def test_weight_standardisation_is_cached_in_inference_and_follows_the_weights():
+    from expedit_d2.backbones.vit import StdConv2dSame
+
+    torch.manual_seed(0)
+    conv = StdConv2dSame(4, 8, 3, 2)
+    x = torch.randn(1, 4, 9, 9)
+    with torch.no_grad():
+        first = conv(x)
+        cached = conv._standardized[1]
+        again = conv(x)
+        assert conv._standardized[1] is cached and torch.equal(first, again)
+        conv.weight.mul_(2.0).add_(1.0)  # an in-place update (e.g. a checkpoint load)
+        updated = conv(x)
+    assert conv._standardized[1] is not cached
+    recomputed = conv(x)  # autograd on: the uncached path
+    assert recomputed.requires_grad and torch.equal(updated, recomputed.detach())
+    # with autograd: recomputed every call, gradients reach the weight
+    conv(x).sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0

@@ -51,18 +51,35 @@ def _same_pad(x: torch.Tensor, k: int, s: int, value: float = 0.0) -> torch.Tens
 
 
 class StdConv2dSame(nn.Conv2d):
-    """Weight-standardised conv (per output channel, biased variance) with SAME padding."""
+    """Weight-standardised conv (per output channel, biased variance) with SAME padding.
+
+    Without autograd (inference) the standardised weight is computed once per weight
+    version and reused (a cache, not a parameter: any in-place update of the weight, a
+    checkpoint load or a move to another device invalidates it); with autograd it is
+    recomputed every call so gradients flow."""
 
     def __init__(self, cin, cout, k, stride=1, eps=1e-8):
         super().__init__(cin, cout, k, stride=stride, padding=0, bias=False)
         self.eps = eps
+        self._standardized = None  # (key of the weight it was computed from, tensor)
 
-    def forward(self, x):
-        w = self.weight
+    def _standardize(self, w):
         flat = w.reshape(w.shape[0], -1)
         var, mean = torch.var_mean(flat, dim=1, unbiased=False, keepdim=True)
-        w = ((flat - mean) / torch.sqrt(var + self.eps)).view_as(w)
-        return F.conv2d(_same_pad(x, self.kernel_size[0], self.stride[0]), w, None, self.stride)
+        return ((flat - mean) / torch.sqrt(var + self.eps)).view_as(w)
+
+    def standardized_weight(self) -> torch.Tensor:
+        w = self.weight
+        if (torch.is_grad_enabled() and w.requires_grad) or w.device.type == "meta":
+            return self._standardize(w)
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if self._standardized is None or self._standardized[0] != key:
+            self._standardized = (key, self._standardize(w))
+        return self._standardized[1]
+
+    def forward(self, x):
+        return F.conv2d(_same_pad(x, self.kernel_size[0], self.stride[0]), self.standardized_weight(),
+                        None, self.stride)
 
 
 class GroupNormAct(nn.GroupNorm):

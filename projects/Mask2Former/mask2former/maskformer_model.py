@@ -28,7 +28,6 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 
 from expedit_d2.inputs import check_finite_images
@@ -110,16 +109,17 @@ class MaskFormer(nn.Module):
             height, width = x.get("height", size[0]), x.get("width", size[1])
             r = {}
             if self.sem_seg_postprocess_before_inference:
-                mask_i = sem_seg_postprocess(mask_i, size, height, width)
+                mask_i = postprocess(mask_i, size, height, width)
                 cls_i = cls_i.to(mask_i)
+            probs = mask_i.sigmoid()  # once, shared by the three tasks
             if self.semantic_on:
-                sem = self.semantic_inference(cls_i, mask_i)
+                sem = self.semantic_inference(cls_i, mask_i, probs)
                 r["sem_seg"] = sem if self.sem_seg_postprocess_before_inference else \
-                    sem_seg_postprocess(sem, size, height, width)
+                    postprocess(sem, size, height, width)
             if self.panoptic_on:
-                r["panoptic_seg"] = self.panoptic_inference(cls_i, mask_i)
+                r["panoptic_seg"] = self.panoptic_inference(cls_i, mask_i, probs)
             if self.instance_on:
-                r["instances"] = self.instance_inference(cls_i, mask_i)
+                r["instances"] = self.instance_inference(cls_i, mask_i, probs)
             results.append(r)
         return results
 
@@ -142,8 +142,10 @@ class MaskFormer(nn.Module):
             targets.append({"labels": inst.gt_classes, "masks": padded})
         return targets
 
-    def semantic_inference(self, mask_cls, mask_pred):
-        return torch.einsum("qc,qhw->chw", F.softmax(mask_cls, -1)[..., :-1], mask_pred.sigmoid())
+    def semantic_inference(self, mask_cls, mask_pred, probs=None):
+        """(Q, K+1), (Q, H, W) logits [, their sigmoid] -> (K, H, W)."""
+        probs = mask_pred.sigmoid() if probs is None else probs
+        return torch.einsum("qc,qhw->chw", F.softmax(mask_cls, -1)[..., :-1], probs)
 
     def _thing_ids(self):
         meta = self.metadata
@@ -152,41 +154,54 @@ class MaskFormer(nn.Module):
                              "(DATASETS.TRAIN with thing_dataset_id_to_contiguous_id)")
         return set(meta.thing_dataset_id_to_contiguous_id.values())
 
-    def panoptic_inference(self, mask_cls, mask_pred):
+    def panoptic_inference(self, mask_cls, mask_pred, probs=None):
+        """The official per-query rule, computed for all kept queries at once.
+
+        Each pixel goes to its owner k = argmax_k score_k * prob_k; query k (in order) keeps
+        the pixels it owns where prob_k >= 0.5, if it owns any, its own mask (prob_k >= 0.5)
+        is not empty and owned / own area >= OVERLAP_THRESHOLD; a stuff class seen before
+        reuses that segment. A pixel can only be given to its owner, so the per-query
+        assignments never overlap and one gather paints them all."""
         scores, labels = F.softmax(mask_cls, -1).max(-1)
-        probs = mask_pred.sigmoid()
+        probs = mask_pred.sigmoid() if probs is None else probs
         num_classes = mask_cls.shape[-1] - 1
-        keep = labels.ne(num_classes) & (scores > self.object_mask_threshold)
-        scores, labels, probs = scores[keep], labels[keep], probs[keep]
+        kept = (labels.ne(num_classes) & (scores > self.object_mask_threshold)).nonzero().squeeze(1)
         H, W = probs.shape[-2:]
         panoptic = torch.zeros((H, W), dtype=torch.int32, device=probs.device)
         segments = []
-        if probs.shape[0] == 0:
+        if kept.numel() == 0:
             return panoptic, segments
-        owner = (scores.view(-1, 1, 1) * probs).argmax(0)
+        scores, labels, probs = scores[kept], labels[kept], probs[kept]
+        K = kept.numel()
+        owner = (scores.view(-1, 1, 1) * probs).argmax(0)  # (H, W)
+        owner_own = probs.gather(0, owner[None])[0] >= 0.5  # the owner's own mask there
+        owned = torch.bincount(owner.flatten(), minlength=K).tolist()
+        won = torch.bincount(owner[owner_own], minlength=K).tolist()
+        own = (probs >= 0.5).flatten(1).sum(1).tolist()
         things = self._thing_ids()
+        segment_of = [0] * K  # segment id painted for query k's won pixels (0: none)
         stuff_ids, current = {}, 0
-        for k in range(labels.shape[0]):
-            cls = int(labels[k])
-            own = probs[k] >= 0.5
-            won = (owner == k) & own
-            won_area, own_area = int((owner == k).sum()), int(own.sum())
-            if won_area == 0 or own_area == 0 or int(won.sum()) == 0:
+        for k, cls in enumerate(labels.tolist()):
+            if owned[k] == 0 or own[k] == 0 or won[k] == 0:
                 continue
-            if won_area / own_area < self.overlap_threshold:
+            if owned[k] / own[k] < self.overlap_threshold:
                 continue
             isthing = cls in things
             if not isthing and cls in stuff_ids:  # merge stuff regions of one class
-                panoptic[won] = stuff_ids[cls]
+                segment_of[k] = stuff_ids[cls]
                 continue
             current += 1
             if not isthing:
                 stuff_ids[cls] = current
-            panoptic[won] = current
+            segment_of[k] = current
             segments.append({"id": current, "isthing": isthing, "category_id": cls})
+        segment_of = torch.tensor(segment_of, dtype=torch.int32, device=probs.device)
+        panoptic = torch.where(owner_own, segment_of[owner], panoptic)
         return panoptic, segments
 
-    def instance_inference(self, mask_cls, mask_pred):
+    def instance_inference(self, mask_cls, mask_pred, probs=None):
+        """Top-k (query, class) pairs by class probability, scored by that probability times
+        the mean mask probability inside the binary mask; boxes from the binary masks."""
         H, W = mask_pred.shape[-2:]
         num_classes = mask_cls.shape[-1] - 1
         scores = F.softmax(mask_cls, -1)[:, :-1]
@@ -194,17 +209,30 @@ class MaskFormer(nn.Module):
         k = min(self.test_topk_per_image, scores.numel())
         top_scores, top_idx = scores.flatten().topk(k, sorted=False)
         top_labels = labels[top_idx]
-        masks = mask_pred[top_idx // num_classes]
+        query = top_idx // num_classes
         if self.panoptic_on:
             things = self._thing_ids()
-            keep = torch.tensor([int(c) in things for c in top_labels], dtype=torch.bool, device=masks.device)
-            top_scores, top_labels, masks = top_scores[keep], top_labels[keep], masks[keep]
+            keep = torch.tensor([c in things for c in top_labels.tolist()], dtype=torch.bool,
+                                device=query.device)
+            top_scores, top_labels, query = top_scores[keep], top_labels[keep], query[keep]
+        masks = mask_pred[query]
         result = Instances((H, W))
         binary = (masks > 0).float()
         result.pred_masks = binary
         result.pred_boxes = BitMasks(binary > 0).get_bounding_boxes() if binary.shape[0] else Boxes(
             torch.zeros(0, 4, device=masks.device))
-        mask_scores = (masks.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+        prob = masks.sigmoid() if probs is None else probs[query]
+        mask_scores = (prob.flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
         result.scores = top_scores * mask_scores
         result.pred_classes = top_labels
         return result
+
+
+def postprocess(result, img_size, height, width):
+    """Detectron2's ``sem_seg_postprocess`` (crop the padding, resize bilinearly to the output
+    size), without the resize when the size already matches (bilinear at scale 1 is the
+    identity)."""
+    result = result[:, : img_size[0], : img_size[1]]
+    if tuple(result.shape[-2:]) == (height, width):
+        return result
+    return F.interpolate(result[None], size=(height, width), mode="bilinear", align_corners=False)[0]

@@ -28,20 +28,24 @@ __all__ = ["ms_deform_attn", "MSDeformAttn", "PositionEmbeddingSine", "MSDeformA
 def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
     """value (N, S, M, D) over L levels of sizes ``spatial_shapes`` (L, 2) [(H, W)];
     sampling_locations (N, Lq, M, L, P, 2) in [0, 1] as (x, y); attention_weights
-    (N, Lq, M, L, P) -> (N, Lq, M * D)."""
+    (N, Lq, M, L, P) -> (N, Lq, M * D).
+
+    One ``grid_sample`` per level, weighted and summed over its points right away (no
+    stacked (N*M, D, Lq, L*P) temporary)."""
     N, _, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     grids = 2 * sampling_locations - 1
-    sampled = []
-    for lvl, (value_l, (h, w)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes.tolist())):
-        value_l = value_l.flatten(2).transpose(1, 2).reshape(N * M, D, int(h), int(w))
+    weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L, P)
+    out = None
+    for lvl, (value_l, (h, w)) in enumerate(zip(value.split([h * w for h, w in shapes], dim=1), shapes)):
+        value_l = value_l.flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
         grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))  # (N*M, D, Lq, P)
-    weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (N*M, D, Lq)
-    return out.view(N, M * D, Lq).transpose(1, 2)
+        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
+                                align_corners=False)  # (N*M, D, Lq, P)
+        term = (sampled * weights[:, :, :, lvl]).sum(-1)  # (N*M, D, Lq)
+        out = term if out is None else out.add_(term)
+    return out.reshape(N, M * D, Lq).transpose(1, 2)
 
 
 class MSDeformAttn(nn.Module):

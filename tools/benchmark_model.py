@@ -1,0 +1,284 @@
+#!/usr/bin/env python
+"""Whole-model latency of base vs expedited settings: what users feel, measured in one run.
+
+    python tools/benchmark_model.py --config-file \\
+        projects/Mask2Former/configs/coco/panoptic-segmentation/swin/maskformer2_hourglass_swin_large_IN21k_384_bs16_100ep.yaml \\
+        --input-size 640 640 --output results/model_m2f_640
+    python tools/benchmark_model.py --config-file projects/DPT/configs/dpt_hybrid_nyuv2.yaml \\
+        --input-size 480 640 --grid "MODEL.EXPEDIT.CLUSTERING_LOCATION=[4, 6]" \\
+        --grid "MODEL.EXPEDIT.NUM_CLUSTERS=[[16, 16], [24, 24]]" --amp bf16
+
+Settings are given as the sweep takes them (``--grid KEY=[...]``, ``--point KEY=VALUE ...``,
+the official Expedit keys accepted; :mod:`expedit_d2.sweep`); without any, the config as
+given is compared with its un-expedited baseline. Every model has the same weights
+(``MODEL.WEIGHTS`` loaded strictly into each, else the baseline's random weights copied).
+
+For each setting, on one image of ``--input-size`` (batch 1, the project's own
+``model([{"image", "height", "width"}])``: preprocessing and post-processing included):
+
+* latency: warm-up, then the median of ``--repeats`` forwards, every setting timed
+  interleaved with the others in the same process (machine drift cancels in the ratios),
+  synchronised on CUDA; the ratio to the baseline;
+* a per-part breakdown from a second, instrumented pass (medians): the backbone, each head part
+  (Mask2Former: pixel decoder, transformer decoder; DPT: reassemble, scratch), and the
+  rest (pre- and post-processing);
+* backbone and whole-model GMACs (fvcore multiply-adds) and their ratios to the baseline,
+  beside the latency ratio (``gap`` = latency ratio - model GMACs ratio);
+* ``--amp fp16|bf16`` runs under autocast; ``--compile backbone|model`` wraps that part in
+  ``torch.compile`` (warm-up then includes compilation).
+
+Writes ``<output>.md`` and ``<output>.json`` atomically (``--output``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
+from expedit_d2.cli import HelpFormatter
+from expedit_d2.engine import config_from_file, find_project, load_project
+from expedit_d2.flops import gmacs
+from expedit_d2.measure import sync, time_interleaved, write_report
+from expedit_d2.sweep import Point, SweepError, SweepSpec, _parse_grid, expand_points, validate_points
+
+__all__ = ["model_parts", "benchmark", "main"]
+
+AMP = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def model_parts(model: nn.Module) -> dict[str, nn.Module]:
+    """The parts timed separately: ``backbone``, then each child of the other top-level
+    modules that holds parameters (e.g. ``sem_seg_head.pixel_decoder``,
+    ``sem_seg_head.predictor``; DPT's ``reassemble``, ``scratch``)."""
+    parts = {"backbone": model.backbone}
+    for name, child in model.named_children():
+        if name == "backbone" or not any(True for _ in child.parameters()):
+            continue
+        grand = [(n, c) for n, c in child.named_children() if any(True for _ in c.parameters())]
+        if len(grand) > 1:
+            parts.update((f"{name}.{n}", c) for n, c in grand)
+        else:
+            parts[name] = child
+    return parts
+
+
+def part_seconds(model: nn.Module, run, device, repeats: int) -> dict[str, float]:
+    """Median seconds inside each of :func:`model_parts` over ``repeats`` timed calls of
+    ``run()``, and ``total`` (the whole call). A part is entered through ``forward`` or, as
+    Detectron2's pixel decoders are, ``forward_features``: both are timed (the outermost
+    entry only), by wrapping them on the instance for the duration."""
+    parts = model_parts(model)
+    spent = {name: [] for name in parts}
+    totals = []
+    depth = dict.fromkeys(parts, 0)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            depth[name] += 1
+            if depth[name] == 1:
+                sync(device)
+                t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[name] -= 1
+                if depth[name] == 0:
+                    sync(device)
+                    spent[name][-1] += time.perf_counter() - t0
+        return wrapper
+
+    wrapped = []
+    for name, mod in parts.items():
+        for attr in ("forward", "forward_features"):
+            if callable(getattr(mod, attr, None)):
+                setattr(mod, attr, timed(name, getattr(mod, attr)))
+                wrapped.append((mod, attr))
+    try:
+        for _ in range(repeats):
+            for ts in spent.values():
+                ts.append(0.0)
+            sync(device)
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            totals.append(time.perf_counter() - t0)
+    finally:
+        for mod, attr in wrapped:
+            delattr(mod, attr)  # the class's method again
+    out = {name: statistics.median(ts) for name, ts in spent.items()}
+    out["total"] = statistics.median(totals)
+    return out
+
+
+def _points(spec: SweepSpec) -> list[Point]:
+    points = expand_points(spec)
+    if len(points) == 1:  # no settings given: the config as it is, against its baseline
+        points.append(Point(()))
+    return points
+
+
+def _label(point: Point) -> str:
+    return "config" if not point.baseline and not point.overrides else point.label
+
+
+def build_models(project, cfgs: dict, points: list[Point], allow_partial: bool) -> dict:
+    """{point id: eval model}, all on the same weights."""
+    models = {}
+    for point in points:
+        cfg = cfgs[point.id][0]
+        torch.manual_seed(0)
+        model = project.Trainer.build_model(cfg).eval()
+        if cfg.MODEL.WEIGHTS:
+            load_weights(project.Checkpointer(model), cfg.MODEL.WEIGHTS, allow_partial=allow_partial)
+        elif models:  # random weights: the baseline's, so every setting computes on the same
+            model.load_state_dict(next(iter(models.values())).state_dict())
+        models[point.id] = model
+    return models
+
+
+def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str | None = None,
+              compile_part: str | None = None, allow_partial: bool = False, log=print) -> list[dict]:
+    """One row per setting (baseline first); see the module docstring."""
+    project = load_project(spec.project)
+    project.register_datasets()
+    points = _points(spec)
+    cfgs = validate_points(project, spec, points)
+    models = build_models(project, cfgs, points, allow_partial)
+    H, W = spec.input_size
+    channels = len(cfgs["baseline"][0].MODEL.PIXEL_MEAN)
+    image = (torch.rand(channels, H, W, generator=torch.Generator().manual_seed(0)) * 255).to(device)
+    inputs = [{"image": image, "height": H, "width": W}]
+    for m in models.values():
+        m.to(device)
+
+    def autocast():
+        if amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(device).type, dtype=AMP[amp])
+
+    log("counting GMACs (fvcore)")
+    macs = {pid: gmacs(m, image) for pid, m in models.items()}
+    if compile_part == "model":
+        runners = {pid: torch.compile(m) for pid, m in models.items()}
+    else:
+        if compile_part == "backbone":
+            for m in models.values():
+                m.backbone = torch.compile(m.backbone)
+        runners = models
+
+    def call(pid):
+        def run():
+            with torch.inference_mode(), autocast():
+                runners[pid](inputs)
+        return run
+
+    log(f"timing {len(points)} settings interleaved (warm-up {warmup}, {repeats} repeats)")
+    secs = time_interleaved({p.id: call(p.id) for p in points}, device, repeats, warmup)
+    log("per-part breakdown (instrumented pass)")
+    parts = {p.id: part_seconds(models[p.id], call(p.id), device, repeats) for p in points}
+    base = "baseline"
+    rows = []
+    for p in points:
+        pid = p.id
+        part_sum = sum(v for k, v in parts[pid].items() if k != "total")
+        breakdown = {k: 1e3 * v for k, v in parts[pid].items() if k != "total"}
+        breakdown["rest"] = 1e3 * max(parts[pid]["total"] - part_sum, 0.0)
+        row = {
+            "setting": _label(p), "overrides": dict(p.overrides), "opts": cfgs[pid][1],
+            "input": [H, W], "device": str(device), "amp": amp, "compile": compile_part,
+            "ms": 1e3 * secs[pid], "latency_ratio": secs[pid] / secs[base],
+            "backbone_gmacs": macs[pid]["backbone"], "model_gmacs": macs[pid]["model"],
+            "backbone_gmacs_ratio": macs[pid]["backbone"] / macs[base]["backbone"],
+            "model_gmacs_ratio": macs[pid]["model"] / macs[base]["model"],
+            "parts_ms": breakdown,
+        }
+        row["gap"] = row["latency_ratio"] - row["model_gmacs_ratio"]
+        base_parts = parts[base]
+        row["parts_ratio"] = {k: parts[pid][k] / base_parts[k] for k in parts[pid]
+                              if k != "total" and base_parts[k] > 0}
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], threads: int) -> str:
+    r0 = rows[0]
+    head = (f"Whole model, input {r0['input'][1]}x{r0['input'][0]} (WxH), batch 1, {r0['device']}"
+            f" ({threads} threads), amp {r0['amp'] or 'off'}, compile {r0['compile'] or 'off'}; "
+            "latency: median, interleaved in one run; GMACs: fvcore multiply-adds; "
+            "gap = latency ratio - model GMACs ratio")
+    part_names = list(r0["parts_ms"])
+    lines = [head, "",
+             "| setting | ms | latency ratio | model GMACs (ratio) | backbone GMACs (ratio) | gap | "
+             + " | ".join(f"{n} ms" for n in part_names) + " |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(part_names)]
+    for r in rows:
+        lines.append(
+            f"| {r['setting']} | {r['ms']:.0f} | {r['latency_ratio']:.3f} | "
+            f"{r['model_gmacs']:.1f} ({r['model_gmacs_ratio']:.3f}) | "
+            f"{r['backbone_gmacs']:.1f} ({r['backbone_gmacs_ratio']:.3f}) | {r['gap']:+.3f} | "
+            + " | ".join(f"{r['parts_ms'][n]:.0f}" for n in part_names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--config-file", required=True, help="a project config (baseline or expedited)")
+    parser.add_argument("--project", help="project folder (default: found from the config's path)")
+    parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), required=True)
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=[V, ...]",
+                        help="a settings axis, as for the sweep (repeatable; product of the axes)")
+    parser.add_argument("--point", action="append", default=[], metavar="KEY=VALUE[;KEY=VALUE]",
+                        help="one explicit setting (repeatable)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--amp", choices=sorted(AMP), help="autocast dtype (default: off)")
+    parser.add_argument("--compile", choices=["backbone", "model"], help="torch.compile a part (default: off)")
+    parser.add_argument("--output", type=Path, help="also write <output>.md and <output>.json")
+    parser.add_argument(PARTIAL_FLAG, action="store_true",
+                        help="with MODEL.WEIGHTS: accept a file that covers only part of the model")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    points = []
+    for item in args.point:
+        point = {}
+        for pair in item.split(";"):
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise SweepError(f"--point {item!r}: expected KEY=VALUE[;KEY=VALUE ...]")
+            point[key.strip()] = __import__("yaml").safe_load(value)
+        points.append(point)
+    project = args.project or find_project(args.config_file)
+    if project is None:
+        raise SweepError(f"no train_net.py in any folder above {args.config_file}; pass --project")
+    opts = list(args.opts) + ["MODEL.DEVICE", args.device]
+    spec = SweepSpec(config_file=args.config_file, input_size=tuple(args.input_size), project=str(project),
+                     grid=_parse_grid(args.grid), points=points, opts=opts)
+
+    def log(msg):
+        print(f"[benchmark_model] {msg}", file=sys.stderr, flush=True)
+
+    rows = benchmark(spec, args.device, args.repeats, args.warmup, args.amp, args.compile,
+                     args.allow_partial_weights, log)
+    table = format_table(rows, args.threads)
+    print(table)
+    if args.output:
+        write_report(args.output, table, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SweepError as e:
+        print(f"benchmark_model: error: {e}", file=sys.stderr)
+        sys.exit(2)

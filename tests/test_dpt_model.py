@@ -215,3 +215,12 @@ def test_every_config_builds_the_official_model(config):
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in mapped.items()}
     assert (cfg.MODEL.BACKBONE.NAME == "ExpeditBackbone") == ("expedit" in config)
+
+
+def test_project_defaults_are_the_official_expedit_dpt_settings():
+    cfg = get_cfg()
+    add_dpt_config(cfg)
+    e = cfg.MODEL.EXPEDIT
+    assert (e.RECONSTRUCTION, e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE) == \
+        ("nearest", 5, 5, 1.0, 20, 1.0)
+    assert e.CLUSTERING_LOCATION == -1 and list(e.NUM_CLUSTERS) == [16, 16]

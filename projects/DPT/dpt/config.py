@@ -19,3 +19,12 @@ def add_dpt_config(cfg) -> None:
     # valid ground-truth depth for the training loss, metres
     cfg.MODEL.DPT.MIN_DEPTH = 1e-3
     cfg.MODEL.DPT.MAX_DEPTH = 10.0
+    # Expediting defaults = the official Expedit-DPT release: nearest-centre reconstruction
+    # (what its forward path runs), 5 iterations, lambda 5, one temperature 1.0 for both
+    # layers, k 20 (unused by nearest), the published NYUv2 grid 16x16. CLUSTERING_LOCATION
+    # stays -1 (not expedited) until a config sets it.
+    e = cfg.MODEL.EXPEDIT
+    e.BASE = "D2ViTHybrid"
+    e.RECONSTRUCTION = "nearest"
+    e.NUM_CLUSTERS = [16, 16]
+    e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE = 5, 5, 1.0, 20, 1.0

@@ -1,0 +1,160 @@
+"""EViT token reorganisation (Liang et al., ICLR 2022) at inference, training free.
+
+One keep step, with B batch, N patch tokens behind one cls token, K = ceil(rate * N)::
+
+    x (B, 1 + N, C), cls_attn (B, N) --evit_keep--> x (B, 1 + K (+ 1), C), KeepInfo
+
+The K patch tokens with the highest cls attention stay (in their original order); the
+N - K others are dropped and, with ``fuse``, replaced by one token at the end: their
+average weighted by cls attention normalised over the dropped set. (The official code
+sums ``attn * x`` over the dropped tokens without normalising.) K = N is the identity.
+
+Dense prediction needs the full grid back at the output taps. Each :class:`KeepInfo`
+records the dropped tokens' values at its step; a chain of steps is simply the list of
+their infos, oldest first, and ::
+
+    evit_restore(infos, current (B, 1 + N_now, C)) -> (B, 1 + N0, C)
+
+takes kept tokens from ``current`` and every dropped token from the step that dropped
+it. A fused token may go on as an ordinary patch token into later steps (as in the
+official code); it belongs to no grid position and is ignored at restore.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["KeepInfo", "evit_keep", "evit_restore"]
+
+
+@dataclass(frozen=True)
+class KeepInfo:
+    """One keep step.
+
+    Attributes:
+        kept: (B, K) long, ascending positions (0 .. N - 1) of the kept patch tokens.
+        dropped: (B, N - K) long, ascending positions of the dropped patch tokens.
+        dropped_values: (B, N - K, C) the dropped tokens' values at this step.
+        num_tokens: N, patch tokens entering the step (cls not counted).
+        fused: whether a fused token was appended after the kept tokens.
+    """
+
+    kept: torch.Tensor
+    dropped: torch.Tensor
+    dropped_values: torch.Tensor
+    num_tokens: int
+    fused: bool
+
+    @property
+    def num_out(self) -> int:
+        """Patch tokens leaving the step, fused token included: K (+ 1)."""
+        return self.kept.shape[1] + int(self.fused)
+
+
+def _keep_rate(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"keep_rate must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C), index (B, K) -> (B, K, C)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+
+
+def _no_autocast(device: torch.device):
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def evit_keep(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float, fuse: bool = True):
+    """Keep the patch tokens the cls token attends to most.
+
+    Args:
+        x: (B, 1 + N, C) cls token then N patch tokens, any float dtype.
+        cls_attn: (B, N) the cls token's attention to each patch token (EViT averages
+            it over heads). Ties: the lower position is kept first.
+        keep_rate: in (0, 1]; K = math.ceil(keep_rate * N) tokens stay (as in the
+            official code, so float products round up: 0.7 * 10 keeps 8).
+        fuse: append one token fusing the dropped ones.
+
+    Returns:
+        x_new: (B, 1 + K, C), plus the fused token (B, 2 + K, C) if ``fuse`` and K < N;
+            x itself when K = N.
+        info: :class:`KeepInfo` for :func:`evit_restore`.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] < 2:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must have shape (B, 1 + N, C) with N >= 1, got {shape}")
+    B, N, C = x.shape[0], x.shape[1] - 1, x.shape[2]
+    if not isinstance(cls_attn, torch.Tensor) or tuple(cls_attn.shape) != (B, N):
+        shape = tuple(cls_attn.shape) if isinstance(cls_attn, torch.Tensor) else type(cls_attn).__name__
+        raise ValueError(
+            f"cls_attn must have shape (B, N) = {(B, N)} for x of shape {tuple(x.shape)}, got {shape}"
+        )
+    K = math.ceil(_keep_rate(keep_rate) * N)
+    if K >= N:
+        every = torch.arange(N, device=x.device).expand(B, N)
+        none = every[:, :0]
+        return x, KeepInfo(every, none, x[:, 1:1], N, False)
+
+    order = cls_attn.argsort(dim=1, descending=True, stable=True)
+    kept, dropped = order[:, :K].sort(dim=1).values, order[:, K:].sort(dim=1).values
+    patches = x[:, 1:]
+    dropped_values = _gather_tokens(patches, dropped)  # (B, N - K, C)
+    parts = [x[:, :1], _gather_tokens(patches, kept)]
+    if fuse:
+        with _no_autocast(x.device):
+            w = cls_attn.gather(1, dropped).float()  # (B, N - K)
+            w = w / w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            fused = (w.unsqueeze(-1) * dropped_values.float()).sum(dim=1, keepdim=True)
+        parts.append(fused.to(x.dtype))
+    return torch.cat(parts, dim=1), KeepInfo(kept, dropped, dropped_values, N, bool(fuse))
+
+
+def evit_restore(infos: Sequence[KeepInfo], current: torch.Tensor) -> torch.Tensor:
+    """Restore the full token sequence at a tap after a chain of keep steps.
+
+    Args:
+        infos: the :class:`KeepInfo` of every step so far, oldest first; step i + 1
+            must take the tokens step i put out (``num_tokens == num_out``).
+        current: (B, 1 + N_now, C) cls token then the current patch tokens, with the
+            last step's fused token, if any, at the end (N_now = infos[-1].num_out).
+
+    Returns:
+        (B, 1 + N0, C), N0 = infos[0].num_tokens, in current's dtype: cls and kept
+        tokens from ``current``, each dropped token as it was at its step.
+    """
+    infos = list(infos)
+    if not infos:
+        return current
+    for i, (a, b) in enumerate(zip(infos, infos[1:])):
+        if b.num_tokens != a.num_out:
+            raise ValueError(
+                f"infos[{i + 1}] takes {b.num_tokens} patch tokens, but infos[{i}] put out {a.num_out}"
+            )
+    B, N0 = infos[0].kept.shape[0], infos[0].num_tokens
+    n_now = infos[-1].num_out
+    ok = isinstance(current, torch.Tensor) and current.dim() == 3
+    if not ok or tuple(current.shape[:2]) != (B, 1 + n_now):
+        shape = tuple(current.shape) if isinstance(current, torch.Tensor) else type(current).__name__
+        raise ValueError(f"current must have shape (B, 1 + N_now, C) = ({B}, {1 + n_now}, C), got {shape}")
+
+    C = current.shape[2]
+    # out has one spare row, N0, collecting the values of fused tokens (origin -1)
+    out = current.new_empty(B, N0 + 1, C)
+    origin = torch.arange(N0, device=current.device).expand(B, N0)  # grid index of each patch token
+    spare = origin.new_full((B, 1), N0)
+    for info in infos:
+        to = origin.gather(1, info.dropped).unsqueeze(-1).expand(-1, -1, C)
+        out.scatter_(1, to, info.dropped_values.to(out.dtype))
+        origin = origin.gather(1, info.kept)
+        if info.fused:
+            origin = torch.cat([origin, spare], dim=1)
+    out.scatter_(1, origin.unsqueeze(-1).expand(-1, -1, C), current[:, 1:])
+    return torch.cat([current[:, :1], out[:, :N0]], dim=1)

@@ -1,0 +1,224 @@
+"""Token Merging (Bolya et al., ICLR 2023): bipartite soft matching, training free.
+
+One merge step, with B batch, N tokens, r merged away, M = N - r::
+
+    info = bipartite_soft_matching(metric (B, N, C'), r)
+    x (B, N, C), size (B, N, 1) --merge_wavg--> x (B, M, C), size (B, M, 1)
+    x (B, M, C) --unmerge--> x (B, N, C)
+
+Matching: after the ``num_protected`` leading tokens (cls), which are never merged,
+tokens alternate between set A (even offsets) and set B (odd offsets). Each A token
+finds its most cosine-similar B token; the r A tokens with the highest such
+similarity are merged into their match (ties: the lower A index first).
+
+Everything a step does is one map ``dest`` (B, N): the merged token that each token
+goes into. The merged sequence holds the protected tokens, then the unmerged A tokens,
+then the B tokens, each group in its original order (r = 0 is the identity instead).
+Several steps chain through a ``source`` map (B, N0) from the N0 original tokens to the
+current ones: ``source = update_source(source, info)`` after every step, then
+``unmerge_with_source(x, source)`` restores the full (B, N0, C) sequence.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MergeInfo",
+    "bipartite_soft_matching",
+    "merge_wavg",
+    "unmerge",
+    "update_source",
+    "unmerge_with_source",
+    "proportional_attention_bias",
+]
+
+
+@dataclass(frozen=True)
+class MergeInfo:
+    """One merge step.
+
+    Attributes:
+        dest: (B, N) long, the index in the merged sequence (0 .. N - r - 1) of the
+            token that each input token goes into.
+        num_tokens: N, tokens before the merge.
+        r: tokens merged away (after clamping); N - r tokens remain.
+        num_protected: P, leading tokens kept as they are (in front).
+    """
+
+    dest: torch.Tensor
+    num_tokens: int
+    r: int
+    num_protected: int = 0
+
+    @property
+    def num_out(self) -> int:
+        """Tokens after the merge, N - r."""
+        return self.num_tokens - self.r
+
+
+def _int_at_least(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_tokens(x: torch.Tensor, name: str, batch: int, tokens: int, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape (B, N, C), got {shape}")
+    if x.shape[0] != batch or x.shape[1] != tokens:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}, but {what} needs batch {batch} and {tokens} tokens"
+        )
+
+
+def _no_autocast(device: torch.device):
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1) -> MergeInfo:
+    """Plan one ToMe merge of r tokens.
+
+    Args:
+        metric: (B, N, C') features to match on (ToMe uses the attention keys averaged
+            over heads); similarity is their cosine, computed in float32.
+        r: tokens to merge away, >= 0; clamped to |A| (to 0 when B is empty).
+        num_protected: leading tokens (cls) that are never merged, 0 <= P <= N.
+
+    Returns:
+        :class:`MergeInfo` for :func:`merge_wavg` / :func:`unmerge`.
+    """
+    if not isinstance(metric, torch.Tensor) or metric.dim() != 3:
+        shape = tuple(metric.shape) if isinstance(metric, torch.Tensor) else type(metric).__name__
+        raise ValueError(f"metric must have shape (B, N, C), got {shape}")
+    if not metric.is_floating_point():
+        raise ValueError(f"metric must be a floating-point tensor, got {metric.dtype}")
+    r = _int_at_least(r, "r", 0)
+    P = _int_at_least(num_protected, "num_protected", 0)
+    B, N, _ = metric.shape
+    if P > N:
+        raise ValueError(f"num_protected={P} exceeds the number of tokens N={N}")
+    n_a, n_b = (N - P + 1) // 2, (N - P) // 2
+    r = min(r, n_a) if n_b > 0 else 0
+    device = metric.device
+    if r == 0:
+        return MergeInfo(torch.arange(N, device=device).expand(B, N), N, 0, P)
+
+    with _no_autocast(device):
+        m = F.normalize(metric[:, P:].float(), dim=-1)
+        scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # (B, n_a, n_b) cosines A x B
+    best, match = scores.max(dim=-1)  # (B, n_a): best similarity, its B index
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    merged = torch.zeros(B, n_a, dtype=torch.bool, device=device)
+    merged.scatter_(1, order[:, :r], True)
+
+    # positions in the merged sequence: protected 0..P-1, unmerged A next, then B
+    b_pos = P + (n_a - r) + torch.arange(n_b, device=device)  # (n_b,)
+    a_pos = torch.where(merged, b_pos[match], P - 1 + (~merged).cumsum(dim=1))  # (B, n_a)
+    dest = torch.empty(B, N, dtype=torch.long, device=device)
+    dest[:, :P] = torch.arange(P, device=device)
+    dest[:, P::2] = a_pos
+    dest[:, P + 1 :: 2] = b_pos
+    return MergeInfo(dest, N, r, P)
+
+
+def merge_wavg(info: MergeInfo, x: torch.Tensor, size: torch.Tensor | None = None):
+    """Merge tokens by size-weighted average (a merged token's size is its members' sum).
+
+    Args:
+        info: the step from :func:`bipartite_soft_matching`.
+        x: (B, N, C) tokens, any float dtype (averaged in float32).
+        size: (B, N, 1) tokens' sizes (original tokens each one represents); None
+            means all ones (float32).
+
+    Returns:
+        x_merged: (B, N - r, C) in x's dtype, order as in the module docstring; the
+            protected tokens are copied exactly.
+        size_merged: (B, N - r, 1) in size's dtype.
+    """
+    B, N = info.dest.shape
+    _check_tokens(x, "x", B, N, "the merge")
+    if size is None:
+        size = torch.ones(B, N, 1, device=x.device)
+    elif not isinstance(size, torch.Tensor) or tuple(size.shape) != (B, N, 1):
+        shape = tuple(size.shape) if isinstance(size, torch.Tensor) else type(size).__name__
+        raise ValueError(f"size must have shape (B, N, 1) = {(B, N, 1)}, got {shape}")
+    if info.r == 0:
+        return x, size
+    M, C = info.num_out, x.shape[2]
+    index = info.dest.unsqueeze(-1)  # (B, N, 1)
+    with _no_autocast(x.device):
+        s = size.float()
+        total = s.new_zeros(B, M, 1).scatter_add_(1, index, s)
+        summed = s.new_zeros(B, M, C).scatter_add_(1, index.expand(B, N, C), x.float() * s)
+    merged = (summed / total).to(x.dtype)
+    merged[:, : info.num_protected] = x[:, : info.num_protected]
+    return merged, total.to(size.dtype)
+
+
+def unmerge_with_source(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Copy merged tokens back: out[b, i] = x[b, source[b, i]].
+
+    Args:
+        x: (B, M, C) current (merged) tokens.
+        source: (B, N0) long, the current token that each original token is in.
+
+    Returns:
+        (B, N0, C) in x's dtype.
+    """
+    if not isinstance(source, torch.Tensor) or source.dim() != 2 or source.dtype != torch.long:
+        is_tensor = isinstance(source, torch.Tensor)
+        desc = f"{tuple(source.shape)} {source.dtype}" if is_tensor else type(source).__name__
+        raise ValueError(f"source must be a (B, N0) long tensor, got {desc}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != source.shape[0]:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must have shape (B, M, C) with B = {source.shape[0]}, got {shape}")
+    index = source.unsqueeze(-1).expand(-1, -1, x.shape[2])
+    return x.gather(1, index)
+
+
+def unmerge(info: MergeInfo, x_merged: torch.Tensor) -> torch.Tensor:
+    """Undo one merge: (B, N - r, C) -> (B, N, C), each token gets its merged token's value."""
+    B = info.dest.shape[0]
+    _check_tokens(x_merged, "x_merged", B, info.num_out, f"a merge of {info.num_tokens} - {info.r} tokens")
+    return unmerge_with_source(x_merged, info.dest)
+
+
+def update_source(source: torch.Tensor | None, info: MergeInfo) -> torch.Tensor:
+    """Compose the original -> current map with one more merge.
+
+    Args:
+        source: (B, N0) long map from original tokens to the N tokens entering this
+            merge, or None before the first merge (the identity).
+        info: the merge step.
+
+    Returns:
+        (B, N0) long map from original tokens to the N - r merged tokens.
+    """
+    if source is None:
+        return info.dest
+    if not isinstance(source, torch.Tensor) or source.dim() != 2 or source.shape[0] != info.dest.shape[0]:
+        shape = tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
+        raise ValueError(f"source must have shape (B, N0) with B = {info.dest.shape[0]}, got {shape}")
+    return info.dest.gather(1, source)
+
+
+def proportional_attention_bias(size: torch.Tensor) -> torch.Tensor:
+    """ToMe's proportional attention: log(size), to add to the attention logits.
+
+    Args:
+        size: (B, N, 1) positive token sizes.
+
+    Returns:
+        (B, 1, 1, N), broadcasting over heads and queries of (B, heads, N, N) logits.
+    """
+    if not isinstance(size, torch.Tensor) or size.dim() != 3 or size.shape[2] != 1:
+        shape = tuple(size.shape) if isinstance(size, torch.Tensor) else type(size).__name__
+        raise ValueError(f"size must have shape (B, N, 1), got {shape}")
+    return size.log()[:, None, None, :, 0]

@@ -238,7 +238,7 @@ def expedite_swin(backbone: SwinTransformer, settings: ExpeditSettings) -> None:
             f"MODEL.EXPEDIT.NUM_CLUSTERS={[h, w]}: Swin clusters each {ws}x{ws} attention "
             f"window into a square s x s grid with s <= {ws}"
         )
-    if settings.recon_k > h * w:
+    if settings.reconstruction_mode == "topk" and settings.recon_k > h * w:
         raise ValueError(f"MODEL.EXPEDIT.RECON_K={settings.recon_k} exceeds the {h}x{w} "
                          "clusters of a window")
     for stage in backbone.layers:
@@ -304,7 +304,7 @@ def expedite_vit(backbone: VisionTransformer, settings: ExpeditSettings) -> None
             f"MODEL.EXPEDIT.CLUSTERING_LOCATION={alpha} is outside this ViT's blocks "
             f"0..{backbone.depth - 1} (clustering happens right after block alpha)")
     h, w = settings.num_clusters
-    if settings.recon_k > h * w:
+    if settings.reconstruction_mode == "topk" and settings.recon_k > h * w:
         raise ValueError(f"MODEL.EXPEDIT.RECON_K={settings.recon_k} exceeds the {h}x{w} clusters")
     backbone.expedit = ViTTokenExpedit(alpha, settings)
 

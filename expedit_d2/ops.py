@@ -371,7 +371,7 @@ def token_reconstruction(
     h, w = state.num_clusters
     M = h * w
     k = _positive_int(k, "reconstruction k")
-    if k > M:
+    if mode == "topk" and k > M:
         raise ValueError(f"reconstruction k={k} exceeds the number of clusters {M} ({h}x{w})")
     tau = _positive_float(temperature, "reconstruction temperature")
     prefix, merged = _split_tokens(clusters, (h, w), state.num_prefix_tokens, "clusters")

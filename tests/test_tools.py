@@ -120,7 +120,21 @@ def test_benchmark_model_times_the_whole_model_by_parts(tmp_path):
     assert base["latency_ratio"] == 1.0 and base["model_gmacs_ratio"] == 1.0
     assert 0 < point["backbone_gmacs_ratio"] < 1 and point["model_gmacs"] < base["model_gmacs"]
     parts = set(base["parts_ms"])
-    assert parts == {"backbone", "sem_seg_head.pixel_decoder", "sem_seg_head.predictor", "rest"}
+    assert parts == {"backbone", "pixel_decoder", "transformer_decoder", "rest"}
     assert all(v > 0 for k, v in base["parts_ms"].items() if k != "rest")  # every part was entered
     assert point["gap"] == pytest.approx(point["latency_ratio"] - point["model_gmacs_ratio"])
     assert "| a4_5x5 |" in out.with_suffix(".md").read_text()
+
+
+def test_benchmark_model_parts_of_dpt_include_the_token_taps(tmp_path):
+    """DPT calls backbone.forward_taps, not forward: the backbone's time is still counted."""
+    from tools import benchmark_model
+
+    out = tmp_path / "dpt"
+    benchmark_model.main([
+        "--config-file", "projects/DPT/configs/demo/tiny_vit_nyuv2.yaml", "--input-size", "96", "128",
+        "--repeats", "1", "--warmup", "0", "--device", "cpu", "--output", str(out),
+        "--point", "MODEL.EXPEDIT.CLUSTERING_LOCATION=1;MODEL.EXPEDIT.NUM_CLUSTERS=[4, 4]"])
+    base, point = json.loads(out.with_suffix(".json").read_text())
+    assert set(base["parts_ms"]) == {"backbone", "reassemble", "scratch", "rest"}
+    assert base["parts_ms"]["backbone"] > 0 and point["setting"] == "a1_4x4"

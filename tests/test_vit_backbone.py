@@ -232,3 +232,13 @@ def test_weight_standardisation_is_cached_in_inference_and_follows_the_weights()
     # with autograd: recomputed every call, gradients reach the weight
     conv(x).sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_nearest_reconstruction_ignores_recon_k():
+    """k only matters to the top-k layer: a k above the cluster count is no error with
+    nearest-centre reconstruction (the official DPT release passes k 20 with any grid)."""
+    cfg = tiny_vit_cfg("ExpeditBackbone")
+    cfg.MODEL.EXPEDIT.RECONSTRUCTION, cfg.MODEL.EXPEDIT.RECON_K = "nearest", 31  # 5 x 6 clusters
+    with torch.no_grad():
+        out = build(cfg)(torch.randn(1, 3, 160, 224))
+    assert all(torch.isfinite(v).all() for v in out.values())

@@ -20,8 +20,9 @@ For each setting, on one image of ``--input-size`` (batch 1, the project's own
   interleaved with the others in the same process (machine drift cancels in the ratios),
   synchronised on CUDA; the ratio to the baseline;
 * a per-part breakdown from a second, instrumented pass (medians): the backbone, each head part
-  (Mask2Former: pixel decoder, transformer decoder; DPT: reassemble, scratch), and the
-  rest (pre- and post-processing);
+  (a meta-architecture's ``benchmark_parts()``, else its top-level children: Mask2Former's
+  pixel decoder and transformer decoder, DPT's reassemble and scratch), and the rest (pre-
+  and post-processing);
 * backbone and whole-model GMACs (fvcore multiply-adds) and their ratios to the baseline,
   beside the latency ratio (``gap`` = latency ratio - model GMACs ratio);
 * ``--amp fp16|bf16`` runs under autocast; ``--compile backbone|model`` wraps that part in
@@ -54,26 +55,22 @@ AMP = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def model_parts(model: nn.Module) -> dict[str, nn.Module]:
-    """The parts timed separately: ``backbone``, then each child of the other top-level
-    modules that holds parameters (e.g. ``sem_seg_head.pixel_decoder``,
-    ``sem_seg_head.predictor``; DPT's ``reassemble``, ``scratch``)."""
+    """The parts timed separately: what the meta-architecture's ``benchmark_parts()`` names
+    (Mask2Former: backbone, pixel decoder, transformer decoder), else ``backbone`` and each
+    other top-level child that holds parameters (DPT: reassemble, scratch)."""
+    if hasattr(model, "benchmark_parts"):
+        return dict(model.benchmark_parts())
     parts = {"backbone": model.backbone}
-    for name, child in model.named_children():
-        if name == "backbone" or not any(True for _ in child.parameters()):
-            continue
-        grand = [(n, c) for n, c in child.named_children() if any(True for _ in c.parameters())]
-        if len(grand) > 1:
-            parts.update((f"{name}.{n}", c) for n, c in grand)
-        else:
-            parts[name] = child
+    parts.update((name, child) for name, child in model.named_children()
+                 if name != "backbone" and any(True for _ in child.parameters()))
     return parts
 
 
 def part_seconds(model: nn.Module, run, device, repeats: int) -> dict[str, float]:
     """Median seconds inside each of :func:`model_parts` over ``repeats`` timed calls of
-    ``run()``, and ``total`` (the whole call). A part is entered through ``forward`` or, as
-    Detectron2's pixel decoders are, ``forward_features``: both are timed (the outermost
-    entry only), by wrapping them on the instance for the duration."""
+    ``run()``, and ``total`` (the whole call). A part is entered through ``forward``, or as
+    Detectron2's pixel decoders (``forward_features``) and our ViTs (``forward_taps``) are:
+    each is timed (the outermost entry only), wrapped on the instance for the duration."""
     parts = model_parts(model)
     spent = {name: [] for name in parts}
     totals = []
@@ -96,7 +93,7 @@ def part_seconds(model: nn.Module, run, device, repeats: int) -> dict[str, float
 
     wrapped = []
     for name, mod in parts.items():
-        for attr in ("forward", "forward_features"):
+        for attr in ("forward", "forward_features", "forward_taps"):
             if callable(getattr(mod, attr, None)):
                 setattr(mod, attr, timed(name, getattr(mod, attr)))
                 wrapped.append((mod, attr))

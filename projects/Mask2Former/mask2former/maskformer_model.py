@@ -123,6 +123,11 @@ class MaskFormer(nn.Module):
             results.append(r)
         return results
 
+    def benchmark_parts(self) -> dict:
+        """What ``tools/benchmark_model.py`` times separately."""
+        return {"backbone": self.backbone, "pixel_decoder": self.sem_seg_head.pixel_decoder,
+                "transformer_decoder": self.sem_seg_head.predictor}
+
     def resize_for_backbone(self, x):
         """(N, C, H, W) -> (N, C, int(H / 32 * r) * 32, int(W / 32 * r) * 32), bilinear."""
         size = tuple(int(s / 32 * self.resize_ratio) * 32 for s in x.shape[-2:])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["HelpFormatter"]
+__all__ = ["HelpFormatter", "add_timing_arguments", "apply_timing_arguments"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -32,3 +32,28 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if self._default(action) is not None and "%(default)" not in help:
             help += " (default: %(default)s)"
         return help
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, repeats: int, warmup: int) -> None:
+    """The benchmarks' shared timing options: --device, --repeats, --warmup, --threads,
+    --keep-denormals (see :func:`apply_timing_arguments`)."""
+    import torch
+
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed calls (their median)")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls first")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="CPU: compute with denormal floats (by default they are flushed to zero, "
+                             "so timings do not depend on how many activations of random or trained "
+                             "weights fall into the slow denormal range)")
+
+
+def apply_timing_arguments(args) -> None:
+    """Set the thread count and the denormal mode that :func:`add_timing_arguments` parsed."""
+    import torch
+
+    from .measure import set_flush_denormal
+
+    torch.set_num_threads(args.threads)
+    set_flush_denormal(not args.keep_denormals)

@@ -27,7 +27,7 @@ def _load(rel):
     ("tools/demo.py", ["--output-dir", "(default: ", "output/demo"]),
     ("tools/analyze_model.py", ["(default: [1024, 1024])", "(default: ['flop'])"]),
     ("tools/benchmark_ops.py", ["--repeats REPEATS", "(default: 5)", "(default: 256.0)"]),
-    ("tools/benchmark_backbone.py", ["--repeats REPEATS", "(default: 3)", "--warmup WARMUP (default: 1)"]),
+    ("tools/benchmark_backbone.py", ["--repeats REPEATS", "(default: 3)", "untimed calls first (default: 1)"]),
     ("expedit_d2/sweep.py", ["(default: output/sweep)", "(default: the sweep file's, else 5)",
                              "(default: the sweep file's, else 2)"]),
 ])

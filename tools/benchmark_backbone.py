@@ -37,11 +37,11 @@ from detectron2.modeling import build_backbone
 from torch import nn
 
 from expedit_d2 import add_expedit_config
-from expedit_d2.cli import HelpFormatter
+from expedit_d2.cli import HelpFormatter, add_timing_arguments, apply_timing_arguments
 from expedit_d2.engine import config_from_file
 from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
 from expedit_d2.flops import backbone_flops
-from expedit_d2.measure import set_flush_denormal, peak_memory, run_memory_child, sync, time_interleaved, write_report
+from expedit_d2.measure import peak_memory, run_memory_child, sync, time_interleaved, write_report
 from expedit_d2.ops import TokenClustering, TokenReconstruction
 
 
@@ -236,14 +236,7 @@ def main(argv=None):
                         "(a project's config is built as its train_net.py builds it)")
     parser.add_argument("--project", help="project folder of --config-file (default: found from its path)")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--keep-denormals", action="store_true",
-                        help="CPU: compute with denormal floats (by default they are flushed to zero, "
-                             "so timings do not depend on how many activations of random or trained "
-                             "weights fall into the slow denormal range)")
+    add_timing_arguments(parser, repeats=3, warmup=1)
     parser.add_argument("--output", type=Path, help="also write <output>.md and <output>.json")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--taps-only", action="store_true",
@@ -253,8 +246,7 @@ def main(argv=None):
     parser.add_argument("--_memory-child", nargs=2, metavar=("JOB", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    set_flush_denormal(not args.keep_denormals)
+    apply_timing_arguments(args)
 
     def log(msg):
         print(f"[benchmark_backbone] {msg}", file=sys.stderr, flush=True)

@@ -43,10 +43,10 @@ import torch
 from torch import nn
 
 from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
-from expedit_d2.cli import HelpFormatter
+from expedit_d2.cli import HelpFormatter, add_timing_arguments, apply_timing_arguments
 from expedit_d2.engine import config_from_file, find_project, load_project
 from expedit_d2.flops import gmacs
-from expedit_d2.measure import set_flush_denormal, sync, time_interleaved, write_report
+from expedit_d2.measure import sync, time_interleaved, write_report
 from expedit_d2.sweep import Point, SweepError, SweepSpec, _parse_grid, expand_points, validate_points
 
 __all__ = ["model_parts", "benchmark", "main"]
@@ -233,14 +233,7 @@ def main(argv=None) -> int:
                         help="a settings axis, as for the sweep (repeatable; product of the axes)")
     parser.add_argument("--point", action="append", default=[], metavar="KEY=VALUE[;KEY=VALUE]",
                         help="one explicit setting (repeatable)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--keep-denormals", action="store_true",
-                        help="CPU: compute with denormal floats (by default they are flushed to zero, "
-                             "so timings do not depend on how many activations of random or trained "
-                             "weights fall into the slow denormal range)")
+    add_timing_arguments(parser, repeats=3, warmup=1)
     parser.add_argument("--amp", choices=sorted(AMP), help="autocast dtype (default: off)")
     parser.add_argument("--compile", choices=["backbone", "model"], help="torch.compile a part (default: off)")
     parser.add_argument("--output", type=Path, help="also write <output>.md and <output>.json")
@@ -248,8 +241,7 @@ def main(argv=None) -> int:
                         help="with MODEL.WEIGHTS: accept a file that covers only part of the model")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    set_flush_denormal(not args.keep_denormals)
+    apply_timing_arguments(args)
     points = []
     for item in args.point:
         point = {}

@@ -46,6 +46,15 @@ def _tokens(prefix: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return torch.cat([prefix, grid.to(prefix.dtype).flatten(2).transpose(1, 2)], dim=1)
 
 
+def _sizes(grid_size, size):
+    """Validated ((H, W), (h, w)) with the pooled grid inside the full one."""
+    H, W = _pair(grid_size, "grid_size")
+    h, w = _pair(size, "size")
+    if h > H or w > W:
+        raise ValueError(f"size {(h, w)} must not exceed grid_size {(H, W)}")
+    return (H, W), (h, w)
+
+
 def pool_tokens(x: torch.Tensor, grid_size, size, num_prefix_tokens: int = 0) -> torch.Tensor:
     """Average-pool the token grid.
 
@@ -58,10 +67,7 @@ def pool_tokens(x: torch.Tensor, grid_size, size, num_prefix_tokens: int = 0) ->
     Returns:
         (B, P + h*w, C) in x's dtype; h, w = H, W returns x unchanged.
     """
-    H, W = _pair(grid_size, "grid_size")
-    h, w = _pair(size, "size")
-    if h > H or w > W:
-        raise ValueError(f"size {(h, w)} must not exceed grid_size {(H, W)}")
+    (H, W), (h, w) = _sizes(grid_size, size)
     grid = _grid(x, (H, W), num_prefix_tokens, "x")
     if (h, w) == (H, W):
         return x
@@ -80,10 +86,7 @@ def unpool_tokens(x: torch.Tensor, grid_size, size, num_prefix_tokens: int = 0) 
     Returns:
         (B, P + H*W, C) in x's dtype; h, w = H, W returns x unchanged.
     """
-    H, W = _pair(grid_size, "grid_size")
-    h, w = _pair(size, "size")
-    if h > H or w > W:
-        raise ValueError(f"size {(h, w)} must not exceed grid_size {(H, W)}")
+    (H, W), (h, w) = _sizes(grid_size, size)
     grid = _grid(x, (h, w), num_prefix_tokens, "x")
     if (h, w) == (H, W):
         return x

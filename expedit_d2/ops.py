@@ -194,15 +194,44 @@ class _Centred:
         return x[bs, t0:t1], x_sq[bs, t0:t1]
 
 
-def initial_cells(size: int, cells: int, device=None) -> torch.Tensor:
-    """(size,) long: the cluster cell of each token row (or column) at initialisation.
+def _round_f32(num: int, den: int) -> tuple[int, int]:
+    """The float32 nearest to num / den (positive ints; ties to even) as (mantissa, exponent),
+    value = mantissa * 2**exponent, in exact integer arithmetic."""
+    e = num.bit_length() - den.bit_length()  # 2**e <= num/den < 2**(e+1) after the fix-up
+    if (num << max(-e, 0)) < (den << max(e, 0)):
+        e -= 1
+    shift = 23 - e  # 24 significant bits
+    n, d = num << max(shift, 0), den << max(-shift, 0)
+    m, r = divmod(n, d)
+    if 2 * r > d or (2 * r == d and m % 2):
+        m += 1
+    return m, -shift
 
-    Nearest-neighbour resizing of the ``cells`` cell indices to ``size`` positions, computed
-    the way the official code does it (``F.interpolate(mode="nearest")``, float32 scale);
-    it equals ``i * cells // size`` except where float rounding of the scale differs.
+
+def initial_cells(size: int, cells: int) -> list[int]:
+    """The cluster cell of each of ``size`` token rows (or columns) at initialisation.
+
+    Nearest-neighbour resizing of the ``cells`` cell indices to ``size`` positions exactly as
+    ``F.interpolate(mode="nearest")`` computes it on the CPU, which is what the official code
+    runs: position i takes cell min(floor(f32(i * f32(cells / size))), cells - 1) with
+    float32 rounding (identity and i >> 1 for the sizes it special-cases). It equals
+    ``i * cells // size`` except where float32 rounding differs. Plain Python integers:
+    no tensor, no device, nothing for ``torch.compile`` to break on.
     """
-    index = torch.arange(cells, device=device, dtype=torch.float32).view(1, 1, cells, 1)
-    return F.interpolate(index, size=(size, 1), mode="nearest").view(size).long()
+    if size == cells:
+        return list(range(size))
+    if size == 2 * cells:
+        return [i >> 1 for i in range(size)]
+    sm, se = _round_f32(cells, size)  # the float32 scale, sm * 2**se
+    out = []
+    for i in range(size):
+        if i == 0:
+            out.append(0)
+            continue
+        pm, pe = _round_f32((i * sm) << max(se, 0), 1 << max(-se, 0))  # f32(i * scale), exactly
+        floor = (pm << pe) if pe >= 0 else (pm >> -pe)
+        out.append(min(floor, cells - 1))
+    return out
 
 
 def _sq_dist(x: torch.Tensor, x_sq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -272,9 +301,9 @@ def token_clustering(
         centers = centers.flatten(2).transpose(1, 2) - mean  # (B, M, C)
 
         # 2./3. initial cluster cell of each token row/column, and reachable neighbourhood
-        rows = initial_cells(H, h, "cpu")  # (H,) on the CPU, also in meta-device runs
-        row_of, col_of = rows.to(device), initial_cells(W, w, "cpu").to(device)  # (H,), (W,)
-        rows = rows.tolist()
+        rows = initial_cells(H, h)  # python ints: the same on any device, meta included
+        row_of = torch.tensor(rows, device=device)  # (H,)
+        col_of = torch.tensor(initial_cells(W, w), device=device)  # (W,)
         m_col = torch.arange(w, device=device)
 
         def band(r0: int, r1: int) -> tuple[int, int]:

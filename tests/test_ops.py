@@ -197,7 +197,7 @@ def test_nearest_mode_copies_the_cluster_of_the_nearest_final_centre():
     # cell only, yet copies the nearest centre wherever it lies
     _, state1 = token_clustering(x, (H, W), (h, w), 5, 1.0, 1, num_prefix_tokens=1)
     nearest1 = torch.cdist(x[:, 1:].double(), state1.centers.double()).argmin(-1)
-    own = (initial_cells(H, h)[:, None] * w + initial_cells(W, w)[None, :]).flatten()
+    own = (torch.tensor(initial_cells(H, h))[:, None] * w + torch.tensor(initial_cells(W, w))[None, :]).flatten()
     assert (nearest1 != own).any()
     out1 = token_reconstruction(later, state1, mode="nearest")
     for b in range(2):
@@ -225,13 +225,28 @@ def test_an_empty_cluster_becomes_the_zero_vector_as_officially():
     assert clusters[0, 0].abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("size, cells", [(12, 8), (30, 16), (40, 16), (30, 24), (40, 28),
-                                         (30, 14), (13, 5), (9, 9), (97, 31), (7, 1)])
-def test_initial_cells_are_nearest_resizing_of_the_cell_grid(size, cells):
-    ref = F.interpolate(torch.arange(cells, dtype=torch.float32)[None, None, None],
-                        size=(1, size), mode="nearest").flatten().long()
-    assert torch.equal(initial_cells(size, cells), ref)
-    assert initial_cells(size, cells).tolist() == sorted(initial_cells(size, cells).tolist())
+def test_initial_cells_are_nearest_resizing_of_the_cell_grid():
+    """Exactly what F.interpolate(mode="nearest") gives (float32 scale, special cases), for
+    every grid up to 64 and the published ones."""
+    pairs = [(size, cells) for size in range(1, 65) for cells in range(1, size + 1)]
+    pairs += [(30, 16), (40, 16), (30, 24), (40, 24), (30, 28), (40, 28), (97, 31), (256, 10)]
+    for size, cells in pairs:
+        ref = F.interpolate(torch.arange(cells, dtype=torch.float32)[None, None, None],
+                            size=(1, size), mode="nearest").flatten().tolist()
+        assert initial_cells(size, cells) == [int(c) for c in ref], (size, cells)
+
+
+def test_operators_trace_without_graph_breaks():
+    """torch.compile sees one graph: no data-dependent Python values in the operators."""
+    import torch._dynamo as dynamo
+
+    def expedite(x):
+        clusters, state = token_clustering(x, (12, 10), (6, 5), 3, 0.05, 5, num_prefix_tokens=1)
+        return (token_reconstruction(clusters, state, 4, 0.05),
+                token_reconstruction(clusters, state, mode="nearest"))
+
+    explained = dynamo.explain(expedite)(torch.randn(2, 1 + 120, 16))
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
 
 
 @pytest.mark.parametrize("device", DEVICES)

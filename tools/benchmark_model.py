@@ -44,7 +44,7 @@ from torch import nn
 
 from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
 from expedit_d2.cli import HelpFormatter, add_timing_arguments, apply_timing_arguments
-from expedit_d2.engine import config_from_file, find_project, load_project
+from expedit_d2.engine import find_project, load_project
 from expedit_d2.flops import gmacs
 from expedit_d2.measure import sync, time_interleaved, write_report
 from expedit_d2.sweep import Point, SweepError, SweepSpec, _parse_grid, expand_points, validate_points

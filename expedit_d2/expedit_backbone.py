@@ -87,7 +87,7 @@ class ExpeditSettings:
         if not isinstance(self.recon_subtract_min_distance, bool):
             raise ValueError(f"{key}RECON_SUBTRACT_MIN_DISTANCE must be True or False, "
                              f"got {self.recon_subtract_min_distance!r}")
-        if self.small_input not in ("skip", "error"):
+        if self.small_input not in SMALL_INPUT_MODES:
             raise ValueError(f"{key}SMALL_INPUT must be 'skip' or 'error', got {self.small_input!r}")
         if self.swin_shift_mask not in SWIN_SHIFT_MASKS:
             raise ValueError(f"{key}SWIN_SHIFT_MASK must be one of {list(SWIN_SHIFT_MASKS)}, "
@@ -104,6 +104,8 @@ class ExpeditSettings:
 
 #: MODEL.EXPEDIT.SWIN_SHIFT_MASK values, see :class:`SwinWindowExpedit`.
 SWIN_SHIFT_MASKS = ("official", "consistent")
+#: MODEL.EXPEDIT.SMALL_INPUT values, see :class:`ViTTokenExpedit`.
+SMALL_INPUT_MODES = ("skip", "error")
 #: CLUSTERING_LOCATION that means "not expedited" (the official default and meaning).
 NOT_EXPEDITED = -1
 

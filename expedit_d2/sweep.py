@@ -787,7 +787,19 @@ def load_sweep_file(path) -> dict:
     return data
 
 
-def _parse_grid(items: list[str]) -> dict:
+def parse_point(item: str) -> dict:
+    """``KEY=VALUE[;KEY=VALUE ...]`` (YAML values) -> one explicit point's overrides."""
+    point = {}
+    for pair in item.split(";"):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SweepError(f"--point {item!r}: expected KEY=VALUE[;KEY=VALUE ...]")
+        point[key.strip()] = yaml.safe_load(value)
+    return point
+
+
+def parse_grid(items: list[str]) -> dict:
+    """``--grid KEY=[v1, v2, ...]`` items -> {key: values}."""
     grid = {}
     for item in items:
         key, sep, rhs = item.partition("=")
@@ -853,7 +865,7 @@ def spec_from_args(args) -> SweepSpec:
     if args.input_size:
         data["input_size"] = args.input_size
     if args.grid:
-        data["grid"] = {**data.get("grid", {}), **_parse_grid(args.grid)}
+        data["grid"] = {**data.get("grid", {}), **parse_grid(args.grid)}
     data["opts"] = list(data.get("opts", [])) + list(args.opts)
     if args.no_memory:
         data["memory"] = False

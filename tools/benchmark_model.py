@@ -44,10 +44,11 @@ from torch import nn
 
 from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
 from expedit_d2.cli import HelpFormatter, add_timing_arguments, apply_timing_arguments
-from expedit_d2.engine import find_project, load_project
+from expedit_d2.engine import load_project
 from expedit_d2.flops import gmacs
 from expedit_d2.measure import sync, time_interleaved, write_report
-from expedit_d2.sweep import Point, SweepError, SweepSpec, _parse_grid, expand_points, validate_points
+from expedit_d2.sweep import (Point, SweepError, SweepSpec, expand_points, parse_grid, parse_point,
+                              validate_points)
 
 __all__ = ["model_parts", "benchmark", "main"]
 
@@ -242,21 +243,9 @@ def main(argv=None) -> int:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     apply_timing_arguments(args)
-    points = []
-    for item in args.point:
-        point = {}
-        for pair in item.split(";"):
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise SweepError(f"--point {item!r}: expected KEY=VALUE[;KEY=VALUE ...]")
-            point[key.strip()] = __import__("yaml").safe_load(value)
-        points.append(point)
-    project = args.project or find_project(args.config_file)
-    if project is None:
-        raise SweepError(f"no train_net.py in any folder above {args.config_file}; pass --project")
     opts = list(args.opts) + ["MODEL.DEVICE", args.device]
-    spec = SweepSpec(config_file=args.config_file, input_size=tuple(args.input_size), project=str(project),
-                     grid=_parse_grid(args.grid), points=points, opts=opts)
+    spec = SweepSpec(config_file=args.config_file, input_size=tuple(args.input_size), project=args.project,
+                     grid=parse_grid(args.grid), points=[parse_point(p) for p in args.point], opts=opts)
 
     def log(msg):
         print(f"[benchmark_model] {msg}", file=sys.stderr, flush=True)

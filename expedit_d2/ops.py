@@ -223,11 +223,8 @@ def initial_cells(size: int, cells: int) -> list[int]:
     if size == 2 * cells:
         return [i >> 1 for i in range(size)]
     sm, se = _round_f32(cells, size)  # the float32 scale, sm * 2**se
-    out = []
-    for i in range(size):
-        if i == 0:
-            out.append(0)
-            continue
+    out = [0]  # position 0 takes cell 0
+    for i in range(1, size):
         pm, pe = _round_f32((i * sm) << max(se, 0), 1 << max(-se, 0))  # f32(i * scale), exactly
         floor = (pm << pe) if pe >= 0 else (pm >> -pe)
         out.append(min(floor, cells - 1))

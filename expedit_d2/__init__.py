@@ -3,8 +3,10 @@
 The method (Liang et al., NeurIPS 2022) in two parameter-free operators, see
 :mod:`expedit_d2.ops`: token clustering after layer alpha, token reconstruction
 before features leave the backbone. Importing the package registers the backbones
-(``D2SwinTransformer``, ``ExpeditBackbone``, ``D2HourglassSwinTransformer``) in
-Detectron2's ``BACKBONE_REGISTRY``; :func:`add_expedit_config` adds the config keys.
+(``D2SwinTransformer``, ``D2ViT``, ``D2ViTHybrid``, ``D2TimmViT``, ``ExpeditBackbone``,
+``D2HourglassSwinTransformer``) in Detectron2's ``BACKBONE_REGISTRY`` and the token-reduction
+methods (expedit, tome, evit, pool: :mod:`expedit_d2.methods`, patched onto unmodified
+backbones by :mod:`expedit_d2.reduction`); :func:`add_expedit_config` adds the config keys.
 """
 import warnings
 
@@ -18,7 +20,8 @@ with warnings.catch_warnings():
     import detectron2.modeling  # noqa: F401
 
 from .config import add_expedit_config  # noqa: E402
-from .expedit_backbone import ExpeditSettings, expedite, register_adapter  # noqa: E402
+from .expedit_backbone import ExpeditSettings, expedite  # noqa: E402
+from .reduction import apply_patch, register_method, register_patch, remove_patch  # noqa: E402
 from .ops import (  # noqa: E402
     ClusteringState,
     TokenClustering,
@@ -38,5 +41,8 @@ __all__ = [
     "add_expedit_config",
     "ExpeditSettings",
     "expedite",
-    "register_adapter",
+    "apply_patch",
+    "remove_patch",
+    "register_method",
+    "register_patch",
 ]

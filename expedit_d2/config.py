@@ -1,14 +1,17 @@
 """Config keys of expedit-d2, added to a Detectron2 CfgNode by :func:`add_expedit_config`.
 
-``MODEL.EXPEDIT`` drives the one wrapping mechanism (``MODEL.BACKBONE.NAME:
-"ExpeditBackbone"``); ``MODEL.SWIN`` carries the official Mask2Former Swin keys plus the
+``MODEL.TOKEN_REDUCTION.METHOD`` selects the method that ``MODEL.BACKBONE.NAME:
+"ExpeditBackbone"`` (alias ``"TokenReductionBackbone"``) puts on ``MODEL.EXPEDIT.BASE``;
+``MODEL.EXPEDIT`` holds expedit's settings, ``MODEL.TOKEN_REDUCTION.{TOME,EVIT,POOL}`` the
+others' (see :mod:`expedit_d2.reduction.config`); ``MODEL.SWIN`` carries the official Mask2Former Swin keys plus the
 official Expedit keys (``CLUSTERING_LOCATION``, ``TOKEN_CLUSTERING_BLOCK``,
 ``TOKEN_RECONSTRUCTION_BLOCK``) read by the ``D2HourglassSwinTransformer`` alias, so
 configs written for the official code run unchanged.
 """
 from detectron2.config import CfgNode as CN
 
-from . import expedit_backbone  # noqa: F401  (registers the backbones with Detectron2)
+from . import expedit_backbone, methods  # noqa: F401  (register the backbones and the methods)
+from .reduction.config import add_token_reduction_config
 from .solver import add_solver_config
 
 __all__ = ["add_expedit_config"]
@@ -17,7 +20,8 @@ __all__ = ["add_expedit_config"]
 def add_expedit_config(cfg) -> None:
     """Add expedit-d2's keys with their defaults (idempotent: existing values are kept)."""
     _add_defaults(cfg.MODEL, "EXPEDIT", {
-        # build the backbone registered under BASE and install the hooks
+        # build the backbone registered under BASE and patch it with MODEL.TOKEN_REDUCTION.METHOD
+        # (expedit: only while ENABLED and CLUSTERING_LOCATION != -1)
         "ENABLED": True,
         "BASE": "D2SwinTransformer",
         # alpha: Swin -- clustering right before global block alpha (blocks counted over
@@ -49,6 +53,7 @@ def add_expedit_config(cfg) -> None:
         # cap on the operators' temporaries per chunk, in MB
         "MEMORY_LIMIT_MB": 256,
     })
+    add_token_reduction_config(cfg)
     add_solver_config(cfg)
     # bottom-up backbone of build_bottom_up_fpn_backbone (any BACKBONE_REGISTRY name)
     if "BOTTOM_UP" not in cfg.MODEL.FPN:
@@ -93,6 +98,14 @@ def add_expedit_config(cfg) -> None:
         "HYBRID_LAYERS": [3, 4, 9],  # ResNet-50 stages of D2ViTHybrid
         "OUT_FEATURES": ["res2", "res3", "res4", "res5"],
     })
+    # any timm VisionTransformer (D2TimmViT, expedit_d2/backbones/timm_vit.py)
+    _add_defaults(cfg.MODEL, "TIMM_VIT", {
+        "NAME": "vit_base_patch16_384",
+        "TAPS": [2, 5, 8, 11],
+        "OUT_FEATURES": ["res2", "res3", "res4", "res5"],
+    })
+    if "KWARGS" not in cfg.MODEL.TIMM_VIT:  # extra timm.create_model arguments, any keys
+        cfg.MODEL.TIMM_VIT.KWARGS = CN(new_allowed=True)
     _add_defaults(cfg.MODEL.SWIN, "TOKEN_CLUSTERING_BLOCK", {
         "NUM_SPIXELS": 64,  # clusters per attention window (a square: 64 -> 8x8)
         "N_ITERS": 5,

@@ -139,7 +139,7 @@ def test_converter_rejects_foreign_keys():
 def test_non_vit_backbone_is_rejected():
     cfg = dpt_cfg()
     cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
-    with pytest.raises(TypeError, match="DPTDepth needs a ViT/ViT-Hybrid backbone .* got D2SwinTransformer"):
+    with pytest.raises(TypeError, match=r"DPTDepth needs a token-tap backbone .*D2SwinTransformer lacks \['forward_taps'"):
         build(cfg)
 
 

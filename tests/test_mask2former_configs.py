@@ -40,7 +40,7 @@ def installed_settings(backbone):
     """What the expedit hook installed in a Swin backbone actually uses (None: no hook)."""
     first = 0
     for stage, depth in zip(backbone.layers, backbone.depths):
-        hook = getattr(stage, "expedit", None)
+        hook = getattr(stage, "token_reduction", None)
         if hook is not None:
             c, r = hook.clustering, hook.reconstruction
             return dict(alpha=first + hook.block_index, clusters=tuple(c.num_clusters), iters=c.iters,

@@ -12,7 +12,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 
 from expedit_d2.config import add_expedit_config
-from expedit_d2.backbones.swin import SwinTransformer
+from expedit_d2.backbones.swin import SwinStage, SwinTransformer
 from tests.dense_reference import dense_clustering, dense_reconstruction
 from tests.d2_helpers import run_faster_rcnn_fpn, run_model_zoo_config
 from tests.reference_keys import read_keys
@@ -71,7 +71,7 @@ def test_clustering_location_minus_one_means_not_expedited(name):
     cfg.MODEL.EXPEDIT.CLUSTERING_LOCATION = cfg.MODEL.SWIN.CLUSTERING_LOCATION = -1
     plain = build(cfg, seed=1)
     plain.load_state_dict(base.state_dict())
-    assert all(stage.expedit is None for stage in plain.layers)
+    assert all(not hasattr(stage, "token_reduction") and type(stage) is SwinStage for stage in plain.layers)
     x = torch.randn(1, 3, 200, 296)
     with torch.no_grad():
         a, b = base(x), plain(x)
@@ -82,7 +82,8 @@ def test_enabled_changes_only_stages_from_the_clustering_point():
     base = build(tiny_swin_cfg())
     ex = build(tiny_swin_cfg("ExpeditBackbone"))
     ex.load_state_dict(base.state_dict())
-    assert ex.layers[2].expedit is not None and ex.layers[2].expedit.block_index == 2
+    assert ex.layers[2].token_reduction.block_index == 2
+    assert [type(s) is SwinStage for s in ex.layers] == [True, True, False, True]
     assert sum(p.numel() for p in ex.parameters()) == sum(p.numel() for p in base.parameters())
     x = torch.randn(1, 3, 384, 384)
     with torch.no_grad():
@@ -184,11 +185,11 @@ def test_hourglass_stage_matches_the_spec_written_out(shift_mask, s, k):
     model = build(cfg)
     stage = model.layers[2]
     H, W, C, ws = 20, 30, stage.blocks[0].norm1.normalized_shape[0], 12
-    assert stage.expedit.shift_mask == shift_mask
+    assert stage.token_reduction.shift_mask == shift_mask
     torch.manual_seed(3)
     x = torch.randn(2, H * W, C)
     with torch.no_grad():
-        got = stage.expedit(stage, x, H, W)
+        got = stage.forward_blocks(x, H, W)
 
         # blocks 0, 1 at full resolution: the base path (test_base_block_matches_...)
         Hp, Wp = 24, 36

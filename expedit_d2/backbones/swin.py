@@ -10,11 +10,10 @@ Structure (timm style)::
       SwinBlock                    x + DropPath(attn(norm1(x))); x + DropPath(mlp(norm2(x)))
     norm{i}                        LayerNorm of each output stage
 
-Each stage has one hook point, ``stage.expedit`` (``None`` by default): a token
-clustering/reconstruction hook installed by :mod:`expedit_d2.expedite` that clusters
-before one of the stage's blocks, runs the rest of the stage on the cluster map (with its
-own window size) and reconstructs before patch merging. With no hook the stage runs
-exactly the plain computation.
+A stage runs its blocks in ``forward_blocks(x, H, W)`` (then patch merging), built on
+``run_blocks(x, H, W, start, stop, window_size, mask_shift)``, which runs any range of its
+blocks on a map with any window size: the seam the token-reduction methods of
+:mod:`expedit_d2.reduction` patch (the backbone itself knows nothing of them).
 """
 from __future__ import annotations
 
@@ -218,7 +217,6 @@ class SwinStage(nn.Module):
             for i in range(depth)
         ])
         self.downsample = PatchMerging(dim) if downsample else None
-        self.expedit = None  # token clustering/reconstruction hook (see module docstring)
 
     def run_blocks(self, x, H, W, start=0, stop=None, window_size=None, mask_shift=None):
         """Run blocks[start:stop] on an H x W map with the given window size; the
@@ -232,11 +230,12 @@ class SwinStage(nn.Module):
             x = blk(x, H, W, mask, ws)
         return x
 
+    def forward_blocks(self, x, H, W):
+        """All blocks of the stage: (B, H*W, C) -> (B, H*W, C)."""
+        return self.run_blocks(x, H, W)
+
     def forward(self, x, H, W):
-        if self.expedit is None:
-            x = self.run_blocks(x, H, W)
-        else:
-            x = self.expedit(self, x, H, W)
+        x = self.forward_blocks(x, H, W)
         if self.downsample is None:
             return x, H, W, x, H, W
         return x, H, W, self.downsample(x, H, W), (H + 1) // 2, (W + 1) // 2

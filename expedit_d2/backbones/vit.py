@@ -16,9 +16,11 @@ blocks, or for the hybrid's ResNet taps the stage feature maps. The Detectron2
 (parameter-free: ViT taps at stride 16 are resized bilinearly / average-pooled), so
 any multi-scale meta-architecture can use it.
 
-Hook point: ``self.expedit`` (``None`` by default), installed by
-:mod:`expedit_d2.expedit_backbone`: clusters the patch tokens after block alpha and
-reconstructs every tap after it (a tap at block alpha is taken before clustering).
+Token-tap protocol (what DPT and the token-reduction methods of
+:mod:`expedit_d2.reduction` use): ``num_prefix_tokens`` (1, the cls token), ``blocks``,
+``embed_tokens(images) -> (tokens, grid, stage maps)``, ``forward_taps(images, taps)``,
+``taps``, ``num_cnn_taps`` (hybrid: 2 taps index ResNet stages) and ``tap_channels``.
+The backbone itself knows nothing of any method; a method patches a built backbone.
 """
 from __future__ import annotations
 
@@ -30,11 +32,11 @@ from torch import nn
 
 from detectron2.modeling import BACKBONE_REGISTRY
 
-from .base import MultiScaleBackbone
+from .base import TokenTapBackbone, run_token_taps
 
 from .swin import DropPath, Mlp
 
-__all__ = ["VisionTransformer", "ResNetV2", "D2ViT", "D2ViTHybrid"]
+__all__ = ["VisionTransformer", "ResNetV2", "D2ViT", "D2ViTHybrid", "check_taps"]
 
 
 # --------------------------------------------------------------------------------------
@@ -246,7 +248,6 @@ class VisionTransformer(nn.Module):
         # official checkpoints load without unexpected keys
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
-        self.expedit = None  # token clustering/reconstruction hook (see module docstring)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
@@ -265,49 +266,24 @@ class VisionTransformer(nn.Module):
         grid_pos = F.interpolate(grid_pos, size=tuple(grid), mode="bilinear", align_corners=False)
         return torch.cat([cls_pos, grid_pos.flatten(2).transpose(1, 2)], dim=1)
 
-    def forward_taps(self, x: torch.Tensor, taps) -> tuple[list, tuple[int, int], list]:
-        """(B, 3, H, W) -> (tokens after each tap block (B, 1 + h*w, C), grid (h, w),
-        ResNet stage maps). Taps after the clustering point are reconstructed; a tap at
-        the clustering block is its exact output (taken before clustering)."""
+    #: tokens in front of the grid (the cls token)
+    num_prefix_tokens = 1
+
+    def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], list]:
+        """(B, 3, H, W) -> (tokens (B, 1 + h*w, C) with cls and position embedding, grid
+        (h, w), ResNet stage maps of the hybrid or [])."""
         tokens, grid, stages = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        x = self.pos_drop(x + self.resized_pos_embed(grid))
-        hook, state = self.expedit, None
-        wanted, outs = set(taps), {}
-        last = max(taps)
-        for i, blk in enumerate(self.blocks[: last + 1]):
-            x = blk(x)
-            if i in wanted:  # a tap at the clustering block itself is exact (taken before)
-                outs[i] = x if state is None else hook.reconstruct(x, state)
-            if hook is not None and i == hook.location:
-                x, state = hook.cluster(x, grid)
-        return [outs[i] for i in taps], grid, stages
+        return self.pos_drop(x + self.resized_pos_embed(grid)), grid, stages
+
+    def forward_taps(self, x: torch.Tensor, taps) -> tuple[list, tuple[int, int], list]:
+        """(B, 3, H, W) -> (tokens after each tap block (B, 1 + h*w, C), grid (h, w),
+        ResNet stage maps)."""
+        return run_token_taps(self, x, taps)
 
 
-class _D2ViTBase(VisionTransformer, MultiScaleBackbone):
+class _D2ViTBase(VisionTransformer, TokenTapBackbone):
     """Shared Detectron2 side: taps -> res2..res5 maps at strides 4, 8, 16, 32."""
-
-    @staticmethod
-    def _tokens_to_map(t: torch.Tensor, grid) -> torch.Tensor:
-        return t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, *grid)
-
-    @staticmethod
-    def _resample(x: torch.Tensor, size) -> torch.Tensor:
-        """Parameter-free resampling to ``size``: bilinear up, average-pooled down."""
-        if size[0] >= x.shape[-2] and size[1] >= x.shape[-1]:
-            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return F.adaptive_avg_pool2d(x, size)
-
-    def _maps_to_outputs(self, maps, image_size) -> dict[str, torch.Tensor]:
-        """Stride-16 (or already right-sized) maps -> the requested res2..res5."""
-        H, W = image_size
-        out = {}
-        for name, m in zip(self.names, maps):
-            if name in self._out_features:
-                stride = self._out_feature_strides[name]
-                size = (math.ceil(H / stride), math.ceil(W / stride))
-                out[name] = m if tuple(m.shape[-2:]) == size else self._resample(m, size)
-        return out
 
 
 def _vit_kwargs(v, in_chans):
@@ -318,13 +294,14 @@ def _vit_kwargs(v, in_chans):
                 num_classes=v.NUM_CLASSES)
 
 
-def _check_taps(taps, depth, first_block_tap=0):
+def check_taps(taps, depth, first_block_tap=0, key="MODEL.VIT.TAPS"):
+    """4 increasing tap indices, those from ``first_block_tap`` on inside 0..depth-1."""
     taps = [int(t) for t in taps]
     if len(taps) != 4 or taps != sorted(taps) or len(set(taps)) != 4:
-        raise ValueError(f"MODEL.VIT.TAPS must be 4 increasing indices, got {taps}")
+        raise ValueError(f"{key} must be 4 increasing indices, got {taps}")
     bad = [t for t in taps[first_block_tap:] if not 0 <= t < depth]
     if bad:
-        raise ValueError(f"MODEL.VIT.TAPS {taps}: block indices {bad} outside 0..{depth - 1}")
+        raise ValueError(f"{key} {taps}: block indices {bad} outside 0..{depth - 1}")
     return taps
 
 
@@ -336,8 +313,9 @@ class D2ViT(_D2ViTBase):
     def __init__(self, cfg, input_shape):
         v = cfg.MODEL.VIT
         super().__init__(**_vit_kwargs(v, input_shape.channels))
-        self.taps = _check_taps(v.TAPS, self.depth)
-        self._setup_outputs(v.OUT_FEATURES, [self.embed_dim] * 4, "MODEL.VIT.OUT_FEATURES")
+        self.taps = check_taps(v.TAPS, self.depth)
+        self.num_cnn_taps, self.tap_channels = 0, [self.embed_dim] * 4
+        self._setup_outputs(v.OUT_FEATURES, self.tap_channels, "MODEL.VIT.OUT_FEATURES")
 
     def forward(self, x):
         self._check_input(x)
@@ -354,12 +332,13 @@ class D2ViTHybrid(_D2ViTBase):
     def __init__(self, cfg, input_shape):
         v = cfg.MODEL.VIT
         super().__init__(**_vit_kwargs(v, input_shape.channels), hybrid_layers=tuple(v.HYBRID_LAYERS))
-        self.taps = _check_taps(v.TAPS, self.depth, first_block_tap=2)
+        self.taps = check_taps(v.TAPS, self.depth, first_block_tap=2)
         rn = self.patch_embed.backbone.out_channels
         if not (0 <= self.taps[0] < len(rn) and 0 <= self.taps[1] < len(rn)):
             raise ValueError(f"MODEL.VIT.TAPS {self.taps}: the first two index ResNet stages 0..{len(rn) - 1}")
-        self._setup_outputs(v.OUT_FEATURES, [rn[self.taps[0]], rn[self.taps[1]], self.embed_dim,
-                                             self.embed_dim], "MODEL.VIT.OUT_FEATURES")
+        self.num_cnn_taps = 2
+        self.tap_channels = [rn[self.taps[0]], rn[self.taps[1]], self.embed_dim, self.embed_dim]
+        self._setup_outputs(v.OUT_FEATURES, self.tap_channels, "MODEL.VIT.OUT_FEATURES")
 
     def forward(self, x):
         self._check_input(x)

@@ -1,16 +1,18 @@
-"""Training-free token-reduction methods other than expedit (see ``expedit_d2.ops``).
+"""Training-free token-reduction methods, one file each (operators, settings, patches):
 
-Pure torch operators, each from its paper's definition; every reduced token sequence
-can be restored to the full grid for dense prediction:
-
+* :mod:`.expedit` -- the paper's clustering/reconstruction (operators in :mod:`expedit_d2.ops`);
 * :mod:`.tome` -- Token Merging (bipartite soft matching, size-weighted merging, unmerge);
 * :mod:`.evit` -- EViT (keep the tokens the cls token attends to, fuse the rest, restore);
 * :mod:`.pool` -- average pooling of the token grid and bilinear unpooling.
+
+Importing this package registers them with :mod:`expedit_d2.reduction`.
 """
-from .evit import KeepInfo, evit_keep, evit_restore
-from .pool import pool_tokens, unpool_tokens
+from .evit import EViTSettings, KeepInfo, evit_keep, evit_restore
+from .expedit import ExpeditSettings, unexpedited_images
+from .pool import PoolSettings, pool_tokens, unpool_tokens
 from .tome import (
     MergeInfo,
+    ToMeSettings,
     bipartite_soft_matching,
     merge_wavg,
     proportional_attention_bias,
@@ -20,6 +22,9 @@ from .tome import (
 )
 
 __all__ = [
+    "ExpeditSettings",
+    "unexpedited_images",
+    "ToMeSettings",
     "MergeInfo",
     "bipartite_soft_matching",
     "merge_wavg",
@@ -27,9 +32,11 @@ __all__ = [
     "update_source",
     "unmerge_with_source",
     "proportional_attention_bias",
+    "EViTSettings",
     "KeepInfo",
     "evit_keep",
     "evit_restore",
+    "PoolSettings",
     "pool_tokens",
     "unpool_tokens",
 ]

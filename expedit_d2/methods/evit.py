@@ -1,4 +1,5 @@
-"""EViT token reorganisation (Liang et al., ICLR 2022) at inference, training free.
+"""EViT token reorganisation (Liang et al., ICLR 2022) at inference, training free:
+operators, settings and the patch.
 
 One keep step, with B batch, N patch tokens behind one cls token, K = ceil(rate * N)::
 
@@ -28,7 +29,9 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["KeepInfo", "evit_keep", "evit_restore"]
+from ..reduction.core import TokenReducer, patch_token_backbone, register_method, register_patch, run_vit_block
+
+__all__ = ["KeepInfo", "evit_keep", "evit_restore", "EViTSettings", "EViTTokens"]
 
 
 @dataclass(frozen=True)
@@ -158,3 +161,105 @@ def evit_restore(infos: Sequence[KeepInfo], current: torch.Tensor) -> torch.Tens
             origin = torch.cat([origin, spare], dim=1)
     out.scatter_(1, origin.unsqueeze(-1).expand(-1, -1, C), current[:, 1:])
     return torch.cat([current[:, :1], out[:, :N0]], dim=1)
+
+
+# ======================================================================================
+# the method: settings (MODEL.TOKEN_REDUCTION.EVIT.*) and the ViT patch
+# ======================================================================================
+_KEY = "MODEL.TOKEN_REDUCTION.EVIT."
+
+
+@dataclass(frozen=True)
+class EViTSettings:
+    """At each block of ``locations``, keep ``keep_rate`` of the grid tokens by the cls
+    token's attention (between attention and MLP, as EViT does), fusing the rest into one
+    token (``fuse``); every tap restores the dropped tokens from their last values."""
+
+    locations: tuple[int, ...]
+    keep_rate: float
+    fuse: bool = True
+
+    method = "evit"
+
+    @classmethod
+    def from_config(cls, cfg) -> "EViTSettings | None":
+        e = cfg.MODEL.TOKEN_REDUCTION.EVIT
+        return cls(tuple(e.LOCATIONS), e.KEEP_RATE, e.FUSE)
+
+    def __post_init__(self):
+        locs = list(self.locations)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in locs) or \
+                locs != sorted(set(locs)):
+            raise ValueError(f"{_KEY}LOCATIONS must be increasing block indices >= 0, got {locs!r}")
+        if isinstance(self.keep_rate, bool) or not isinstance(self.keep_rate, (int, float)) \
+                or not 0 < self.keep_rate <= 1:
+            raise ValueError(f"{_KEY}KEEP_RATE must be a number in (0, 1], got {self.keep_rate!r}")
+        if not isinstance(self.fuse, bool):
+            raise ValueError(f"{_KEY}FUSE must be True or False, got {self.fuse!r}")
+
+
+register_method("evit", EViTSettings.from_config, "EVIT",
+                {"LOCATIONS": [3, 6, 9], "KEEP_RATE": 1.0, "FUSE": True})
+
+
+class _Pass:
+    def __init__(self, num_prefix_tokens):
+        self.num_prefix_tokens, self.infos = num_prefix_tokens, []
+
+
+def _cls_and_grid(x, P):
+    """(B, P + N, C) -> (B, 1 + N, C): the cls token (first) and the grid tokens."""
+    return x if P == 1 else torch.cat([x[:, :1], x[:, P:]], dim=1)
+
+
+def _with_prefix(x, y, P):
+    """Put the prefix tokens of x back in front of y's grid part."""
+    return y if P == 1 else torch.cat([x[:, :P], y[:, 1:]], dim=1)
+
+
+class EViTTokens(TokenReducer):
+    """EViT on a token-tap backbone (the first prefix token is the cls token; other prefix
+    tokens, e.g. registers, are kept). Shapes: (B, P + N, C) -> keep -> (B, P + K (+ 1), C)
+    -> taps (B, P + N, C)."""
+
+    def __init__(self, settings: EViTSettings):
+        super().__init__()
+        self.locations, self.keep_rate, self.fuse = set(settings.locations), settings.keep_rate, settings.fuse
+
+    def start(self, x, grid, num_prefix_tokens):
+        if num_prefix_tokens < 1:
+            raise ValueError("EViT needs a cls token (num_prefix_tokens >= 1)")
+        return _Pass(num_prefix_tokens)
+
+    def block(self, index, blk, x, state):
+        if index not in self.locations or self.keep_rate >= 1:
+            return blk(x)
+        P = state.num_prefix_tokens
+
+        def keep(x, extras):
+            y, info = evit_keep(_cls_and_grid(x, P), extras["cls_attn"], self.keep_rate, self.fuse)
+            if info.dropped.shape[1] == 0:
+                return x
+            state.infos.append(info)
+            return _with_prefix(x, y, P)
+
+        return run_vit_block(blk, x, want_cls_attn=True, num_prefix_tokens=P, between=keep)
+
+    def tap(self, x, state):
+        if not state.infos:
+            return x
+        P = state.num_prefix_tokens
+        return _with_prefix(x, evit_restore(state.infos, _cls_and_grid(x, P)), P)
+
+    def extra_repr(self) -> str:
+        return f"locations={sorted(self.locations)}, keep_rate={self.keep_rate}, fuse={self.fuse}"
+
+
+@register_patch("evit", "vit")
+def patch_vit(backbone, settings: EViTSettings) -> None:
+    depth = len(backbone.blocks)
+    bad = [i for i in settings.locations if i >= depth]
+    if bad:
+        raise ValueError(f"{_KEY}LOCATIONS {list(settings.locations)}: {bad} outside this ViT's "
+                         f"blocks 0..{depth - 1}")
+    patch_token_backbone(backbone, EViTTokens(settings), "EViT")

@@ -1,4 +1,4 @@
-"""Token pooling, the simplest training-free baseline.
+"""Token pooling, the simplest training-free baseline: operators, settings and patches.
 
 With B batch, P prefix tokens (cls), an H x W token grid pooled to h x w::
 
@@ -11,12 +11,18 @@ Both keep the input dtype.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pool_tokens", "unpool_tokens"]
+from ..reduction.config import check_int_at_least, check_pair
+from ..reduction.core import (
+    SwinWindowReducer, TokenReducer, patch_swin_stage, patch_token_backbone, register_method,
+    register_patch, swin_stage_at)
+
+__all__ = ["pool_tokens", "unpool_tokens", "PoolSettings", "PoolTokens", "PoolSwinWindows"]
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -92,3 +98,97 @@ def unpool_tokens(x: torch.Tensor, grid_size, size, num_prefix_tokens: int = 0) 
         return x
     up = F.interpolate(grid, size=(H, W), mode="bilinear", align_corners=False)
     return _tokens(x[:, :num_prefix_tokens], up)
+
+
+# ======================================================================================
+# the method: settings (MODEL.TOKEN_REDUCTION.POOL.*) and patches
+# ======================================================================================
+_KEY = "MODEL.TOKEN_REDUCTION.POOL."
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Pool the token grid to ``size`` right after block ``location`` (ViT: global, after the
+    block; Swin: per attention window, before global block ``location`` as expedit does),
+    bilinear unpooling at the taps (ViT) or at the end of the stage (Swin)."""
+
+    location: int
+    size: tuple[int, int]
+
+    method = "pool"
+
+    @classmethod
+    def from_config(cls, cfg) -> "PoolSettings | None":
+        p = cfg.MODEL.TOKEN_REDUCTION.POOL
+        if p.LOCATION == -1:
+            return None
+        return cls(check_int_at_least(p.LOCATION, _KEY + "LOCATION", 0), check_pair(p.SIZE, _KEY + "SIZE"))
+
+    def __post_init__(self):
+        check_int_at_least(self.location, _KEY + "LOCATION", 0)
+        check_pair(self.size, _KEY + "SIZE")
+
+
+register_method("pool", PoolSettings.from_config, "POOL", {"LOCATION": -1, "SIZE": [8, 8]})
+
+
+class PoolSwinWindows(SwinWindowReducer):
+    """Average-pool every ws x ws window to s x s, bilinear unpooling at the end of the stage;
+    the shifted-window mask of the pooled blocks is the self-consistent one (s // 2)."""
+
+    def reduce(self, windows, ws):
+        return pool_tokens(windows, (ws, ws), (self.side, self.side)), ws
+
+    def restore(self, windows, ws):
+        return unpool_tokens(windows, (ws, ws), (self.side, self.side))
+
+
+@register_patch("pool", "swin")
+def patch_swin(backbone, settings: PoolSettings) -> None:
+    stage, index = swin_stage_at(backbone, settings.location, _KEY + "LOCATION")
+    (h, w), ws = settings.size, stage.window_size
+    if h != w or h > ws:
+        raise ValueError(f"{_KEY}SIZE={[h, w]}: Swin pools each {ws}x{ws} attention window to a "
+                         f"square s x s grid with s <= {ws}")
+    patch_swin_stage(stage, PoolSwinWindows(index, h), "Pool")
+
+
+class _Pass:
+    def __init__(self, grid, num_prefix_tokens):
+        self.grid, self.num_prefix_tokens, self.pooled = grid, num_prefix_tokens, False
+
+
+class PoolTokens(TokenReducer):
+    """Pool the grid tokens to ``size`` right after block ``location``; a tap after it is
+    unpooled bilinearly (a tap at ``location`` is exact). An input whose grid is smaller
+    than ``size`` in either direction runs unpooled."""
+
+    def __init__(self, settings: PoolSettings):
+        super().__init__()
+        self.location, self.size = settings.location, settings.size
+
+    def start(self, x, grid, num_prefix_tokens):
+        return _Pass(grid, num_prefix_tokens)
+
+    def after_block(self, index, x, state):
+        (h, w), (H, W) = self.size, state.grid
+        if index != self.location or h > H or w > W:
+            return x
+        state.pooled = True
+        return pool_tokens(x, state.grid, self.size, state.num_prefix_tokens)
+
+    def tap(self, x, state):
+        if not state.pooled:
+            return x
+        return unpool_tokens(x, state.grid, self.size, state.num_prefix_tokens)
+
+    def extra_repr(self) -> str:
+        return f"location={self.location}, size={self.size}"
+
+
+@register_patch("pool", "vit")
+def patch_vit(backbone, settings: PoolSettings) -> None:
+    depth = len(backbone.blocks)
+    if settings.location >= depth:
+        raise ValueError(f"{_KEY}LOCATION={settings.location} is outside this ViT's blocks 0..{depth - 1}")
+    patch_token_backbone(backbone, PoolTokens(settings), "Pool")

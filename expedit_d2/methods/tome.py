@@ -1,4 +1,4 @@
-"""Token Merging (Bolya et al., ICLR 2023): bipartite soft matching, training free.
+"""Token Merging (Bolya et al., ICLR 2023), training free: operators, settings and the patch.
 
 One merge step, with B batch, N tokens, r merged away, M = N - r::
 
@@ -26,7 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..reduction.core import TokenReducer, patch_token_backbone, register_method, register_patch, run_vit_block
+
 __all__ = [
+    "ToMeSettings",
+    "ToMeTokens",
     "MergeInfo",
     "bipartite_soft_matching",
     "merge_wavg",
@@ -222,3 +226,91 @@ def proportional_attention_bias(size: torch.Tensor) -> torch.Tensor:
         shape = tuple(size.shape) if isinstance(size, torch.Tensor) else type(size).__name__
         raise ValueError(f"size must have shape (B, N, 1), got {shape}")
     return size.log()[:, None, None, :, 0]
+
+
+# ======================================================================================
+# the method: settings (MODEL.TOKEN_REDUCTION.TOME.*) and the ViT patch
+# ======================================================================================
+_KEY = "MODEL.TOKEN_REDUCTION.TOME."
+
+
+@dataclass(frozen=True)
+class ToMeSettings:
+    """Merge ``r`` tokens in every block from ``start_block`` on (between attention and MLP,
+    as ToMe does), with proportional attention; every tap is unmerged to the full grid."""
+
+    r: int
+    start_block: int = 0
+    proportional_attention: bool = True
+
+    method = "tome"
+
+    @classmethod
+    def from_config(cls, cfg) -> "ToMeSettings | None":
+        t = cfg.MODEL.TOKEN_REDUCTION.TOME
+        return cls(t.R, t.START_BLOCK, t.PROPORTIONAL_ATTENTION)
+
+    def __post_init__(self):
+        _int_at_least(self.r, _KEY + "R", 0)
+        _int_at_least(self.start_block, _KEY + "START_BLOCK", 0)
+        if not isinstance(self.proportional_attention, bool):
+            raise ValueError(f"{_KEY}PROPORTIONAL_ATTENTION must be True or False, "
+                             f"got {self.proportional_attention!r}")
+
+
+register_method("tome", ToMeSettings.from_config, "TOME",
+                {"R": 0, "START_BLOCK": 0, "PROPORTIONAL_ATTENTION": True})
+
+
+class _Pass:
+    """One forward pass: prefix count, sizes of the current tokens, original -> current map."""
+
+    def __init__(self, num_prefix_tokens):
+        self.num_prefix_tokens, self.size, self.source = num_prefix_tokens, None, None
+
+
+class ToMeTokens(TokenReducer):
+    """ToMe on a token-tap backbone: blocks from ``start_block`` merge ``r`` tokens each
+    (prefix tokens protected), taps copy merged tokens back to their members.
+
+    Shapes: (B, P + N, C) -> block i merges to (B, P + N_i - r, C) -> taps (B, P + N, C).
+    """
+
+    def __init__(self, settings: ToMeSettings):
+        super().__init__()
+        self.r, self.start_block = settings.r, settings.start_block
+        self.proportional_attention = settings.proportional_attention
+
+    def start(self, x, grid, num_prefix_tokens):
+        return _Pass(num_prefix_tokens)
+
+    def block(self, index, blk, x, state):
+        merge_here = self.r > 0 and index >= self.start_block
+        size = state.size if self.proportional_attention else None
+        if not merge_here and size is None:
+            return blk(x)
+
+        def merge(x, extras):
+            info = bipartite_soft_matching(extras["metric"], self.r, state.num_prefix_tokens)
+            if info.r == 0:
+                return x
+            x, state.size = merge_wavg(info, x, state.size)
+            state.source = update_source(state.source, info)
+            return x
+
+        return run_vit_block(blk, x, size=size, want_metric=merge_here,
+                             between=merge if merge_here else None)
+
+    def tap(self, x, state):
+        return x if state.source is None else unmerge_with_source(x, state.source)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, start_block={self.start_block}, prop_attn={self.proportional_attention}"
+
+
+@register_patch("tome", "vit")
+def patch_vit(backbone, settings: ToMeSettings) -> None:
+    depth = len(backbone.blocks)
+    if settings.start_block >= depth:
+        raise ValueError(f"{_KEY}START_BLOCK={settings.start_block} is outside this ViT's blocks 0..{depth - 1}")
+    patch_token_backbone(backbone, ToMeTokens(settings), "ToMe")

@@ -3,8 +3,12 @@
 backbone.forward_taps -> DPTReassemble -> DPTScratch (fusion + head) -> inverse depth,
 converted to metres as the official NYUv2 model does: depth = 1 / max(s * out + t, 1e-8)
 (``MODEL.DPT.SCALE``, ``MODEL.DPT.SHIFT``; ``MODEL.DPT.INVERT: False`` keeps the raw output,
-e.g. MiDaS relative inverse depth). Expediting is a backbone matter: put
-``MODEL.BACKBONE.NAME: ExpeditBackbone`` and ``MODEL.EXPEDIT.*`` in the config.
+e.g. MiDaS relative inverse depth). Token reduction is a backbone matter: put
+``MODEL.BACKBONE.NAME: ExpeditBackbone`` and ``MODEL.EXPEDIT.*`` (or another
+``MODEL.TOKEN_REDUCTION.METHOD``) in the config.
+
+The backbone is any that follows the token-tap protocol (:data:`TOKEN_TAP_PROTOCOL`): our
+``D2ViT`` / ``D2ViTHybrid``, the timm family ``D2TimmViT``, patched or not.
 """
 from __future__ import annotations
 
@@ -16,12 +20,19 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 
-from expedit_d2.backbones.vit import D2ViTHybrid, VisionTransformer
 from expedit_d2.inputs import check_finite_images
 
 from .head import DPTReassemble, DPTScratch
 
-__all__ = ["DPTDepth", "silog_loss"]
+__all__ = ["DPTDepth", "silog_loss", "TOKEN_TAP_PROTOCOL"]
+
+#: what DPT needs of its backbone. ``forward_taps(images, taps) -> (tokens, grid, maps)``:
+#: the token sequences (B, P + h*w, C) after the given blocks, the token grid (h, w) and the
+#: CNN stage maps of a hybrid; ``taps``: 4 indices, the first ``num_cnn_taps`` of them into
+#: those maps; ``tap_channels``: channels of the 4 taps; ``num_prefix_tokens``: P, the first
+#: of which is the cls token DPT's readout uses (others, e.g. registers, are dropped).
+TOKEN_TAP_PROTOCOL = ("forward_taps", "taps", "num_cnn_taps", "tap_channels", "num_prefix_tokens",
+                      "size_divisibility")
 
 
 def silog_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
@@ -41,16 +52,14 @@ class DPTDepth(nn.Module):
                  scale: float, shift: float, min_depth: float, max_depth: float,
                  pixel_mean, pixel_std):
         super().__init__()
-        if not isinstance(backbone, VisionTransformer):
-            raise TypeError(f"DPTDepth needs a ViT/ViT-Hybrid backbone (D2ViT, D2ViTHybrid or "
-                            f"ExpeditBackbone over them), got {type(backbone).__name__}")
+        missing = [name for name in TOKEN_TAP_PROTOCOL if not hasattr(backbone, name)]
+        if missing:
+            raise TypeError(f"DPTDepth needs a token-tap backbone (D2ViT, D2ViTHybrid, D2TimmViT, or "
+                            f"ExpeditBackbone over one); {type(backbone).__name__} lacks {missing}")
         self.backbone = backbone
-        hybrid = isinstance(backbone, D2ViTHybrid)
-        self.num_cnn_taps = 2 if hybrid else 0
-        if hybrid:
-            rn = backbone.patch_embed.backbone.out_channels
-            features = [rn[backbone.taps[0]], rn[backbone.taps[1]], *features[2:]]
-        self.reassemble = DPTReassemble(backbone.embed_dim, features, self.num_cnn_taps)
+        self.num_cnn_taps = backbone.num_cnn_taps
+        features = [*backbone.tap_channels[: self.num_cnn_taps], *features[self.num_cnn_taps:]]
+        self.reassemble = DPTReassemble(backbone.tap_channels[-1], features, self.num_cnn_taps)
         self.scratch = DPTScratch(features, fusion_features, non_negative=True)
         self.invert, self.scale, self.shift = invert, scale, shift
         self.min_depth, self.max_depth = min_depth, max_depth
@@ -78,6 +87,9 @@ class DPTDepth(nn.Module):
         bb = self.backbone
         taps = bb.taps[self.num_cnn_taps:]
         token_taps, grid, stages = bb.forward_taps(images, taps)
+        P = bb.num_prefix_tokens
+        if P > 1:  # keep the cls token for the readout, drop the other prefix tokens
+            token_taps = [torch.cat([t[:, :1], t[:, P:]], dim=1) for t in token_taps]
         if self.num_cnn_taps:
             token_taps = [stages[bb.taps[0]], stages[bb.taps[1]], *token_taps]
         maps = self.reassemble(token_taps, grid)

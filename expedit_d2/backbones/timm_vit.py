@@ -1,0 +1,79 @@
+"""Any timm ``VisionTransformer`` (DeiT, DINOv2 with register tokens, ViT-B/L, ...) as a
+Detectron2 token-tap backbone, ``D2TimmViT``: one family in one file.
+
+    MODEL.BACKBONE.NAME: "D2TimmViT"        (or ExpeditBackbone with MODEL.EXPEDIT.BASE: D2TimmViT)
+    MODEL.TIMM_VIT.NAME: "vit_small_patch14_reg4_dinov2"   any timm name building a VisionTransformer
+    MODEL.TIMM_VIT.KWARGS: {depth: 12, ...}                 extra timm.create_model arguments
+    MODEL.TIMM_VIT.TAPS: [2, 5, 8, 11]                      blocks whose outputs are res2..res5
+
+The model is built with ``pretrained=False`` (nothing is downloaded; load weights with
+``MODEL.WEIGHTS``: the timm state dict sits under ``backbone.vit.``), with
+``dynamic_img_size`` and ``dynamic_img_pad`` so that any input size works (the position
+embedding is resampled to the token grid, the image padded to whole patches).
+
+It follows the token-tap protocol (see :mod:`expedit_d2.reduction.core` and DPT's
+``TOKEN_TAP_PROTOCOL``), so every token-reduction method of the ``"vit"`` family and DPT's
+head apply to it unchanged. Shapes: image (B, 3, H, W) -> tokens (B, P + h*w, C) with P
+prefix tokens (cls + registers), h*w = ceil(H/p) * ceil(W/p); taps -> res2..res5 maps at
+strides 4, 8, 16, 32.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from detectron2.modeling import BACKBONE_REGISTRY
+
+from .base import TokenTapBackbone, run_token_taps
+from .vit import check_taps
+
+__all__ = ["D2TimmViT"]
+
+
+@BACKBONE_REGISTRY.register()
+class D2TimmViT(TokenTapBackbone):
+    """A timm VisionTransformer (``self.vit``) with DPT-style taps."""
+
+    def __init__(self, cfg, input_shape):
+        super().__init__()
+        import timm
+        from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+        t = cfg.MODEL.TIMM_VIT
+        kwargs = dict(t.KWARGS)
+        try:
+            self.vit = timm.create_model(t.NAME, pretrained=False, in_chans=input_shape.channels,
+                                         dynamic_img_size=True, dynamic_img_pad=True, **kwargs)
+        except (RuntimeError, TypeError) as e:  # unknown name, or an argument it does not take
+            raise ValueError(f"MODEL.TIMM_VIT.NAME={t.NAME!r} with MODEL.TIMM_VIT.KWARGS={kwargs}: {e}") from e
+        if not isinstance(self.vit, TimmVisionTransformer):
+            raise ValueError(f"MODEL.TIMM_VIT.NAME={t.NAME!r} builds {type(self.vit).__name__}, not a "
+                             "timm VisionTransformer")
+        self.embed_dim = self.vit.embed_dim
+        self.num_prefix_tokens = int(self.vit.num_prefix_tokens)
+        self.taps = check_taps(t.TAPS, len(self.vit.blocks), key="MODEL.TIMM_VIT.TAPS")
+        self.num_cnn_taps, self.tap_channels = 0, [self.embed_dim] * 4
+        self._setup_outputs(t.OUT_FEATURES, self.tap_channels, "MODEL.TIMM_VIT.OUT_FEATURES")
+
+    @property
+    def blocks(self) -> nn.Module:
+        """The transformer blocks (timm's ``nn.Sequential``)."""
+        return self.vit.blocks
+
+    def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], list]:
+        """(B, 3, H, W) -> (tokens (B, P + h*w, C) with prefix tokens and position embedding,
+        grid (h, w), [])."""
+        v = self.vit
+        x = v.patch_embed(x)  # (B, h, w, C) with dynamic_img_size
+        grid = (int(x.shape[1]), int(x.shape[2]))
+        x = v.norm_pre(v.patch_drop(v._pos_embed(x)))
+        return x, grid, []
+
+    def forward_taps(self, x: torch.Tensor, taps) -> tuple[list, tuple[int, int], list]:
+        """(B, 3, H, W) -> (tokens after each tap block (B, P + h*w, C), grid (h, w), [])."""
+        return run_token_taps(self, x, taps)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._check_input(x)
+        taps, grid, _ = self.forward_taps(x, self.taps)
+        return self._maps_to_outputs([self._tokens_to_map(t, grid) for t in taps], x.shape[-2:])

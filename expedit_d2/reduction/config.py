@@ -1,0 +1,203 @@
+"""The one home of token-reduction config: keys, translation of the official names, checks.
+
+Keys::
+
+    MODEL.TOKEN_REDUCTION.METHOD   "expedit" (default) | "tome" | "evit" | "pool" | "none"
+    MODEL.EXPEDIT.*                expedit's settings (and ExpeditBackbone's BASE / ENABLED);
+                                   the official MODEL.SWIN.* Expedit keys map onto them
+    MODEL.TOKEN_REDUCTION.TOME.*   MODEL.TOKEN_REDUCTION.EVIT.*   MODEL.TOKEN_REDUCTION.POOL.*
+
+``METHOD: expedit`` keeps the meaning of ``MODEL.EXPEDIT`` unchanged (``ENABLED: False`` or
+``CLUSTERING_LOCATION: -1``: not expedited), so every config written before methods existed
+runs as it did. :func:`settings_from_config` turns a config into the settings of its method
+(validated: errors name the key) or None; :func:`point_overrides` turns a few overrides
+(a sweep point, a benchmark setting) into the full set of keys that realises them on a
+base config, whatever backbone entry the base config names.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from detectron2.config import CfgNode as CN
+
+from .core import METHOD_KEY, get_method, registered_methods
+
+__all__ = [
+    "add_token_reduction_config", "settings_from_config", "point_overrides", "canonical_key",
+    "OFFICIAL_SWIN_ALIASES", "PLAIN_BACKBONES", "WRAPPER_BACKBONES", "NOT_EXPEDITED",
+    "check_pair", "check_positive_int", "check_int_at_least", "check_positive_float",
+    "check_odd", "check_choice", "check_rate",
+]
+
+#: CLUSTERING_LOCATION that means "not expedited" (the official default and meaning).
+NOT_EXPEDITED = -1
+#: official Expedit Swin keys -> ours (NUM_SPIXELS is clusters per window, a square)
+OFFICIAL_SWIN_ALIASES = {
+    "MODEL.SWIN.CLUSTERING_LOCATION": "MODEL.EXPEDIT.CLUSTERING_LOCATION",
+    "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS": "MODEL.EXPEDIT.NUM_CLUSTERS",
+    "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.N_ITERS": "MODEL.EXPEDIT.ITERS",
+    "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.TEMPERATURE": "MODEL.EXPEDIT.TEMPERATURE",
+    "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.WINDOW_SIZE": "MODEL.EXPEDIT.WINDOW",
+    "MODEL.SWIN.TOKEN_RECONSTRUCTION_BLOCK.K": "MODEL.EXPEDIT.RECON_K",
+    "MODEL.SWIN.TOKEN_RECONSTRUCTION_BLOCK.TEMPERATURE": "MODEL.EXPEDIT.RECON_TEMPERATURE",
+}
+#: backbone entries a method can be put on by config (the wrapper builds them)
+PLAIN_BACKBONES = ("D2SwinTransformer", "D2ViT", "D2ViTHybrid", "D2TimmViT")
+#: the wrapper entries: build MODEL.EXPEDIT.BASE, then patch it
+WRAPPER_BACKBONES = ("ExpeditBackbone", "TokenReductionBackbone")
+
+
+# --------------------------------------------------------------------------------------
+# checks: every error names the key and the value
+# --------------------------------------------------------------------------------------
+def check_pair(value, key: str) -> tuple[int, int]:
+    """An int n (-> (n, n)) or a pair of positive ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    if not ok:
+        raise ValueError(f"{key} must be a positive int or a pair [h, w] of positive ints, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def check_int_at_least(value, key: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_positive_int(value, key: str) -> int:
+    return check_int_at_least(value, key, 1)
+
+
+def check_positive_float(value, key: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a positive number, got {value!r}") from None
+    if isinstance(value, bool) or not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{key} must be a positive finite number, got {value!r}")
+    return v
+
+
+def check_rate(value, key: str) -> float:
+    """A number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{key} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_odd(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(f"{key} must be an odd int >= 1, got {value!r}")
+    return value
+
+
+def check_choice(value, key: str, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# keys and settings
+# --------------------------------------------------------------------------------------
+def add_token_reduction_config(cfg) -> None:
+    """``MODEL.TOKEN_REDUCTION`` with every registered method's node (idempotent)."""
+    if "TOKEN_REDUCTION" not in cfg.MODEL:
+        cfg.MODEL.TOKEN_REDUCTION = CN()
+    node = cfg.MODEL.TOKEN_REDUCTION
+    if "METHOD" not in node:
+        node.METHOD = "expedit"
+    for method in registered_methods().values():
+        if method.config_node is None:
+            continue
+        if method.config_node not in node:
+            node[method.config_node] = CN()
+        for key, value in method.config_defaults.items():
+            if key not in node[method.config_node]:
+                node[method.config_node][key] = value
+
+
+def settings_from_config(cfg):
+    """The settings of the configured method, validated, or None (not reduced)."""
+    name = cfg.MODEL.get("TOKEN_REDUCTION", {}).get("METHOD", "expedit")
+    if name == "none":
+        return None
+    return get_method(name).from_config(cfg)
+
+
+def canonical_key(key: str, value):
+    """Official Expedit Swin key/value -> ``MODEL.EXPEDIT`` key/value (others unchanged)."""
+    if key not in OFFICIAL_SWIN_ALIASES:
+        return key, value
+    if key.endswith("NUM_SPIXELS"):
+        side = math.isqrt(int(value)) if isinstance(value, int) and value > 0 else 0
+        if side * side != value:
+            raise ValueError(f"{key}={value!r}: clusters per window must be a positive square (64 = 8x8)")
+        value = [side, side]
+    return OFFICIAL_SWIN_ALIASES[key], value
+
+
+def official_swin_values(cfg) -> dict:
+    """The official ``MODEL.SWIN`` Expedit keys of ``cfg`` as ``MODEL.EXPEDIT`` key -> value."""
+    out = {}
+    for official in OFFICIAL_SWIN_ALIASES:
+        node = cfg
+        for part in official.split("."):
+            node = node[part]
+        key, value = canonical_key(official, node)
+        out[key] = value
+    return out
+
+
+def _backbone_key(cfg) -> str:
+    if cfg.MODEL.BACKBONE.NAME == "build_bottom_up_fpn_backbone" or (
+            cfg.MODEL.BACKBONE.NAME.startswith("build_") and "BOTTOM_UP" in cfg.MODEL.FPN):
+        return "MODEL.FPN.BOTTOM_UP"
+    return "MODEL.BACKBONE.NAME"
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def point_overrides(base_cfg, overrides: dict, baseline: bool = False) -> dict:
+    """Config key -> value that turn ``base_cfg`` into the setting ``overrides`` (canonical
+    keys, see :func:`canonical_key`), or into the un-reduced baseline (``baseline``).
+
+    Reduction keys (``MODEL.EXPEDIT.*``, ``MODEL.TOKEN_REDUCTION.*``) put the wrapper entry in
+    place of a plain backbone (or of ``D2HourglassSwinTransformer``, whose official keys are
+    carried over first) and switch the method on; the baseline switches it off.
+    """
+    key = _backbone_key(base_cfg)
+    name = _get(base_cfg, key)
+    out: dict = {}
+    if baseline:
+        if name in WRAPPER_BACKBONES:
+            out["MODEL.EXPEDIT.ENABLED"] = False
+            out[METHOD_KEY] = "none"
+        elif name == "D2HourglassSwinTransformer":
+            out[key] = "D2SwinTransformer"
+        return out
+    reduced = any(k.startswith(("MODEL.EXPEDIT.", "MODEL.TOKEN_REDUCTION.")) for k in overrides)
+    if reduced:
+        if name == "D2HourglassSwinTransformer":  # carry the official keys over, then override
+            out.update(official_swin_values(base_cfg))
+            out.update({key: "ExpeditBackbone", "MODEL.EXPEDIT.BASE": "D2SwinTransformer"})
+        elif name in PLAIN_BACKBONES:
+            out.update({key: "ExpeditBackbone", "MODEL.EXPEDIT.BASE": name})
+        elif name not in WRAPPER_BACKBONES:
+            raise ValueError(f"{key}={name!r}: token-reduction keys need one of {WRAPPER_BACKBONES}, "
+                             f"D2HourglassSwinTransformer or one of {PLAIN_BACKBONES}")
+        method = overrides.get(METHOD_KEY, "expedit")
+        out[METHOD_KEY] = method
+        if method == "expedit":
+            out["MODEL.EXPEDIT.ENABLED"] = True
+    out.update(overrides)
+    return out

@@ -1,0 +1,310 @@
+"""Token reduction as a patch on an unmodified backbone (the way ToMe's ``apply_patch`` works).
+
+A *method* (expedit, tome, evit, pool, ...) is registered once with its settings type and,
+per backbone *family*, a patch function ``patch(backbone, settings)``. A family is a
+protocol, not a class list, so any backbone that follows it takes every method of that
+family without changes:
+
+``"vit"`` -- token-tap backbones (our ``D2ViT``/``D2ViTHybrid``, the timm family)::
+
+    num_prefix_tokens: int                  cls (+ register) tokens in front of the grid
+    blocks: nn.ModuleList | nn.Sequential   pre-norm transformer blocks, x -> blk(x)
+    embed_tokens(images) -> (x (B, P + h*w, C), grid (h, w), extras)
+    forward_taps(images, taps) -> ([x after each tap block (B, P + h*w, C)], grid, extras)
+
+``"swin"`` -- Swin stages: ``backbone.layers[i]`` with ``blocks``, ``window_size``,
+``run_blocks(x, H, W, start, stop, window_size, mask_shift)`` and
+``forward_blocks(x, H, W)`` (all blocks of the stage, before patch merging).
+
+Patching never touches parameters or buffers (checkpoint names stay the same); it attaches
+a parameter-free ``token_reduction`` module and swaps the patched module's class for a
+subclass that overrides one method (``forward_taps`` or a stage's ``forward_blocks``).
+Everything a forward pass needs between blocks and taps lives in a state object created
+per pass and handed explicitly from call to call. :func:`remove_patch` restores the
+original classes; an unpatched backbone computes bitwise what it computed before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Method", "register_method", "register_patch", "registered_methods", "get_method",
+    "family_of", "apply_patch", "remove_patch", "TokenReducer", "SwinWindowReducer",
+    "patch_token_backbone", "patch_swin_stage", "run_vit_block", "METHOD_KEY",
+]
+
+#: the config key that selects the method
+METHOD_KEY = "MODEL.TOKEN_REDUCTION.METHOD"
+
+
+@dataclass
+class Method:
+    """A registered method: how to read its settings and how to patch each family."""
+
+    name: str
+    #: ``cfg -> settings`` (validated, errors name the key) or None (configured off)
+    from_config: Callable[[Any], Any]
+    #: defaults of ``MODEL.TOKEN_REDUCTION.<NODE>`` ({} when the method keeps its keys elsewhere)
+    config_node: str | None = None
+    config_defaults: dict = field(default_factory=dict)
+    patches: dict[str, Callable] = field(default_factory=dict)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, from_config, config_node: str | None = None,
+                    config_defaults: dict | None = None) -> Method:
+    """Register a method (once per name)."""
+    if name in _METHODS:
+        raise ValueError(f"token-reduction method {name!r} is registered already")
+    _METHODS[name] = Method(name, from_config, config_node, dict(config_defaults or {}))
+    return _METHODS[name]
+
+
+def register_patch(method: str, family: str):
+    """Decorator: ``@register_patch("tome", "vit") def patch(backbone, settings): ...``."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown backbone family {family!r}; families: {sorted(FAMILIES)}")
+
+    def deco(fn):
+        get_method(method).patches[family] = fn
+        return fn
+
+    return deco
+
+
+def registered_methods() -> dict[str, Method]:
+    return dict(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ValueError(f"{METHOD_KEY}={name!r} is not a token-reduction method; "
+                         f"methods: {sorted(_METHODS) + ['none']}")
+    return _METHODS[name]
+
+
+# --------------------------------------------------------------------------------------
+# families
+# --------------------------------------------------------------------------------------
+def _is_token_tap(backbone) -> bool:
+    return (callable(getattr(backbone, "embed_tokens", None)) and callable(getattr(backbone, "forward_taps", None))
+            and isinstance(getattr(backbone, "blocks", None), (nn.ModuleList, nn.Sequential))
+            and isinstance(getattr(backbone, "num_prefix_tokens", None), int))
+
+
+def _is_swin(backbone) -> bool:
+    layers = getattr(backbone, "layers", None)
+    return isinstance(layers, nn.ModuleList) and len(layers) > 0 and all(
+        callable(getattr(s, "forward_blocks", None)) and callable(getattr(s, "run_blocks", None))
+        for s in layers)
+
+
+#: family name -> protocol check
+FAMILIES: dict[str, Callable[[nn.Module], bool]] = {"vit": _is_token_tap, "swin": _is_swin}
+
+
+def family_of(backbone: nn.Module) -> str:
+    for name, check in FAMILIES.items():
+        if check(backbone):
+            return name
+    raise ValueError(f"{type(backbone).__name__} follows no token-reduction family protocol "
+                     f"({sorted(FAMILIES)}; see expedit_d2.reduction.core)")
+
+
+def apply_patch(backbone: nn.Module, settings) -> nn.Module:
+    """Patch ``backbone`` in place with ``settings.method`` (returns it). Parameters untouched."""
+    if getattr(backbone, "token_reduction", None) is not None or any(
+            getattr(m, "token_reduction", None) is not None for m in backbone.modules()):
+        raise ValueError(f"{type(backbone).__name__} is patched already; remove_patch() first")
+    method = get_method(settings.method)
+    family = family_of(backbone)
+    if family not in method.patches:
+        raise ValueError(f"{METHOD_KEY}={settings.method!r} has no patch for the {family!r} family of "
+                         f"{type(backbone).__name__} (it has: {sorted(method.patches)})")
+    method.patches[family](backbone, settings)
+    return backbone
+
+
+def remove_patch(backbone: nn.Module) -> nn.Module:
+    """Undo :func:`apply_patch`: original classes back, reducers removed (returns it)."""
+    for m in backbone.modules():
+        original = type(m).__dict__.get("_unpatched_class")
+        if original is not None:
+            m.__class__ = original
+            del m.token_reduction
+    return backbone
+
+
+def _swap_class(module: nn.Module, prefix: str, overrides: dict) -> None:
+    base = type(module)
+    module.__class__ = type(f"{prefix}{base.__name__}", (base,),
+                            {**overrides, "_unpatched_class": base, "__module__": base.__module__})
+
+
+# --------------------------------------------------------------------------------------
+# the "vit" family: a reducer driven by the block loop
+# --------------------------------------------------------------------------------------
+class TokenReducer(nn.Module):
+    """What a method does on a token-tap backbone. No parameters.
+
+    One forward pass: ``state = start(x, grid, P)``; for each block i: ``x = block(i, blk, x,
+    state)``, a tap at i reads ``tap(x, state)`` (full grid, (B, P + h*w, C)), then ``x =
+    after_block(i, x, state)``. The defaults do nothing (the base computation).
+    """
+
+    def start(self, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int):
+        return None
+
+    def block(self, index: int, blk: nn.Module, x: torch.Tensor, state) -> torch.Tensor:
+        return blk(x)
+
+    def after_block(self, index: int, x: torch.Tensor, state) -> torch.Tensor:
+        return x
+
+    def tap(self, x: torch.Tensor, state) -> torch.Tensor:
+        return x
+
+
+def _reduced_forward_taps(self, images: torch.Tensor, taps):
+    """``forward_taps`` of a patched token-tap backbone (see :class:`TokenReducer`)."""
+    x, grid, extras = self.embed_tokens(images)
+    reducer = self.token_reduction
+    state = reducer.start(x, grid, self.num_prefix_tokens)
+    wanted, outs = set(taps), {}
+    for i, blk in enumerate(self.blocks[: max(taps) + 1]):
+        x = reducer.block(i, blk, x, state)
+        if i in wanted:
+            outs[i] = reducer.tap(x, state)
+        x = reducer.after_block(i, x, state)
+    return [outs[i] for i in taps], grid, extras
+
+
+def patch_token_backbone(backbone: nn.Module, reducer: TokenReducer, prefix: str) -> None:
+    backbone.token_reduction = reducer
+    _swap_class(backbone, prefix, {"forward_taps": _reduced_forward_taps})
+
+
+def run_vit_block(blk: nn.Module, x: torch.Tensor, *, size: torch.Tensor | None = None,
+                  want_metric: bool = False, want_cls_attn: bool = False,
+                  num_prefix_tokens: int = 1, between: Callable | None = None) -> torch.Tensor:
+    """A pre-norm ViT block run part by part, for methods that act inside it.
+
+    ``x + attn(norm1(x))`` (with ``size``: ToMe's proportional attention, log(size) added to
+    the logits), then ``between(x, extras)`` (extras: ``metric`` = keys averaged over heads
+    (B, N, d), ``cls_attn`` = the first token's attention to the grid tokens averaged over
+    heads (B, N - P)), then ``x + mlp(norm2(x))``. Works with our ``Block`` and timm's
+    ``Block`` (layer scale, q/k norm). Equals ``blk(x)`` when nothing is asked for.
+    """
+    attn = blk.attn
+    for name in ("qkv", "proj", "num_heads"):
+        if not hasattr(attn, name):
+            raise ValueError(f"{type(blk).__name__}.attn ({type(attn).__name__}) has no {name!r}: "
+                             "this method needs a standard ViT attention (qkv, proj, num_heads)")
+    B, N, C = x.shape
+    heads = attn.num_heads
+    h = blk.norm1(x)
+    q, k, v = attn.qkv(h).reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = getattr(attn, "q_norm", nn.Identity())(q), getattr(attn, "k_norm", nn.Identity())(k)
+    scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
+    bias = None if size is None else size.log().to(q.dtype)[:, None, None, :, 0]
+    extras = {}
+    if want_cls_attn:
+        logits = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        weights = logits.softmax(dim=-1)
+        extras["cls_attn"] = weights[:, :, 0, num_prefix_tokens:].mean(dim=1)
+        out = weights @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    if want_metric:
+        extras["metric"] = k.mean(dim=1)
+    out = getattr(attn, "norm", nn.Identity())(out.transpose(1, 2).reshape(B, N, -1))
+    if getattr(attn, "gate", None) is not None:  # timm's gated attention
+        out = out * attn.gate(h).sigmoid()
+    out = attn.proj_drop(attn.proj(out))
+    drop1 = getattr(blk, "drop_path1", None) or blk.drop_path
+    drop2 = getattr(blk, "drop_path2", None) or blk.drop_path
+    ls1, ls2 = getattr(blk, "ls1", nn.Identity()), getattr(blk, "ls2", nn.Identity())
+    x = x + drop1(ls1(out))
+    if between is not None:
+        x = between(x, extras)
+    return x + drop2(ls2(blk.mlp(blk.norm2(x))))
+
+
+# --------------------------------------------------------------------------------------
+# the "swin" family: per-window reduction inside one stage
+# --------------------------------------------------------------------------------------
+class SwinWindowReducer(nn.Module):
+    """Reduce each ws x ws attention window of a Swin stage to s x s tokens before block
+    ``block_index`` of the stage, run the rest of the stage on the reduced map with window
+    s (blocks roll by s // 2, resized relative-position bias), restore every window at the
+    end of the stage (before patch merging). No parameters.
+
+    Subclasses define ``reduce(windows (B*nW, ws*ws, C), ws) -> (windows (B*nW, s*s, C),
+    state)``, ``restore(windows (B*nW, s*s, C'), state) -> (B*nW, ws*ws, C')`` and
+    ``mask_shift(ws)`` (where the shifted-window mask cuts its regions).
+
+    Shapes: x (B, H*W, C) -> pad to (Hp, Wp) multiples of ws (zeros take part) -> windows ->
+    reduced map (B, Hp/ws*s, Wp/ws*s, C) -> later blocks -> restored -> crop -> (B, H*W, C).
+    """
+
+    def __init__(self, block_index: int, side: int):
+        super().__init__()
+        self.block_index, self.side = block_index, side
+
+    def reduce(self, windows, ws):
+        raise NotImplementedError
+
+    def restore(self, windows, state):
+        raise NotImplementedError
+
+    def mask_shift(self, ws: int) -> int:
+        return self.side // 2
+
+    def forward(self, stage, x, H, W):
+        from ..backbones.swin import window_partition, window_reverse
+
+        ws, s = stage.window_size, self.side
+        x = stage.run_blocks(x, H, W, 0, self.block_index)
+        B, _, C = x.shape
+        Hp, Wp = H + (-H) % ws, W + (-W) % ws
+        grid = F.pad(x.view(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))
+        small, state = self.reduce(window_partition(grid, ws), ws)
+        h2, w2 = Hp // ws * s, Wp // ws * s
+        y = window_reverse(small, s, h2, w2).reshape(B, h2 * w2, C)
+        y = stage.run_blocks(y, h2, w2, self.block_index, None, window_size=s, mask_shift=self.mask_shift(ws))
+        full = self.restore(window_partition(y.view(B, h2, w2, -1), s), state)
+        return window_reverse(full, ws, Hp, Wp)[:, :H, :W].reshape(B, H * W, -1)
+
+    def extra_repr(self) -> str:
+        return f"block_index={self.block_index}, side={self.side}"
+
+
+def _reduced_forward_blocks(self, x, H, W):
+    return self.token_reduction(self, x, H, W)
+
+
+def patch_swin_stage(stage: nn.Module, reducer: SwinWindowReducer, prefix: str) -> None:
+    stage.token_reduction = reducer
+    _swap_class(stage, prefix, {"forward_blocks": _reduced_forward_blocks})
+
+
+def swin_stage_at(backbone: nn.Module, location: int, key: str):
+    """(stage, block index inside it) of global block ``location`` (blocks over all stages)."""
+    depths = [len(s.blocks) for s in backbone.layers]
+    if not 0 <= location < sum(depths):
+        raise ValueError(f"{key}={location} is outside this Swin's blocks 0..{sum(depths) - 1} "
+                         f"(depths {depths})")
+    first = 0
+    for stage, depth in zip(backbone.layers, depths):
+        if location < first + depth:
+            return stage, location - first
+        first += depth

@@ -1,10 +1,15 @@
 #!/usr/bin/env python
-"""Base vs expedited backbone on the same weights, measured in one run.
+"""Base vs reduced backbone on the same weights, measured in one run.
 
-    python tools/benchmark_backbone.py                        # built-in cases
+    python tools/benchmark_backbone.py                        # built-in cases, expedit
     python tools/benchmark_backbone.py --cases swin_l_640 --repeats 5
     python tools/benchmark_backbone.py --config-file my.yaml --input-size 800 1216 \\
         MODEL.EXPEDIT.CLUSTERING_LOCATION 8
+    python tools/benchmark_backbone.py --cases vit_hybrid_640x480 --method tome evit pool expedit
+
+``--method`` picks the token-reduction method(s) (``MODEL.TOKEN_REDUCTION.METHOD``); each
+built-in ViT case has a setting of every method at roughly the GMACs of its expedit setting
+(:data:`METHOD_SETTINGS`), and KEY VALUE overrides change any of them.
 
 For each case: backbone GMACs of both (fvcore multiply-adds, one image of the stated size, with
 expedit-d2's handles for fused attention and the operators), their ratio; latency of
@@ -43,6 +48,7 @@ from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
 from expedit_d2.flops import backbone_flops
 from expedit_d2.measure import peak_memory, run_memory_child, sync, time_interleaved, write_report
 from expedit_d2.ops import TokenClustering, TokenReconstruction
+from expedit_d2.reduction.config import METHOD_KEY, point_overrides
 
 
 def swin_l_cfg():
@@ -69,6 +75,7 @@ def _vit_cfg(name, taps, alpha, clusters, **vit):
     e = cfg.MODEL.EXPEDIT
     e.BASE, e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = name, alpha, clusters
     e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE = 5, 5, 1.0, 20, 1.0
+    e.RECONSTRUCTION = "nearest"  # what the official DPT release runs (SPEC 3)
     return cfg
 
 
@@ -83,6 +90,21 @@ def vit_l16_cfg():
     return _vit_cfg("D2ViT", [5, 11, 17, 23], 8, [16, 16], EMBED_DIM=1024, DEPTH=24, NUM_HEADS=16)
 
 
+#: per method, a setting of the built-in ViT cases with about the GMACs of their expedit
+#: setting (DPT-Hybrid alpha 4, 16x16: ratio 0.61 at 640x480): pool to the same grid at the
+#: same block, ToMe merging from block 0, EViT keeping half the tokens at blocks 3, 6, 9
+METHOD_SETTINGS = {
+    "vit": {
+        "tome": {"MODEL.TOKEN_REDUCTION.TOME.R": 90, "MODEL.TOKEN_REDUCTION.TOME.START_BLOCK": 0},
+        "evit": {"MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS": [3, 6, 9], "MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE": 0.5},
+        "pool": {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 4, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [16, 16]},
+    },
+    "swin": {
+        "pool": {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 10, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [8, 8]},
+    },
+}
+METHODS = ("expedit", "tome", "evit", "pool")
+
 CASES = {
     "swin_l_640": (swin_l_cfg, (640, 640), "Swin-L, COCO panoptic setting (alpha 10, 8x8/window)"),
     "swin_l_1024": (swin_l_cfg, (1024, 1024), "Swin-L, COCO panoptic setting (alpha 10, 8x8/window)"),
@@ -91,16 +113,19 @@ CASES = {
 }
 
 
+def _with(cfg, values: dict):
+    out = cfg.clone()
+    out.defrost()
+    out.merge_from_list([item for k, v in values.items() for item in (k, v if isinstance(v, str) else repr(v))])
+    return out
+
+
 def build_pair(cfg, allow_partial: bool = False, checkpointer=DetectionCheckpointer):
-    """(base, expedited) backbones on the same weights (``MODEL.WEIGHTS``, strictly, if set,
-    read by ``checkpointer``: the project's, for its checkpoint formats)."""
-    base_cfg = cfg.clone()
-    if base_cfg.MODEL.BACKBONE.NAME in ("ExpeditBackbone", "D2HourglassSwinTransformer"):
-        base_cfg.MODEL.BACKBONE.NAME = cfg.MODEL.EXPEDIT.BASE
-    exp_cfg = cfg.clone()
-    if exp_cfg.MODEL.BACKBONE.NAME != "D2HourglassSwinTransformer":
-        exp_cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
-        exp_cfg.MODEL.EXPEDIT.ENABLED = True
+    """(base, reduced) backbones on the same weights (``MODEL.WEIGHTS``, strictly, if set,
+    read by ``checkpointer``: the project's, for its checkpoint formats). The reduced one
+    uses ``MODEL.TOKEN_REDUCTION.METHOD`` of ``cfg`` (expedit: switched on)."""
+    base_cfg = _with(cfg, point_overrides(cfg, {}, baseline=True))
+    exp_cfg = _with(cfg, point_overrides(cfg, {METHOD_KEY: cfg.MODEL.TOKEN_REDUCTION.METHOD}))
     torch.manual_seed(0)
     base = build_backbone(base_cfg)
     if cfg.MODEL.WEIGHTS:
@@ -236,6 +261,9 @@ def main(argv=None):
                         "(a project's config is built as its train_net.py builds it)")
     parser.add_argument("--project", help="project folder of --config-file (default: found from its path)")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), default=None)
+    parser.add_argument("--method", nargs="+", choices=METHODS, default=["expedit"],
+                        help="token-reduction method(s), each against the base (built-in ViT cases: "
+                        "settings of about equal GMACs, see METHOD_SETTINGS; KEY VALUE overrides win)")
     add_timing_arguments(parser, repeats=3, warmup=1)
     parser.add_argument("--output", type=Path, help="also write <output>.md and <output>.json")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -251,23 +279,27 @@ def main(argv=None):
     def log(msg):
         print(f"[benchmark_backbone] {msg}", file=sys.stderr, flush=True)
 
-    jobs = []
+    cases = []
     checkpointer = DetectionCheckpointer
     if args.config_file:  # any config: a project's (found above the file, or --project) or ours
         cfg, project = config_from_file(args.config_file, args.project)
-        cfg = cfg.clone()
-        cfg.defrost()
         if project is not None:
             checkpointer = project.Checkpointer  # the project's formats (e.g. official DPT .pt)
-        jobs.append((Path(args.config_file).stem, cfg, tuple(args.input_size or (640, 640))))
+        cases.append((Path(args.config_file).stem, cfg, tuple(args.input_size or (640, 640)), None))
     else:
         for name in args.cases or list(CASES):
             make, size, what = CASES[name]
             log(f"{name}: {what}")
-            jobs.append((name, make(), tuple(args.input_size or size)))
-    for _, cfg, _ in jobs:
-        cfg.merge_from_list(args.opts)
-        cfg.MODEL.DEVICE = args.device
+            cases.append((name, make(), tuple(args.input_size or size), name.split("_")[0]))
+    jobs = []  # one per (case, method), in a fixed order (memory children find theirs by index)
+    for name, cfg, size, family in cases:
+        for method in args.method:
+            settings = METHOD_SETTINGS.get(family, {}).get(method, {}) if family else {}
+            job = _with(cfg, {METHOD_KEY: method, **settings})
+            job.merge_from_list(args.opts)
+            job.MODEL.DEVICE = args.device
+            label = name if args.method == ["expedit"] else f"{name} {method}"
+            jobs.append((label, job, size))
     if args._memory_child:
         index, variant = args._memory_child
         _, cfg, size = jobs[int(index)]

@@ -120,7 +120,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
     best, match = scores.max(dim=-1)  # (B, n_a): best similarity, its B index
     order = best.argsort(dim=-1, descending=True, stable=True)
     merged = torch.zeros(B, n_a, dtype=torch.bool, device=device)
-    merged.scatter_(1, order[:, :r], True)
+    top = order[:, :r]
+    merged.scatter_(1, top, torch.ones_like(top, dtype=torch.bool))  # (the src form traces)
 
     # positions in the merged sequence: protected 0..P-1, unmerged A next, then B
     b_pos = P + (n_a - r) + torch.arange(n_b, device=device)  # (n_b,)

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from ..reduction.core import TokenReducer, patch_token_backbone, register_method, register_patch, run_vit_block
+from ..reduction.core import TokenReducer, check_blocks, patch_token_backbone, register_method, register_patch, run_vit_block
 
 __all__ = ["KeepInfo", "evit_keep", "evit_restore", "EViTSettings", "EViTTokens"]
 
@@ -257,9 +257,5 @@ class EViTTokens(TokenReducer):
 
 @register_patch("evit", "vit")
 def patch_vit(backbone, settings: EViTSettings) -> None:
-    depth = len(backbone.blocks)
-    bad = [i for i in settings.locations if i >= depth]
-    if bad:
-        raise ValueError(f"{_KEY}LOCATIONS {list(settings.locations)}: {bad} outside this ViT's "
-                         f"blocks 0..{depth - 1}")
+    check_blocks(backbone, settings.locations, _KEY + "LOCATIONS")
     patch_token_backbone(backbone, EViTTokens(settings), "EViT")

@@ -21,7 +21,7 @@ from ..ops import DEFAULT_MEMORY_LIMIT, RECONSTRUCTION_MODES, TokenClustering, T
 from ..reduction.config import (
     NOT_EXPEDITED, check_choice, check_odd, check_pair, check_positive_float, check_positive_int)
 from ..reduction.core import (
-    SwinWindowReducer, TokenReducer, patch_swin_stage, patch_token_backbone, register_method,
+    SwinWindowReducer, TokenReducer, check_blocks, patch_swin_stage, patch_token_backbone, register_method,
     register_patch, swin_stage_at)
 
 __all__ = ["ExpeditSettings", "ExpeditSwinWindows", "ExpeditTokens", "SWIN_SHIFT_MASKS",
@@ -205,10 +205,8 @@ class ExpeditTokens(TokenReducer):
 
 @register_patch("expedit", "vit")
 def patch_vit(backbone, settings: ExpeditSettings) -> None:
-    alpha, depth = settings.clustering_location, len(backbone.blocks)
-    if not 0 <= alpha < depth:
-        raise ValueError(f"{_KEY}CLUSTERING_LOCATION={alpha} is outside this ViT's blocks "
-                         f"0..{depth - 1} (clustering happens right after block alpha)")
+    alpha = settings.clustering_location
+    check_blocks(backbone, [alpha], _KEY + "CLUSTERING_LOCATION")  # clustering right after block alpha
     settings.check_recon_k()
     patch_token_backbone(backbone, ExpeditTokens(alpha, settings), "Expedit")
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..reduction.config import check_int_at_least, check_pair
 from ..reduction.core import (
-    SwinWindowReducer, TokenReducer, patch_swin_stage, patch_token_backbone, register_method,
+    SwinWindowReducer, TokenReducer, check_blocks, patch_swin_stage, patch_token_backbone, register_method,
     register_patch, swin_stage_at)
 
 __all__ = ["pool_tokens", "unpool_tokens", "PoolSettings", "PoolTokens", "PoolSwinWindows"]
@@ -188,7 +188,5 @@ class PoolTokens(TokenReducer):
 
 @register_patch("pool", "vit")
 def patch_vit(backbone, settings: PoolSettings) -> None:
-    depth = len(backbone.blocks)
-    if settings.location >= depth:
-        raise ValueError(f"{_KEY}LOCATION={settings.location} is outside this ViT's blocks 0..{depth - 1}")
+    check_blocks(backbone, [settings.location], _KEY + "LOCATION")
     patch_token_backbone(backbone, PoolTokens(settings), "Pool")

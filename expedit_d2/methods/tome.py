@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..reduction.core import TokenReducer, patch_token_backbone, register_method, register_patch, run_vit_block
+from ..reduction.core import TokenReducer, check_blocks, patch_token_backbone, register_method, register_patch, run_vit_block
 
 __all__ = [
     "ToMeSettings",
@@ -311,7 +311,5 @@ class ToMeTokens(TokenReducer):
 
 @register_patch("tome", "vit")
 def patch_vit(backbone, settings: ToMeSettings) -> None:
-    depth = len(backbone.blocks)
-    if settings.start_block >= depth:
-        raise ValueError(f"{_KEY}START_BLOCK={settings.start_block} is outside this ViT's blocks 0..{depth - 1}")
+    check_blocks(backbone, [settings.start_block], _KEY + "START_BLOCK")
     patch_token_backbone(backbone, ToMeTokens(settings), "ToMe")

@@ -35,7 +35,7 @@ from torch import nn
 __all__ = [
     "Method", "register_method", "register_patch", "registered_methods", "get_method",
     "family_of", "apply_patch", "remove_patch", "TokenReducer", "SwinWindowReducer",
-    "patch_token_backbone", "patch_swin_stage", "run_vit_block", "METHOD_KEY",
+    "patch_token_backbone", "patch_swin_stage", "check_blocks", "run_vit_block", "METHOD_KEY",
 ]
 
 #: the config key that selects the method
@@ -184,6 +184,15 @@ def _reduced_forward_taps(self, images: torch.Tensor, taps):
             outs[i] = reducer.tap(x, state)
         x = reducer.after_block(i, x, state)
     return [outs[i] for i in taps], grid, extras
+
+
+def check_blocks(backbone: nn.Module, indices, key: str) -> None:
+    """Every block index in ``indices`` must exist in the token-tap backbone; the error names
+    ``key``."""
+    depth = len(backbone.blocks)
+    bad = [i for i in indices if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"{key}={bad[0] if len(bad) == 1 else bad} is outside this ViT's blocks 0..{depth - 1}")
 
 
 def patch_token_backbone(backbone: nn.Module, reducer: TokenReducer, prefix: str) -> None:

@@ -9,9 +9,14 @@
   in a fresh process started by :func:`run_memory_child`, whose glibc mmap threshold is
   fixed so freed blocks leave the resident set (otherwise glibc keeps them cached and
   later calls look free; in the timing process that setting would slow allocations).
+* The memory child, shared by the sweep and the benchmarks: the child measures with
+  :func:`forward_peak_bytes` and ends with :func:`print_child_peak`; the parent runs it with
+  :func:`child_peak_mb`, or calls :func:`peak_memory_mb`, which measures on CUDA in-process
+  and elsewhere in the child.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import statistics
@@ -22,7 +27,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["set_flush_denormal", "sync", "time_interleaved", "peak_memory", "run_memory_child", "write_report"]
+__all__ = ["set_flush_denormal", "sync", "time_interleaved", "peak_memory", "run_memory_child",
+           "forward_peak_bytes", "print_child_peak", "child_peak_mb", "peak_memory_mb", "write_report"]
 
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
@@ -96,11 +102,46 @@ def run_memory_child(cmd: list[str], threshold: int = 1 << 20) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+def forward_peak_bytes(fn: Callable[[], object], device, warmup: int = 1) -> int | None:
+    """Peak extra bytes of one ``fn()`` (a forward) under inference mode, after ``warmup``
+    untimed calls: lazily built buffers, code pages and thread pools are not the call's peak
+    (in a memory child the warm-up's freed blocks leave the resident set, see above)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        return peak_memory(fn, device)
+
+
+def print_child_peak(peak_bytes: int | None) -> None:
+    """A memory child's last line: its peak in bytes (or null), as :func:`child_peak_mb` reads it."""
+    print(json.dumps(peak_bytes), flush=True)
+
+
+def child_peak_mb(cmd: list[str], threshold: int = 1 << 20) -> float | None:
+    """Run the memory child ``cmd`` (see :func:`run_memory_child`; it ends with
+    :func:`print_child_peak`); its peak in MB, or None where it could not measure."""
+    line = run_memory_child(cmd, threshold)
+    try:
+        peak = json.loads(line)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"memory subprocess {cmd[1:4]} printed {line!r} last, not a peak in bytes "
+                           "(print_child_peak)") from None
+    return None if peak is None else peak / 2**20
+
+
+def peak_memory_mb(fn: Callable[[], object], device, child_cmd: list[str]) -> float | None:
+    """Peak extra MB of one ``fn()``: on CUDA in this process (:func:`forward_peak_bytes`),
+    elsewhere in the fresh process ``child_cmd``, which measures the same call the same way
+    (:func:`child_peak_mb`)."""
+    if torch.device(device).type == "cuda":
+        peak = forward_peak_bytes(fn, device)
+        return None if peak is None else peak / 2**20
+    return child_peak_mb(child_cmd)
+
+
 def write_report(output: Path, table: str, data) -> None:
     """``<output>.md`` (the table) and ``<output>.json`` (the data), each written to a
     temporary name and renamed, so a reader never sees half a file."""
-    import json
-
     from .fileio import atomic_write
 
     output = Path(output)

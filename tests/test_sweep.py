@@ -13,7 +13,8 @@ import torch
 
 from detectron2.engine import default_argument_parser
 from expedit_d2.engine import load_project
-from expedit_d2.sweep import SweepError, SweepSpec, expand_points, merge, read_rows, run_sweep, write_report
+from expedit_d2.sweep import (SweepError, SweepSpec, expand_points, merge, read_rows, rows_from_csv, run_sweep,
+                              write_report)
 from expedit_d2.synthetic import write_coco
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ STABLE = ("point_id", "label", "baseline", "overrides", "metric", "metric_value"
 
 
 def stable(rows):
-    return [{k: r[k] for k in STABLE} for r in rows]
+    return [{k: getattr(r, k) for k in STABLE} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -72,23 +73,27 @@ def unsharded(data, tmp_path_factory):
 
 def test_sweep_writes_every_output(unsharded):
     out, rows, weights = unsharded
-    assert [r["label"] for r in rows] == ["baseline", "a4_3x3", "a6_3x3"]
+    assert [r.label for r in rows] == ["baseline", "a4_3x3", "a6_3x3"]
+    assert [r.method for r in rows] == ["baseline", "expedit", "expedit"]
     base = rows[0]
-    assert base["metric"] == "panoptic_seg/PQ" and base["speedup_vs_baseline"] == 1.0
-    assert {"panoptic_seg/PQ", "sem_seg/mIoU", "segm/AP"} <= set(base["metrics"])  # panoptic + instance
+    assert base.metric == "panoptic_seg/PQ" and base.speedup_vs_baseline == 1.0
+    assert {"panoptic_seg/PQ", "sem_seg/mIoU", "segm/AP"} <= set(base.metrics)  # panoptic + instance
     for r in rows:
-        assert 0 <= r["metric_value"] <= 100 and r["latency_ms"] > 0 and r["fps"] > 0
-        assert r["peak_memory_mb"] is not None and r["peak_memory_mb"] > 0
-        assert r["input_size"] == [64, 96] and r["versions"]["torch"] == torch.__version__
+        assert 0 <= r.metric_value <= 100 and r.latency_ms > 0 and r.fps > 0
+        assert r.peak_memory_mb is not None and r.peak_memory_mb > 0
+        assert r.input_size == [64, 96] and r.versions["torch"] == torch.__version__
     # blocks after the clustering run on 3x3 clusters instead of padded 7x7 windows
-    assert max(rows[1]["backbone_gmacs"], rows[2]["backbone_gmacs"]) < base["backbone_gmacs"]
-    assert rows[1]["overrides"] == {"MODEL.EXPEDIT.CLUSTERING_LOCATION": 4, "MODEL.EXPEDIT.NUM_CLUSTERS": [3, 3]}
+    assert max(rows[1].backbone_gmacs, rows[2].backbone_gmacs) < base.backbone_gmacs
+    assert rows[1].overrides == {"MODEL.EXPEDIT.CLUSTERING_LOCATION": 4, "MODEL.EXPEDIT.NUM_CLUSTERS": [3, 3]}
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert [json.loads(x)["point_id"] for x in lines] == [r["point_id"] for r in rows]
+    assert [json.loads(x)["point_id"] for x in lines] == [r.point_id for r in rows]
+    assert read_rows(out) == rows  # the typed rows back from the file, field for field
+    assert rows_from_csv((out / "results.csv").read_text()) == rows
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 4 and csv_lines[0].startswith("order,point_id,label")
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("order,point_id,label,method")
     table = (out / "table.md").read_text()
-    assert "| a4_3x3 |" in table and "panoptic_seg/PQ" in table
+    assert "| a4_3x3 | expedit |" in table and "panoptic_seg/PQ" in table
+    assert "Best setting of each method within no budget" in table and "| expedit | a" in table
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "points" / "baseline" / "eval_results.json").exists()
     # a rerun finds every point done
@@ -97,9 +102,9 @@ def test_sweep_writes_every_output(unsharded):
 
 def test_budget_and_report(unsharded):
     out, rows, _ = unsharded
-    lo = min(r["backbone_gmacs"] for r in rows)
+    lo = min(r.backbone_gmacs for r in rows)
     _, best = write_report(out, budget_gmacs=lo + 1e-9)
-    assert best["backbone_gmacs"] == lo
+    assert best.backbone_gmacs == lo
     _, none = write_report(out, budget_gmacs=lo / 2)
     assert none is None and "none fits" in (out / "table.md").read_text()
 
@@ -135,8 +140,8 @@ def test_killed_sweep_resumes_without_redoing_points(data, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_rows(tmp_path)
-    assert [r["label"] for r in rows] == ["baseline", "a4_3x3", "a6_3x3"]
-    assert [json.loads(x)["point_id"] for x in results.read_text().splitlines()] == [r["point_id"] for r in rows]
+    assert [r.label for r in rows] == ["baseline", "a4_3x3", "a6_3x3"]
+    assert [json.loads(x)["point_id"] for x in results.read_text().splitlines()] == [r.point_id for r in rows]
     assert rows[: len(first)] == first  # finished points were not redone
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -197,9 +202,16 @@ def test_shipped_sweep_files_validate(sweep_file, monkeypatch):
     name = base_cfg.MODEL.BACKBONE.NAME
     assert name != "D2HourglassSwinTransformer" and not (name == "ExpeditBackbone" and base_cfg.MODEL.EXPEDIT.ENABLED)
     for p in points[1:]:
-        cfg = cfgs[p.id][0]
-        assert cfg.MODEL.BACKBONE.NAME == "ExpeditBackbone" and cfg.MODEL.EXPEDIT.ENABLED
-        assert cfg.MODEL.EXPEDIT.CLUSTERING_LOCATION == dict(p.overrides)["MODEL.EXPEDIT.CLUSTERING_LOCATION"]
+        cfg, overrides = cfgs[p.id][0], dict(p.overrides)
+        assert cfg.MODEL.BACKBONE.NAME == "ExpeditBackbone" and cfg.MODEL.TOKEN_REDUCTION.METHOD == p.method
+        if p.method == "expedit":
+            assert cfg.MODEL.EXPEDIT.ENABLED
+            assert cfg.MODEL.EXPEDIT.CLUSTERING_LOCATION == overrides["MODEL.EXPEDIT.CLUSTERING_LOCATION"]
+        for key, value in overrides.items():  # every override reached the config
+            node = cfg
+            for part in key.split("."):
+                node = node[part]
+            assert node == (tuple(value) if isinstance(value, list) and isinstance(node, tuple) else value), key
 
 
 def test_command_line_errors_exit_2_naming_the_value(tmp_path):

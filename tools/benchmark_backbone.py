@@ -46,7 +46,8 @@ from expedit_d2.cli import HelpFormatter, add_timing_arguments, apply_timing_arg
 from expedit_d2.engine import config_from_file
 from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
 from expedit_d2.flops import backbone_flops
-from expedit_d2.measure import peak_memory, run_memory_child, sync, time_interleaved, write_report
+from expedit_d2.measure import (
+    child_peak_mb, forward_peak_bytes, print_child_peak, sync, time_interleaved, write_report)
 from expedit_d2.ops import TokenClustering, TokenReconstruction
 from expedit_d2.reduction.config import METHOD_KEY, point_overrides
 
@@ -147,19 +148,14 @@ def memory_child(cfg, size, variant, taps_only=False, allow_partial=False,
         model = TapsOnly(model)
     device = cfg.MODEL.DEVICE
     image = torch.randn(1, 3, *size, device=device)
-    with torch.inference_mode():
-        # Warm-up touches code pages and thread pools; with the fixed mmap threshold its
-        # freed blocks leave the resident set, so the measured call starts clean.
-        model(image)
-        return peak_memory(lambda: model(image), device)
+    return forward_peak_bytes(lambda: model(image), device)
 
 
 def measure_memory(argv, job_index, variant) -> float | None:
     """Run this script again as a child that measures one model's peak memory, with
     glibc's mmap threshold fixed so freed blocks leave the resident set (in the parent
     that setting would slow every allocation and skew the timings)."""
-    value = run_memory_child([sys.executable, __file__, "--_memory-child", str(job_index), variant, *argv])
-    return None if value == "None" else int(value) / 2**20
+    return child_peak_mb([sys.executable, __file__, "--_memory-child", str(job_index), variant, *argv])
 
 
 def operator_seconds(model, image, device) -> float:
@@ -303,7 +299,7 @@ def main(argv=None):
     if args._memory_child:
         index, variant = args._memory_child
         _, cfg, size = jobs[int(index)]
-        print(memory_child(cfg, size, variant, args.taps_only, args.allow_partial_weights, checkpointer))
+        print_child_peak(memory_child(cfg, size, variant, args.taps_only, args.allow_partial_weights, checkpointer))
         return
     argv = sys.argv[1:] if argv is None else list(argv)
     rows = []

@@ -51,6 +51,14 @@ class Trainer(DefaultTrainer):
 
 Checkpointer = DPTCheckpointer
 
+# what the sweep needs to know (expedit_d2.engine.SweepProtocol): DepthEvaluator's RMSE first;
+# its error metrics are lower-is-better (d1..d3, fractions of accurate pixels, are not)
+SWEEP = dict(
+    primary_metrics=["depth/rmse", "depth/abs_rel"],
+    lower_is_better=["depth/abs_rel", "depth/sq_rel", "depth/rmse", "depth/rmse_log", "depth/log10",
+                     "depth/silog"],
+)
+
 
 def build_config(args):
     cfg = build_cfg(args, add_dpt_config)

@@ -69,6 +69,13 @@ class Trainer(DefaultTrainer):
 
 Checkpointer = DetectionCheckpointer
 
+# what the sweep needs to know (expedit_d2.engine.SweepProtocol): the panoptic, instance and
+# semantic evaluators' main metrics; the model pads its input to MASK_FORMER.SIZE_DIVISIBILITY
+SWEEP = dict(
+    primary_metrics=["panoptic_seg/PQ", "segm/AP", "sem_seg/mIoU", "bbox/AP"],
+    size_divisibility_keys=["MODEL.MASK_FORMER.SIZE_DIVISIBILITY"],
+)
+
 
 def build_config(args):
     return build_cfg(args, add_deeplab_config, add_maskformer2_config)

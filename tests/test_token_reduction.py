@@ -316,3 +316,20 @@ def test_dpt_runs_on_a_timm_vit_with_register_tokens_and_every_method():
         with torch.no_grad():
             out = model([{"image": torch.rand(3, 112, 140) * 255}])
         assert out[0]["depth"].shape == (112, 140) and torch.isfinite(out[0]["depth"]).all()
+
+
+@pytest.mark.parametrize("method", list(METHOD_KEYS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_vit_method_runs_under_autocast(method, dtype):
+    """Half-precision autocast (CPU here): finite outputs of the input's full shapes, close to
+    float32 (the operators compute in float32 inside)."""
+    x = torch.randn(1, 3, 112, 128)
+    a, _, _, patched = pair("D2ViT", method, METHOD_KEYS[method], x)
+    with torch.no_grad():
+        full = patched(x)
+        with torch.autocast("cpu", dtype=dtype):
+            half = patched(x)
+    for k in full:
+        assert half[k].shape == full[k].shape and torch.isfinite(half[k]).all()
+        cos = F.cosine_similarity(half[k].float().flatten(), full[k].flatten(), dim=0)
+        assert cos > 0.98, (k, float(cos))

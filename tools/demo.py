@@ -7,9 +7,11 @@
 2. trains two small models from scratch with the projects' own ``train_net.py``: a Swin
    Mask2Former (panoptic + instance + semantic) and a ViT DPT (depth), a minute or two each
    on a CPU (``projects/*/configs/demo/``);
-3. sweeps clustering location and cluster grid on both, without fine-tuning
-   (``configs/sweeps/demo_*.yaml``, :mod:`expedit_d2.sweep`), and leaves per project
-   ``results.{jsonl,csv}``, ``table.md`` and ``pareto.png`` under ``<output>/``.
+3. sweeps the token-reduction methods on both, without fine-tuning (Mask2Former's Swin:
+   expedit and pooling per window; DPT's ViT: expedit, ToMe, EViT and pooling at two costs
+   each; ``configs/sweeps/demo_*.yaml``, :mod:`expedit_d2.sweep`), and leaves per project
+   ``results.{jsonl,csv}``, ``table.md`` (with the best setting of each method) and
+   ``pareto.png`` (one curve per method) under ``<output>/``.
 
 Every step resumes: data already written, a finished training and swept points are kept,
 so a rerun only completes what is missing.

@@ -85,12 +85,21 @@ def _delta(r: Row, base: Row | None) -> str:
     return f"{r.metric_value - base.metric_value:+.3f}"
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (tables read the same
+    on every checkout), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
 def table_markdown(rows: list[Row], budget_gmacs=None, budget_ms=None) -> str:
     """The points table, the best within the budget, and the best setting of each method."""
     base = next((r for r in rows if r.baseline), None)
     r0 = rows[0]
     metric = r0.metric
-    lines = [f"Sweep of `{r0.config_file}` at input {r0.input_size[0]}x{r0.input_size[1]} on {r0.device} "
+    lines = [f"Sweep of `{_shown(r0.config_file)}` at input {r0.input_size[0]}x{r0.input_size[1]} on {r0.device} "
              f"({len(rows)} points; GMACs: fvcore multiply-adds, one image (GFLOPs = 2 x GMACs); latency: "
              "median, batch 1; speed-up: baseline time / point time, the two timed interleaved in one run, "
              "so machine drift cancels; deltas vs. the baseline)", "",

@@ -49,7 +49,7 @@ from expedit_d2.flops import backbone_flops
 from expedit_d2.measure import (
     child_peak_mb, forward_peak_bytes, print_child_peak, sync, time_interleaved, write_report)
 from expedit_d2.ops import TokenClustering, TokenReconstruction
-from expedit_d2.reduction.config import METHOD_KEY, point_overrides
+from expedit_d2.reduction.config import METHOD_KEY, as_opts, point_overrides
 
 
 def swin_l_cfg():
@@ -117,7 +117,7 @@ CASES = {
 def _with(cfg, values: dict):
     out = cfg.clone()
     out.defrost()
-    out.merge_from_list([item for k, v in values.items() for item in (k, v if isinstance(v, str) else repr(v))])
+    out.merge_from_list(as_opts(values))
     return out
 
 

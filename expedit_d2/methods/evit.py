@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from ..reduction.config import check_bool, check_rate
 from ..reduction.core import TokenReducer, check_blocks, patch_token_backbone, register_method, register_patch, run_vit_block
 
 __all__ = ["KeepInfo", "evit_keep", "evit_restore", "EViTSettings", "EViTTokens"]
@@ -56,12 +57,6 @@ class KeepInfo:
     def num_out(self) -> int:
         """Patch tokens leaving the step, fused token included: K (+ 1)."""
         return self.kept.shape[1] + int(self.fused)
-
-
-def _keep_rate(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"keep_rate must be a number in (0, 1], got {value!r}")
-    return float(value)
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -100,7 +95,7 @@ def evit_keep(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float, fuse: b
         raise ValueError(
             f"cls_attn must have shape (B, N) = {(B, N)} for x of shape {tuple(x.shape)}, got {shape}"
         )
-    K = math.ceil(_keep_rate(keep_rate) * N)
+    K = math.ceil(check_rate(keep_rate, "keep_rate") * N)
     if K >= N:
         every = torch.arange(N, device=x.device).expand(B, N)
         none = every[:, :0]
@@ -191,11 +186,8 @@ class EViTSettings:
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in locs) or \
                 locs != sorted(set(locs)):
             raise ValueError(f"{_KEY}LOCATIONS must be increasing block indices >= 0, got {locs!r}")
-        if isinstance(self.keep_rate, bool) or not isinstance(self.keep_rate, (int, float)) \
-                or not 0 < self.keep_rate <= 1:
-            raise ValueError(f"{_KEY}KEEP_RATE must be a number in (0, 1], got {self.keep_rate!r}")
-        if not isinstance(self.fuse, bool):
-            raise ValueError(f"{_KEY}FUSE must be True or False, got {self.fuse!r}")
+        check_rate(self.keep_rate, _KEY + "KEEP_RATE")
+        check_bool(self.fuse, _KEY + "FUSE")
 
 
 register_method("evit", EViTSettings.from_config, "EVIT",

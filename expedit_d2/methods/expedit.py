@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..ops import DEFAULT_MEMORY_LIMIT, RECONSTRUCTION_MODES, TokenClustering, TokenReconstruction
 from ..reduction.config import (
-    NOT_EXPEDITED, check_choice, check_odd, check_pair, check_positive_float, check_positive_int)
+    NOT_EXPEDITED, check_bool, check_choice, check_odd, check_pair, check_positive_float, check_positive_int)
 from ..reduction.core import (
     SwinWindowReducer, TokenReducer, check_blocks, patch_swin_stage, patch_token_backbone, register_method,
     register_patch, swin_stage_at)
@@ -77,9 +77,7 @@ class ExpeditSettings:
         check_positive_float(self.recon_temperature, _KEY + "RECON_TEMPERATURE")
         check_positive_int(self.memory_limit, _KEY + "MEMORY_LIMIT_MB (in bytes)")
         check_choice(self.reconstruction_mode, _KEY + "RECONSTRUCTION", RECONSTRUCTION_MODES)
-        if not isinstance(self.recon_subtract_min_distance, bool):
-            raise ValueError(f"{_KEY}RECON_SUBTRACT_MIN_DISTANCE must be True or False, "
-                             f"got {self.recon_subtract_min_distance!r}")
+        check_bool(self.recon_subtract_min_distance, _KEY + "RECON_SUBTRACT_MIN_DISTANCE")
         if self.small_input not in SMALL_INPUT_MODES:
             raise ValueError(f"{_KEY}SMALL_INPUT must be 'skip' or 'error', got {self.small_input!r}")
         check_choice(self.swin_shift_mask, _KEY + "SWIN_SHIFT_MASK", SWIN_SHIFT_MASKS)

@@ -122,7 +122,7 @@ class PoolSettings:
         p = cfg.MODEL.TOKEN_REDUCTION.POOL
         if p.LOCATION == -1:
             return None
-        return cls(check_int_at_least(p.LOCATION, _KEY + "LOCATION", 0), check_pair(p.SIZE, _KEY + "SIZE"))
+        return cls(p.LOCATION, check_pair(p.SIZE, _KEY + "SIZE"))  # SIZE: [h, w] or n -> (h, w)
 
     def __post_init__(self):
         check_int_at_least(self.location, _KEY + "LOCATION", 0)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..reduction.config import check_bool, check_int_at_least
 from ..reduction.core import TokenReducer, check_blocks, patch_token_backbone, register_method, register_patch, run_vit_block
 
 __all__ = [
@@ -64,12 +65,6 @@ class MergeInfo:
         return self.num_tokens - self.r
 
 
-def _int_at_least(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 def _check_tokens(x: torch.Tensor, name: str, batch: int, tokens: int, what: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -103,8 +98,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
         raise ValueError(f"metric must have shape (B, N, C), got {shape}")
     if not metric.is_floating_point():
         raise ValueError(f"metric must be a floating-point tensor, got {metric.dtype}")
-    r = _int_at_least(r, "r", 0)
-    P = _int_at_least(num_protected, "num_protected", 0)
+    r = check_int_at_least(r, "r", 0)
+    P = check_int_at_least(num_protected, "num_protected", 0)
     B, N, _ = metric.shape
     if P > N:
         raise ValueError(f"num_protected={P} exceeds the number of tokens N={N}")
@@ -252,11 +247,9 @@ class ToMeSettings:
         return cls(t.R, t.START_BLOCK, t.PROPORTIONAL_ATTENTION)
 
     def __post_init__(self):
-        _int_at_least(self.r, _KEY + "R", 0)
-        _int_at_least(self.start_block, _KEY + "START_BLOCK", 0)
-        if not isinstance(self.proportional_attention, bool):
-            raise ValueError(f"{_KEY}PROPORTIONAL_ATTENTION must be True or False, "
-                             f"got {self.proportional_attention!r}")
+        check_int_at_least(self.r, _KEY + "R", 0)
+        check_int_at_least(self.start_block, _KEY + "START_BLOCK", 0)
+        check_bool(self.proportional_attention, _KEY + "PROPORTIONAL_ATTENTION")
 
 
 register_method("tome", ToMeSettings.from_config, "TOME",

@@ -27,7 +27,7 @@ __all__ = [
     "add_token_reduction_config", "settings_from_config", "point_overrides", "canonical_key",
     "OFFICIAL_SWIN_ALIASES", "PLAIN_BACKBONES", "WRAPPER_BACKBONES", "NOT_EXPEDITED",
     "check_pair", "check_positive_int", "check_int_at_least", "check_positive_float",
-    "check_odd", "check_choice", "check_rate",
+    "check_odd", "check_choice", "check_rate", "check_bool", "as_opts",
 ]
 
 #: CLUSTERING_LOCATION that means "not expedited" (the official default and meaning).
@@ -95,6 +95,12 @@ def check_odd(value, key: str) -> int:
     return value
 
 
+def check_bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be True or False, got {value!r}")
+    return value
+
+
 def check_choice(value, key: str, choices) -> str:
     if value not in choices:
         raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
@@ -153,11 +159,12 @@ def official_swin_values(cfg) -> dict:
     return out
 
 
+#: FPN entries whose bottom-up backbone is named by MODEL.FPN.BOTTOM_UP
+BOTTOM_UP_FPNS = ("build_bottom_up_fpn_backbone", "build_bottom_up_retinanet_fpn_backbone")
+
+
 def _backbone_key(cfg) -> str:
-    if cfg.MODEL.BACKBONE.NAME == "build_bottom_up_fpn_backbone" or (
-            cfg.MODEL.BACKBONE.NAME.startswith("build_") and "BOTTOM_UP" in cfg.MODEL.FPN):
-        return "MODEL.FPN.BOTTOM_UP"
-    return "MODEL.BACKBONE.NAME"
+    return "MODEL.FPN.BOTTOM_UP" if cfg.MODEL.BACKBONE.NAME in BOTTOM_UP_FPNS else "MODEL.BACKBONE.NAME"
 
 
 def _get(cfg, key: str):
@@ -165,6 +172,12 @@ def _get(cfg, key: str):
     for part in key.split("."):
         node = node[part]
     return node
+
+
+def as_opts(values: dict) -> list[str]:
+    """``{key: value}`` -> ``[KEY, VALUE, ...]`` as the command line (``merge_from_list``)
+    takes them: strings as they are, other values as Python literals."""
+    return [item for k, v in values.items() for item in (k, v if isinstance(v, str) else repr(v))]
 
 
 def point_overrides(base_cfg, overrides: dict, baseline: bool = False) -> dict:

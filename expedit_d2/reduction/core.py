@@ -120,8 +120,7 @@ def family_of(backbone: nn.Module) -> str:
 
 def apply_patch(backbone: nn.Module, settings) -> nn.Module:
     """Patch ``backbone`` in place with ``settings.method`` (returns it). Parameters untouched."""
-    if getattr(backbone, "token_reduction", None) is not None or any(
-            getattr(m, "token_reduction", None) is not None for m in backbone.modules()):
+    if any(getattr(m, "token_reduction", None) is not None for m in backbone.modules()):
         raise ValueError(f"{type(backbone).__name__} is patched already; remove_patch() first")
     method = get_method(settings.method)
     family = family_of(backbone)

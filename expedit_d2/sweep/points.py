@@ -12,14 +12,10 @@ from __future__ import annotations
 import torch
 from detectron2.engine import default_argument_parser
 
-from ..reduction.config import point_overrides
+from ..reduction.config import as_opts, point_overrides
 from .spec import Point, SweepError, SweepSpec
 
 __all__ = ["point_opts", "build_point_cfg", "validate_points", "check_test_datasets", "point_args"]
-
-
-def _opt_value(value) -> str:
-    return value if isinstance(value, str) else repr(value)
 
 
 def point_opts(base_cfg, point: Point) -> list[str]:
@@ -30,7 +26,7 @@ def point_opts(base_cfg, point: Point) -> list[str]:
         opts = point_overrides(base_cfg, dict(point.overrides), baseline=point.baseline)
     except ValueError as e:
         raise SweepError(f"point {point.label} ({dict(point.overrides)}): {e}") from e
-    return [item for k, v in opts.items() for item in (k, _opt_value(v))]
+    return as_opts(opts)
 
 
 def point_args(spec: SweepSpec, opts: list[str], extra: list[str] = (), num_gpus: int = 1):

@@ -14,8 +14,12 @@ import torch.nn.functional as F
 from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 
+from timm.layers import apply_rot_embed_cat
+
+from expedit_d2.backbones.base import block_inputs_of
 from expedit_d2.config import add_expedit_config
 from expedit_d2.methods import bipartite_soft_matching, evit_keep, evit_restore
+from expedit_d2.methods.tome import merged_positions
 from expedit_d2.reduction import apply_patch, family_of, remove_patch, settings_from_config
 from expedit_d2.reduction.config import point_overrides
 from tests.d2_helpers import run_faster_rcnn_fpn
@@ -30,7 +34,9 @@ SWIN_METHOD_KEYS = {
     "expedit": {"MODEL.EXPEDIT.CLUSTERING_LOCATION": 5, "MODEL.EXPEDIT.NUM_CLUSTERS": [8, 8]},
     "pool": {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 5, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [6, 6]},
 }
-BASES = ["D2ViT", "D2ViTHybrid", "D2TimmViT", "D2SwinTransformer"]
+BASES = ["D2ViT", "D2ViTHybrid", "D2TimmViT", "EVA", "D2SwinTransformer"]
+#: pseudo-bases: D2TimmViT over timm's Eva (rotary embeddings), one table or one per block
+TIMM_EVA = {"EVA": "eva02_tiny_patch14_224", "EVA-mixed": "vit_small_patch16_rope_mixed_224"}
 
 
 def set_keys(cfg, values: dict):
@@ -54,6 +60,8 @@ def tiny_cfg(base: str, method: str = "none", add_config=add_expedit_config, **v
     t = cfg.MODEL.TIMM_VIT
     t.NAME, t.TAPS = "vit_small_patch14_reg4_dinov2", [1, 2, 3, 5]
     t.KWARGS.depth, t.KWARGS.embed_dim, t.KWARGS.num_heads, t.KWARGS.init_values = 6, 32, 2, 1.0
+    if base in TIMM_EVA:
+        t.NAME, base = TIMM_EVA[base], "D2TimmViT"
     s = cfg.MODEL.SWIN
     s.EMBED_DIM, s.DEPTHS, s.NUM_HEADS, s.WINDOW_SIZE = 16, [2, 2, 4, 2], [1, 2, 2, 4], 12
     cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
@@ -67,9 +75,14 @@ def build(cfg, seed=0):
     return build_backbone(cfg).eval()
 
 
-def pair(base, method, values, x):
-    """(base outputs, patched outputs) on the same weights."""
+def pair(base, method, values, x, sharpen=1.0):
+    """(base outputs, patched outputs) on the same weights; ``sharpen`` scales the q/k/v
+    weights so that random attention is peaked (positions then matter well above rounding)."""
     plain = build(tiny_cfg(base))
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if name.endswith("qkv.weight"):
+                p.mul_(sharpen)
     patched = build(tiny_cfg(base, method, **values), seed=1)
     patched.load_state_dict(plain.state_dict())
     with torch.no_grad():
@@ -77,25 +90,55 @@ def pair(base, method, values, x):
 
 
 # --------------------------------------------------------------------------------------
-# from-definition oracles on our tiny ViT (cls + 7x8 grid)
+# from-definition oracles on our tiny ViT (cls + 7x8 grid) and on timm's EVA (cls + 8x10
+# grid, rotary embeddings: one table, or one per block for "mixed")
 # --------------------------------------------------------------------------------------
-def manual_attention(blk, x, size=None):
-    """Pre-norm attention written out: (output, keys averaged over heads, cls attention)."""
+ORACLE_BASES = ["D2ViT", "EVA", "EVA-mixed"]
+#: q/k/v weights x 8: peaked attention, so that a wrong rotation shows well above rounding
+SHARPEN = 8.0
+
+
+def rope_tables(vit, grid):
+    """Per block: the rotary table (..., h*w, D) the block takes, or None (no rotary)."""
+    return [inputs.get("rope") for inputs in block_inputs_of(vit, grid)]
+
+
+def rows(table, positions):
+    """The rotary rows of grid positions (a list), for a batch of one."""
+    return None if table is None else table[..., positions, :]
+
+
+def manual_attention(blk, x, size=None, rope=None):
+    """Pre-norm attention written out (layer scale included): (output, keys averaged over
+    heads before any rotation, cls attention). ``rope``: rows for the grid tokens."""
     a = blk.attn
     B, N, C = x.shape
     h = blk.norm1(x)
-    qkv = h @ a.qkv.weight.t() + a.qkv.bias
-    q, k, v = qkv.view(B, N, 3, a.num_heads, C // a.num_heads).permute(2, 0, 3, 1, 4)
-    logits = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(C // a.num_heads)
+    if getattr(a, "q_bias", None) is not None:  # EVA: q and v biases, no k bias
+        bias = torch.cat([a.q_bias, torch.zeros_like(a.q_bias), a.v_bias])
+    else:
+        bias = a.qkv.bias
+    qkv = h @ a.qkv.weight.t() + bias
+    d = qkv.shape[-1] // 3 // a.num_heads
+    q, k, v = qkv.view(B, N, 3, a.num_heads, d).permute(2, 0, 3, 1, 4)
+    metric = k.mean(1)
+    if rope is not None:  # rotate the grid tokens (the prefix token is not rotated)
+        q = torch.cat([q[:, :, :1], apply_rot_embed_cat(q[:, :, 1:], rope)], dim=2)
+        k = torch.cat([k[:, :, :1], apply_rot_embed_cat(k[:, :, 1:], rope)], dim=2)
+    logits = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d)
     if size is not None:
         logits = logits + torch.log(size)[:, None, None, :, 0]
     w = logits.softmax(-1)
-    out = torch.einsum("bhqk,bhkd->bhqd", w, v).transpose(1, 2).reshape(B, N, C)
-    return a.proj(out), k.mean(1), w[:, :, 0, 1:].mean(1)
+    out = torch.einsum("bhqk,bhkd->bhqd", w, v).transpose(1, 2).reshape(B, N, -1)
+    out = a.proj(getattr(a, "norm", torch.nn.Identity())(out))
+    gamma = getattr(blk, "gamma_1", None)
+    return (out if gamma is None else gamma * out), metric, w[:, :, 0, 1:].mean(1)
 
 
 def mlp(blk, x):
-    return x + blk.mlp(blk.norm2(x))
+    out = blk.mlp(blk.norm2(x))
+    gamma = getattr(blk, "gamma_2", None)
+    return x + (out if gamma is None else gamma * out)
 
 
 def tokens_in(vit, x):
@@ -103,17 +146,25 @@ def tokens_in(vit, x):
     return tokens, grid
 
 
-def test_tome_patch_matches_a_loop_written_from_the_definition():
+def cell_centres(n, m):
+    """Centre rows of the m cells of adaptive average pooling over n rows."""
+    return [(math.floor(i * n / m) + math.ceil((i + 1) * n / m) - 1) // 2 for i in range(m)]
+
+
+@pytest.mark.parametrize("base", ORACLE_BASES)
+def test_tome_patch_matches_a_loop_written_from_the_definition(base):
     x = torch.randn(1, 3, 112, 128)
     r, start = 6, 1
-    _, got, plain, _ = pair("D2ViT", "tome", {"MODEL.TOKEN_REDUCTION.TOME.R": r,
-                                              "MODEL.TOKEN_REDUCTION.TOME.START_BLOCK": start}, x)
+    _, got, plain, _ = pair(base, "tome", {"MODEL.TOKEN_REDUCTION.TOME.R": r,
+                                           "MODEL.TOKEN_REDUCTION.TOME.START_BLOCK": start}, x, SHARPEN)
     with torch.no_grad():
         t, grid = tokens_in(plain, x)
+        ropes = rope_tables(plain, grid)
         size, members = None, [[i] for i in range(t.shape[1])]  # members of each current token
+        pos = list(range(t.shape[1] - 1))  # grid position of each grid token
         taps = {}
         for i, blk in enumerate(plain.blocks):
-            out, metric, _ = manual_attention(blk, t, size)
+            out, metric, _ = manual_attention(blk, t, size, rows(ropes[i], pos))
             t = t + out
             if i >= start:
                 info = bipartite_soft_matching(metric, r, 1)
@@ -122,11 +173,15 @@ def test_tome_patch_matches_a_loop_written_from_the_definition():
                 new_t = torch.zeros(info.num_out, t.shape[2])
                 new_s = torch.zeros(info.num_out, 1)
                 new_m = [[] for _ in range(info.num_out)]
+                new_pos = [None] * (info.num_out - 1)
                 for j, d in enumerate(dest):  # size-weighted average, written out
                     new_t[d] += t[0, j] * s[j]
                     new_s[d] += s[j]
                     new_m[d] += members[j]
-                t, size, members = (new_t / new_s)[None], new_s[None], new_m
+                    # a merged token stands where its B token (odd offset) stands
+                    if j > 0 and ((j - 1) % 2 == 1 or new_pos[d - 1] is None):
+                        new_pos[d - 1] = pos[j - 1]
+                t, size, members, pos = (new_t / new_s)[None], new_s[None], new_m, new_pos
             t = mlp(blk, t)
             if i in plain.taps:
                 full = torch.zeros(1, sum(len(m) for m in members), t.shape[2])
@@ -134,24 +189,27 @@ def test_tome_patch_matches_a_loop_written_from_the_definition():
                     full[0, m] = t[0, j]
                 taps[i] = full
         want = plain._maps_to_outputs([plain._tokens_to_map(taps[i], grid) for i in plain.taps], x.shape[-2:])
-    assert size is not None and t.shape[1] == 1 + 7 * 8 - r * (6 - start)
+    assert size is not None and t.shape[1] == 1 + grid[0] * grid[1] - r * (6 - start)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
 
 
-def test_evit_patch_matches_a_loop_written_from_the_definition():
+@pytest.mark.parametrize("base", ORACLE_BASES)
+def test_evit_patch_matches_a_loop_written_from_the_definition(base):
     x = torch.randn(1, 3, 112, 128)
     locations, rate = [1, 3], 0.6
-    _, got, plain, _ = pair("D2ViT", "evit", {"MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS": locations,
-                                              "MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE": rate}, x)
+    _, got, plain, _ = pair(base, "evit", {"MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS": locations,
+                                           "MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE": rate}, x, SHARPEN)
     with torch.no_grad():
         t, grid = tokens_in(plain, x)
+        ropes = rope_tables(plain, grid)
         N0 = t.shape[1] - 1
         origin = list(range(N0))  # grid position of each current patch token (-1: fused)
+        pos = list(range(N0))  # where each current patch token stands (fused: its heaviest member)
         last = torch.zeros(N0, t.shape[2])  # value of every dropped token when it was dropped
         taps = {}
         for i, blk in enumerate(plain.blocks):
-            out, _, cls_attn = manual_attention(blk, t)
+            out, _, cls_attn = manual_attention(blk, t, rope=rows(ropes[i], pos))
             t = t + out
             if i in locations:
                 n = t.shape[1] - 1
@@ -165,6 +223,8 @@ def test_evit_patch_matches_a_loop_written_from_the_definition():
                 fused = (w[:, None] * t[0, [1 + j for j in dropped]]).sum(0)
                 t = torch.cat([t[:, :1], t[:, [1 + j for j in kept]], fused[None, None]], dim=1)
                 origin = [origin[j] for j in kept] + [-1]
+                heaviest = max(dropped, key=lambda j: float(cls_attn[0, j]))
+                pos = [pos[j] for j in kept] + [pos[heaviest]]
             t = mlp(blk, t)
             if i in plain.taps:
                 full = last.clone()
@@ -177,41 +237,127 @@ def test_evit_patch_matches_a_loop_written_from_the_definition():
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
 
 
-def test_pool_patch_matches_a_loop_written_from_the_definition():
+@pytest.mark.parametrize("base", ORACLE_BASES)
+def test_pool_patch_matches_a_loop_written_from_the_definition(base):
     x = torch.randn(1, 3, 112, 128)
-    _, got, plain, _ = pair("D2ViT", "pool", METHOD_KEYS["pool"], x)
+    h, w = 3, 4  # cells of 2-3 rows and columns: their centres are not their first tokens
+    _, got, plain, _ = pair(base, "pool", {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 2,
+                                           "MODEL.TOKEN_REDUCTION.POOL.SIZE": [h, w]}, x, SHARPEN)
     with torch.no_grad():
         t, (H, W) = tokens_in(plain, x)
+        ropes = rope_tables(plain, (H, W))
+        pos = list(range(H * W))
         taps = {}
         for i, blk in enumerate(plain.blocks):
-            t = blk(t)
+            rope = rows(ropes[i], pos)
+            t = blk(t) if rope is None else blk(t, rope=rope)  # the block itself, its own rotation
             if i in plain.taps:
                 if t.shape[1] == 1 + H * W:
                     taps[i] = t
                 else:
-                    m = t[:, 1:].transpose(1, 2).reshape(1, -1, 4, 5)
+                    m = t[:, 1:].transpose(1, 2).reshape(1, -1, h, w)
                     up = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
                     taps[i] = torch.cat([t[:, :1], up.flatten(2).transpose(1, 2)], dim=1)
             if i == 2:
                 m = t[:, 1:].transpose(1, 2).reshape(1, -1, H, W)
-                t = torch.cat([t[:, :1], F.adaptive_avg_pool2d(m, (4, 5)).flatten(2).transpose(1, 2)], dim=1)
+                t = torch.cat([t[:, :1], F.adaptive_avg_pool2d(m, (h, w)).flatten(2).transpose(1, 2)], dim=1)
+                pos = [r * W + c for r in cell_centres(H, h) for c in cell_centres(W, w)]
         want = plain._maps_to_outputs([plain._tokens_to_map(taps[i], (H, W)) for i in plain.taps], x.shape[-2:])
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("base", ["EVA", "EVA-mixed"])
+def test_expedit_on_eva_gives_clusters_the_rotation_of_their_cells(base):
+    """After clustering (after block 2) the blocks take the rotary rows of the grid tokens at
+    the centres of the 4x4 cells the clusters start from."""
+    x = torch.randn(2, 3, 112, 128)
+    _, got, plain, _ = pair(base, "expedit", METHOD_KEYS["expedit"], x, SHARPEN)
+    settings = settings_from_config(tiny_cfg(base, "expedit", **METHOD_KEYS["expedit"]))
+    clustering, reconstruction = settings.clustering(), settings.reconstruction()
+    with torch.no_grad():
+        t, (H, W) = tokens_in(plain, x)
+        ropes = rope_tables(plain, (H, W))
+        pos, state, taps = list(range(H * W)), None, {}
+        for i, blk in enumerate(plain.blocks):
+            t = blk(t, rope=rows(ropes[i], pos))
+            if i in plain.taps:
+                taps[i] = t if state is None else reconstruction(t, state)
+            if i == 2:
+                t, state = clustering(t, (H, W), num_prefix_tokens=1)
+                pos = [r * W + c for r in cell_centres(H, 4) for c in cell_centres(W, 4)]
+        want = plain._maps_to_outputs([plain._tokens_to_map(taps[i], (H, W)) for i in plain.taps], x.shape[-2:])
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_merged_positions_follow_the_b_token():
+    metric = torch.tensor([[[1.0, 0], [1, 0], [0, 1], [1, 0.1], [0, 1], [-1, 0]]])  # cls + 5 tokens
+    info = bipartite_soft_matching(metric, 1, 1)  # A: tokens 1, 3, 5; B: tokens 2, 4
+    positions = torch.tensor([[10, 11, 12, 13, 14]])  # grid positions of tokens 1..5
+    got = merged_positions(info, positions)
+    assert got.shape == (1, 4)
+    members = {}
+    for j, d in enumerate(info.dest[0, 1:].tolist()):
+        members.setdefault(d, []).append(j)
+    want = [None] * 4
+    for d, js in members.items():
+        b = [j for j in js if j % 2 == 1]
+        want[d - 1] = 10 + (b[0] if b else js[0])
+    assert got[0].tolist() == want
+
+
 # --------------------------------------------------------------------------------------
 # off = the base, bitwise; remove_patch restores the base
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("base", ["D2ViT", "D2TimmViT"])
+def test_eva_base_runs_timms_own_blocks_bitwise():
+    """D2TimmViT over Eva = timm's position embedding, then its blocks with its own rotary
+    embedding (one table, or one per block), bitwise."""
+    x = torch.randn(2, 3, 112, 128)
+    for base in TIMM_EVA:
+        vit = build(tiny_cfg(base))
+        with torch.no_grad():
+            taps, grid, _ = vit.forward_taps(x, [1, 5])
+            v = vit.vit
+            t, rope = v._pos_embed(v.patch_embed(x))
+            t, want = v.norm_pre(t), []
+            for i, blk in enumerate(v.blocks):
+                t = blk(t, rope=rope[i] if v.rope_mixed else rope)
+                if i in (1, 5):
+                    want.append(t)
+        assert grid == ((8, 10) if base == "EVA" else (7, 8))
+        assert all(torch.equal(a, b) for a, b in zip(taps, want))
+
+
+@pytest.mark.parametrize("base", ["EVA", "EVA-mixed"])
+@pytest.mark.parametrize("method", ["tome", "evit"])
+def test_per_image_positions_on_eva_match_each_image_alone(base, method):
+    """ToMe and EViT keep different tokens in each image: a batch of two gives what each
+    image gives alone (per-image rotary rows)."""
+    x = torch.randn(2, 3, 112, 128)
+    _, batched, _, patched = pair(base, method, METHOD_KEYS[method], x, SHARPEN)
+    with torch.no_grad():
+        alone = [patched(x[i: i + 1]) for i in range(2)]
+    for k in batched:
+        torch.testing.assert_close(batched[k], torch.cat([a[k] for a in alone]), rtol=1e-4, atol=1e-5)
+
+
+def test_evit_needs_a_class_token():
+    cfg = tiny_cfg("D2TimmViT", "evit", **METHOD_KEYS["evit"])
+    cfg.MODEL.TIMM_VIT.NAME = "vit_medium_patch16_rope_reg1_gap_256"  # one register, no cls token
+    with pytest.raises(ValueError, match="MODEL.TOKEN_REDUCTION.METHOD='evit' ranks tokens by the class token"):
+        build_backbone(cfg)
+
+
+@pytest.mark.parametrize("base", ["D2ViT", "D2TimmViT", "EVA", "EVA-mixed"])
 @pytest.mark.parametrize("method, values", [
     ("tome", {"MODEL.TOKEN_REDUCTION.TOME.R": 0}),
     ("evit", {"MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE": 1.0, "MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS": [1, 3]}),
     ("pool", {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 2, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [7, 8]}),
 ])
 def test_settings_that_reduce_nothing_give_the_base_bitwise(base, method, values):
-    x = torch.randn(1, 3, 112, 128)  # a 7x8 (ours) / 8x10 (timm, patch 14) grid
-    if base == "D2TimmViT" and method == "pool":
+    x = torch.randn(1, 3, 112, 128)  # a 7x8 (patch 16) / 8x10 (patch 14: DINOv2, EVA-02) grid
+    if base in ("D2TimmViT", "EVA") and method == "pool":
         values = {**values, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [8, 10]}
     a, b, _, patched = pair(base, method, values, x)
     assert type(patched).__name__ != base  # patched, yet computing the base
@@ -300,31 +446,34 @@ def test_timm_family_names_a_bad_model():
         build_backbone(cfg)
 
 
-def test_dpt_runs_on_a_timm_vit_with_register_tokens_and_every_method():
+@pytest.mark.parametrize("base, prefix", [("D2TimmViT", 5), ("EVA", 1)])
+def test_dpt_runs_on_timm_vits_and_every_method(base, prefix):
+    """DINOv2 with 4 registers (cls + 4 prefix tokens) and EVA-02 (rotary embeddings)."""
     from detectron2.modeling import build_model
 
     from dpt.config import add_dpt_config
 
     for method, keys in [("none", {})] + list(METHOD_KEYS.items()):
-        cfg = tiny_cfg("D2TimmViT", method, add_dpt_config, **keys)
+        cfg = tiny_cfg(base, method, add_dpt_config, **keys)
         cfg.MODEL.META_ARCHITECTURE = "DPTDepth"
         cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [127.5] * 3, [127.5] * 3
         cfg.MODEL.DPT.REASSEMBLE_FEATURES, cfg.MODEL.DPT.FUSION_FEATURES = [16, 24, 32, 32], 16
         torch.manual_seed(0)
         model = build_model(cfg).eval()
-        assert model.backbone.num_prefix_tokens == 5  # cls + 4 registers
+        assert model.backbone.num_prefix_tokens == prefix
         with torch.no_grad():
             out = model([{"image": torch.rand(3, 112, 140) * 255}])
         assert out[0]["depth"].shape == (112, 140) and torch.isfinite(out[0]["depth"]).all()
 
 
+@pytest.mark.parametrize("base", ["D2ViT", "EVA"])
 @pytest.mark.parametrize("method", list(METHOD_KEYS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_every_vit_method_runs_under_autocast(method, dtype):
+def test_every_vit_method_runs_under_autocast(base, method, dtype):
     """Half-precision autocast (CPU here): finite outputs of the input's full shapes, close to
-    float32 (the operators compute in float32 inside)."""
+    float32 (the operators compute in float32 inside; EVA's rotary tables stay float32)."""
     x = torch.randn(1, 3, 112, 128)
-    a, _, _, patched = pair("D2ViT", method, METHOD_KEYS[method], x)
+    a, _, _, patched = pair(base, method, METHOD_KEYS[method], x)
     with torch.no_grad():
         full = patched(x)
         with torch.autocast("cpu", dtype=dtype):
@@ -333,3 +482,49 @@ def test_every_vit_method_runs_under_autocast(method, dtype):
         assert half[k].shape == full[k].shape and torch.isfinite(half[k]).all()
         cos = F.cosine_similarity(half[k].float().flatten(), full[k].flatten(), dim=0)
         assert cos > 0.98, (k, float(cos))
+
+
+def test_faster_rcnn_on_eva02_with_tome_from_the_example_config():
+    """configs/examples/faster_rcnn_eva02_fpn_tome.yaml, shrunk: Detectron2's Faster R-CNN on
+    EVA-02 with ToMe builds from the file alone, runs, and merging costs fewer GMACs."""
+    from detectron2.modeling import build_model
+
+    from expedit_d2.flops import gmacs
+
+    def model(method):
+        cfg = get_cfg()
+        add_expedit_config(cfg)
+        cfg.merge_from_file("configs/examples/faster_rcnn_eva02_fpn_tome.yaml")
+        assert cfg.MODEL.TIMM_VIT.NAME == "eva02_base_patch14_224" and cfg.MODEL.TOKEN_REDUCTION.METHOD == "tome"
+        k = cfg.MODEL.TIMM_VIT.KWARGS
+        k.depth, k.embed_dim, k.num_heads = 4, 32, 2
+        cfg.MODEL.TIMM_VIT.TAPS, cfg.MODEL.TOKEN_REDUCTION.TOME.R = [0, 1, 2, 3], 20
+        cfg.MODEL.TOKEN_REDUCTION.TOME.START_BLOCK = 1
+        cfg.MODEL.TOKEN_REDUCTION.METHOD = method
+        cfg.MODEL.FPN.OUT_CHANNELS, cfg.MODEL.DEVICE = 32, "cpu"
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+        torch.manual_seed(0)
+        return build_model(cfg).eval()
+
+    tome, plain = model("tome"), model("none")
+    assert type(tome.backbone.bottom_up).__name__ == "ToMeD2TimmViT"
+    image = torch.rand(3, 140, 168) * 255
+    with torch.no_grad():
+        out = tome([{"image": image, "height": 140, "width": 168}])[0]["instances"]
+    assert len(out) > 0 and torch.isfinite(out.pred_boxes.tensor).all()
+    cost = {name: gmacs(m, image) for name, m in [("tome", tome), ("none", plain)]}
+    assert cost["tome"]["backbone"] < cost["none"]["backbone"]  # (FPN included, the same in both)
+    assert cost["tome"]["model"] < cost["none"]["model"]
+
+
+@pytest.mark.parametrize("method", ["tome", "evit"])
+def test_methods_inside_blocks_refuse_blocks_they_cannot_run_in_parts(method):
+    """ToMe and EViT run a block part by part; a post-norm block would be computed wrongly,
+    so it is refused by name."""
+    from timm.models.vision_transformer import ResPostBlock
+
+    vit = build(tiny_cfg("D2TimmViT"))
+    vit.vit.blocks[3] = ResPostBlock(32, 2)
+    settings = settings_from_config(tiny_cfg("D2TimmViT", method, **METHOD_KEYS[method]))
+    with pytest.raises(ValueError, match=rf"METHOD='{method}': block 3 is a ResPostBlock"):
+        apply_patch(vit, settings)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.modeling import Backbone, ShapeSpec
 
-__all__ = ["MultiScaleBackbone", "TokenTapBackbone", "run_token_taps"]
+__all__ = ["MultiScaleBackbone", "TokenTapBackbone", "run_token_taps", "block_inputs_of"]
 
 
 class MultiScaleBackbone(Backbone):
@@ -72,9 +72,26 @@ def run_token_taps(backbone, images: torch.Tensor, taps) -> tuple[list, tuple[in
     """The plain ``forward_taps`` of a token-tap backbone: ``embed_tokens`` then the blocks up
     to the last tap; returns (tokens after each tap block (B, P + h*w, C), grid, extras)."""
     x, grid, extras = backbone.embed_tokens(images)
+    inputs = block_inputs_of(backbone, grid)
     wanted, outs = set(taps), {}
     for i, blk in enumerate(backbone.blocks[: max(taps) + 1]):
-        x = blk(x)
+        x = blk(x, **inputs[i])
         if i in wanted:
             outs[i] = x
     return [outs[i] for i in taps], grid, extras
+
+
+def block_inputs_of(backbone, grid) -> list[dict[str, torch.Tensor]]:
+    """The keyword inputs of each block, ``blk(x, **inputs[i])``: ``backbone.block_inputs(grid)``
+    where the backbone has it (optional part of the token-tap protocol, e.g. EVA's rotary
+    embedding ``{"rope": (h*w, D)}``), else none. Every tensor's dimension -2 runs over the h*w
+    grid tokens (prefix tokens excluded), so that token-reduction methods can re-index it to
+    the tokens they keep (:func:`expedit_d2.reduction.core.regrid_inputs`)."""
+    make = getattr(backbone, "block_inputs", None)
+    inputs = make(grid) if make is not None else None
+    depth = len(backbone.blocks)
+    if inputs is None:
+        return [{}] * depth
+    if len(inputs) != depth:
+        raise ValueError(f"{type(backbone).__name__}.block_inputs gave {len(inputs)} entries for {depth} blocks")
+    return list(inputs)

@@ -1,8 +1,9 @@
-"""Any timm ``VisionTransformer`` (DeiT, DINOv2 with register tokens, ViT-B/L, ...) as a
-Detectron2 token-tap backbone, ``D2TimmViT``: one family in one file.
+"""Any timm ``VisionTransformer`` (DeiT, DINOv2 with register tokens, EVA-01, ViT-B/L, ...) or
+timm ``Eva`` (EVA-02, the rotary-embedding ViTs ``vit_*_rope_*``) as a Detectron2 token-tap
+backbone, ``D2TimmViT``: one family in one file.
 
     MODEL.BACKBONE.NAME: "D2TimmViT"        (or ExpeditBackbone with MODEL.EXPEDIT.BASE: D2TimmViT)
-    MODEL.TIMM_VIT.NAME: "vit_small_patch14_reg4_dinov2"   any timm name building a VisionTransformer
+    MODEL.TIMM_VIT.NAME: "vit_small_patch14_reg4_dinov2"   any timm name building a VisionTransformer or Eva
     MODEL.TIMM_VIT.KWARGS: {depth: 12, ...}                 extra timm.create_model arguments
     MODEL.TIMM_VIT.TAPS: [2, 5, 8, 11]                      blocks whose outputs are res2..res5
 
@@ -16,6 +17,11 @@ It follows the token-tap protocol (see :mod:`expedit_d2.reduction.core` and DPT'
 head apply to it unchanged. Shapes: image (B, 3, H, W) -> tokens (B, P + h*w, C) with P
 prefix tokens (cls + registers), h*w = ceil(H/p) * ceil(W/p); taps -> res2..res5 maps at
 strides 4, 8, 16, 32.
+
+EVA's blocks take the rotary embedding of the grid tokens, ``blk(x, rope=...)``: it is the
+optional ``block_inputs(grid)`` of the protocol (one (h*w, D) tensor for every block, or one
+(heads, h*w, D) per block for the "mixed" rotary embedding), so token-reduction methods
+re-index it to the tokens they keep.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ class D2TimmViT(TokenTapBackbone):
     def __init__(self, cfg, input_shape):
         super().__init__()
         import timm
+        from timm.models.eva import Eva
         from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
         t = cfg.MODEL.TIMM_VIT
@@ -46,9 +53,9 @@ class D2TimmViT(TokenTapBackbone):
                                          dynamic_img_size=True, dynamic_img_pad=True, **kwargs)
         except (RuntimeError, TypeError) as e:  # unknown name, or an argument it does not take
             raise ValueError(f"MODEL.TIMM_VIT.NAME={t.NAME!r} with MODEL.TIMM_VIT.KWARGS={kwargs}: {e}") from e
-        if not isinstance(self.vit, TimmVisionTransformer):
+        if not isinstance(self.vit, (TimmVisionTransformer, Eva)):
             raise ValueError(f"MODEL.TIMM_VIT.NAME={t.NAME!r} builds {type(self.vit).__name__}, not a "
-                             "timm VisionTransformer")
+                             "timm VisionTransformer or Eva")
         self.embed_dim = self.vit.embed_dim
         self.num_prefix_tokens = int(self.vit.num_prefix_tokens)
         self.taps = check_taps(t.TAPS, len(self.vit.blocks), key="MODEL.TIMM_VIT.TAPS")
@@ -57,7 +64,7 @@ class D2TimmViT(TokenTapBackbone):
 
     @property
     def blocks(self) -> nn.Module:
-        """The transformer blocks (timm's ``nn.Sequential``)."""
+        """The transformer blocks (timm's ``nn.Sequential``, Eva's ``nn.ModuleList``)."""
         return self.vit.blocks
 
     def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], list]:
@@ -66,8 +73,33 @@ class D2TimmViT(TokenTapBackbone):
         v = self.vit
         x = v.patch_embed(x)  # (B, h, w, C) with dynamic_img_size
         grid = (int(x.shape[1]), int(x.shape[2]))
-        x = v.norm_pre(v.patch_drop(v._pos_embed(x)))
-        return x, grid, []
+        x = v._pos_embed(x)
+        if isinstance(x, tuple):  # Eva: (tokens, rotary embedding); the latter comes from block_inputs
+            x = x[0]
+        else:
+            x = v.patch_drop(x)
+        return v.norm_pre(x), grid, []
+
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the first prefix token is a class token (not a register)."""
+        return getattr(self.vit, "cls_token", None) is not None
+
+    @property
+    def rotary(self) -> bool:
+        """Whether the blocks take a rotary embedding (timm's Eva with ``rope``)."""
+        return getattr(self.vit, "rope", None) is not None
+
+    def block_inputs(self, grid: tuple[int, int]) -> list[dict] | None:
+        """EVA: ``[{"rope": (h*w, D)}] * depth`` (or (heads, h*w, D) per block, "mixed");
+        None for a plain VisionTransformer."""
+        if not self.rotary:
+            return None
+        v = self.vit
+        rope = v.rope.get_embed(shape=grid)
+        if getattr(v, "rope_mixed", False):  # (depth, heads, h*w, D): one per block
+            return [{"rope": r} for r in rope.unbind(0)]
+        return [{"rope": rope}] * len(v.blocks)
 
     def forward_taps(self, x: torch.Tensor, taps) -> tuple[list, tuple[int, int], list]:
         """(B, 3, H, W) -> (tokens after each tap block (B, P + h*w, C), grid (h, w), [])."""

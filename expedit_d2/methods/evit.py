@@ -30,7 +30,9 @@ from typing import Sequence
 import torch
 
 from ..reduction.config import check_bool, check_rate
-from ..reduction.core import TokenReducer, check_blocks, patch_token_backbone, register_method, register_patch, run_vit_block
+from ..reduction.core import (
+    METHOD_KEY, TokenReducer, check_blocks, check_vit_blocks, patch_token_backbone, register_method, register_patch,
+    run_vit_block)
 
 __all__ = ["KeepInfo", "evit_keep", "evit_restore", "EViTSettings", "EViTTokens"]
 
@@ -196,7 +198,7 @@ register_method("evit", EViTSettings.from_config, "EVIT",
 
 class _Pass:
     def __init__(self, num_prefix_tokens):
-        self.num_prefix_tokens, self.infos = num_prefix_tokens, []
+        self.num_prefix_tokens, self.infos, self.positions = num_prefix_tokens, [], None
 
 
 def _cls_and_grid(x, P):
@@ -212,7 +214,9 @@ def _with_prefix(x, y, P):
 class EViTTokens(TokenReducer):
     """EViT on a token-tap backbone (the first prefix token is the cls token; other prefix
     tokens, e.g. registers, are kept). Shapes: (B, P + N, C) -> keep -> (B, P + K (+ 1), C)
-    -> taps (B, P + N, C)."""
+    -> taps (B, P + N, C). Kept tokens keep their grid positions; the fused token stands at
+    the position of the dropped token the cls token attended to most (for blocks with
+    rotary embeddings)."""
 
     def __init__(self, settings: EViTSettings):
         super().__init__()
@@ -223,25 +227,37 @@ class EViTTokens(TokenReducer):
             raise ValueError("EViT needs a cls token (num_prefix_tokens >= 1)")
         return _Pass(num_prefix_tokens)
 
-    def block(self, index, blk, x, state):
+    def block(self, index, blk, x, state, inputs):
         if index not in self.locations or self.keep_rate >= 1:
-            return blk(x)
+            return blk(x, **inputs)
         P = state.num_prefix_tokens
 
         def keep(x, extras):
-            y, info = evit_keep(_cls_and_grid(x, P), extras["cls_attn"], self.keep_rate, self.fuse)
+            cls_attn = extras["cls_attn"]
+            y, info = evit_keep(_cls_and_grid(x, P), cls_attn, self.keep_rate, self.fuse)
             if info.dropped.shape[1] == 0:
                 return x
             state.infos.append(info)
+            pos = state.positions
+            if pos is None:
+                pos = torch.arange(info.num_tokens, device=x.device).expand(x.shape[0], -1)
+            parts = [pos.gather(1, info.kept)]
+            if info.fused:
+                heaviest = info.dropped.gather(1, cls_attn.gather(1, info.dropped).argmax(dim=1, keepdim=True))
+                parts.append(pos.gather(1, heaviest))
+            state.positions = torch.cat(parts, dim=1)
             return _with_prefix(x, y, P)
 
-        return run_vit_block(blk, x, want_cls_attn=True, num_prefix_tokens=P, between=keep)
+        return run_vit_block(blk, x, want_cls_attn=True, num_prefix_tokens=P, between=keep, **inputs)
 
     def tap(self, x, state):
         if not state.infos:
             return x
         P = state.num_prefix_tokens
         return _with_prefix(x, evit_restore(state.infos, _cls_and_grid(x, P)), P)
+
+    def positions(self, state):
+        return state.positions
 
     def extra_repr(self) -> str:
         return f"locations={sorted(self.locations)}, keep_rate={self.keep_rate}, fuse={self.fuse}"
@@ -250,4 +266,8 @@ class EViTTokens(TokenReducer):
 @register_patch("evit", "vit")
 def patch_vit(backbone, settings: EViTSettings) -> None:
     check_blocks(backbone, settings.locations, _KEY + "LOCATIONS")
+    if not getattr(backbone, "has_class_token", True):
+        raise ValueError(f"{METHOD_KEY}='evit' ranks tokens by the class token's attention, and "
+                         f"{type(backbone).__name__} has no class token (its prefix tokens are registers)")
+    check_vit_blocks(backbone, settings.locations, METHOD_KEY + "='evit'")
     patch_token_backbone(backbone, EViTTokens(settings), "EViT")

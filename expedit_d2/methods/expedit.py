@@ -21,8 +21,8 @@ from ..ops import DEFAULT_MEMORY_LIMIT, RECONSTRUCTION_MODES, TokenClustering, T
 from ..reduction.config import (
     NOT_EXPEDITED, check_bool, check_choice, check_odd, check_pair, check_positive_float, check_positive_int)
 from ..reduction.core import (
-    SwinWindowReducer, TokenReducer, check_blocks, patch_swin_stage, patch_token_backbone, register_method,
-    register_patch, swin_stage_at)
+    SwinWindowReducer, TokenReducer, cell_positions, check_blocks, patch_swin_stage, patch_token_backbone,
+    register_method, register_patch, swin_stage_at)
 
 __all__ = ["ExpeditSettings", "ExpeditSwinWindows", "ExpeditTokens", "SWIN_SHIFT_MASKS",
            "SMALL_INPUT_MODES", "unexpedited_images"]
@@ -152,11 +152,13 @@ class _Pass:
 
     def __init__(self, grid, num_prefix_tokens):
         self.grid, self.num_prefix_tokens, self.clustering = grid, num_prefix_tokens, None
+        self.positions = None  # once clustered: the grid token at each initial cluster centre
 
 
 class ExpeditTokens(TokenReducer):
     """Global clustering of the grid tokens right after block ``location`` (prefix tokens
-    pass through), reconstruction of every tap after it. No parameters.
+    pass through), reconstruction of every tap after it. No parameters. A cluster stands at
+    the grid position of its initial centre's cell (for blocks with rotary embeddings).
 
     Shapes: (B, P + H*W, C) -> clusters (B, P + h*w, C) -> taps (B, P + H*W, C).
     """
@@ -189,6 +191,7 @@ class ExpeditTokens(TokenReducer):
             self.unexpedited_images += x.shape[0]
             return x
         x, state.clustering = self.clustering(x, state.grid, num_prefix_tokens=state.num_prefix_tokens)
+        state.positions = cell_positions(state.grid, (h, w), device=x.device)
         return x
 
     def tap(self, x, state):
@@ -196,6 +199,9 @@ class ExpeditTokens(TokenReducer):
         if c is None or x.shape[1] == c.tokens.shape[1] + c.num_prefix_tokens:
             return x  # before clustering, or as many clusters as tokens (the official hook's rule)
         return self.reconstruction(x, c)
+
+    def positions(self, state):
+        return state.positions
 
     def extra_repr(self) -> str:
         return f"location={self.location}"

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from ..reduction.config import check_int_at_least, check_pair
 from ..reduction.core import (
-    SwinWindowReducer, TokenReducer, check_blocks, patch_swin_stage, patch_token_backbone, register_method,
-    register_patch, swin_stage_at)
+    SwinWindowReducer, TokenReducer, cell_positions, check_blocks, patch_swin_stage, patch_token_backbone,
+    register_method, register_patch, swin_stage_at)
 
 __all__ = ["pool_tokens", "unpool_tokens", "PoolSettings", "PoolTokens", "PoolSwinWindows"]
 
@@ -156,12 +156,14 @@ def patch_swin(backbone, settings: PoolSettings) -> None:
 class _Pass:
     def __init__(self, grid, num_prefix_tokens):
         self.grid, self.num_prefix_tokens, self.pooled = grid, num_prefix_tokens, False
+        self.positions = None  # once pooled: the grid token at each cell's centre
 
 
 class PoolTokens(TokenReducer):
     """Pool the grid tokens to ``size`` right after block ``location``; a tap after it is
     unpooled bilinearly (a tap at ``location`` is exact). An input whose grid is smaller
-    than ``size`` in either direction runs unpooled."""
+    than ``size`` in either direction runs unpooled. A pooled token stands at the grid
+    position of its cell's centre (for blocks with rotary embeddings)."""
 
     def __init__(self, settings: PoolSettings):
         super().__init__()
@@ -175,12 +177,16 @@ class PoolTokens(TokenReducer):
         if index != self.location or h > H or w > W:
             return x
         state.pooled = True
+        state.positions = cell_positions(state.grid, self.size, device=x.device)
         return pool_tokens(x, state.grid, self.size, state.num_prefix_tokens)
 
     def tap(self, x, state):
         if not state.pooled:
             return x
         return unpool_tokens(x, state.grid, self.size, state.num_prefix_tokens)
+
+    def positions(self, state):
+        return state.positions
 
     def extra_repr(self) -> str:
         return f"location={self.location}, size={self.size}"

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ..reduction.config import check_bool, check_int_at_least
-from ..reduction.core import TokenReducer, check_blocks, patch_token_backbone, register_method, register_patch, run_vit_block
+from ..reduction.core import (
+    METHOD_KEY, TokenReducer, check_blocks, check_vit_blocks, patch_token_backbone, register_method, register_patch,
+    run_vit_block)
 
 __all__ = [
     "ToMeSettings",
@@ -38,6 +40,7 @@ __all__ = [
     "unmerge",
     "update_source",
     "unmerge_with_source",
+    "merged_positions",
     "proportional_attention_bias",
 ]
 
@@ -209,6 +212,30 @@ def update_source(source: torch.Tensor | None, info: MergeInfo) -> torch.Tensor:
     return info.dest.gather(1, source)
 
 
+def merged_positions(info: MergeInfo, positions: torch.Tensor) -> torch.Tensor:
+    """Where the merged tokens stand on the grid: a merged token takes the position of its B
+    token (the one the A tokens merge into), every other token keeps its own.
+
+    Args:
+        info: the merge step (its protected tokens have no position).
+        positions: (B, N - P) long grid positions of the tokens entering the merge.
+
+    Returns:
+        (B, N - r - P) long.
+    """
+    B, N = info.dest.shape
+    P, M = info.num_protected, info.num_out
+    if tuple(positions.shape) != (B, N - P):
+        raise ValueError(f"positions must have shape (B, N - P) = {(B, N - P)}, got {tuple(positions.shape)}")
+    if info.r == 0:
+        return positions
+    dest = info.dest[:, P:]
+    is_a = torch.arange(N - P, device=dest.device) % 2 == 0
+    merged_away = is_a & (dest >= P + (N - P + 1) // 2 - info.r)  # A tokens gone into their B token
+    slot = torch.where(merged_away, torch.full_like(dest, M), dest)  # one spare slot, M, takes them
+    return positions.new_zeros(B, M + 1).scatter_(1, slot, positions)[:, P:M]
+
+
 def proportional_attention_bias(size: torch.Tensor) -> torch.Tensor:
     """ToMe's proportional attention: log(size), to add to the attention logits.
 
@@ -257,15 +284,17 @@ register_method("tome", ToMeSettings.from_config, "TOME",
 
 
 class _Pass:
-    """One forward pass: prefix count, sizes of the current tokens, original -> current map."""
+    """One forward pass: prefix count, sizes of the current tokens, original -> current map,
+    grid positions of the current grid tokens (None: the grid itself)."""
 
     def __init__(self, num_prefix_tokens):
-        self.num_prefix_tokens, self.size, self.source = num_prefix_tokens, None, None
+        self.num_prefix_tokens, self.size, self.source, self.positions = num_prefix_tokens, None, None, None
 
 
 class ToMeTokens(TokenReducer):
     """ToMe on a token-tap backbone: blocks from ``start_block`` merge ``r`` tokens each
-    (prefix tokens protected), taps copy merged tokens back to their members.
+    (prefix tokens protected), taps copy merged tokens back to their members. A merged
+    token stands at its B token's grid position (for blocks with rotary embeddings).
 
     Shapes: (B, P + N, C) -> block i merges to (B, P + N_i - r, C) -> taps (B, P + N, C).
     """
@@ -278,25 +307,32 @@ class ToMeTokens(TokenReducer):
     def start(self, x, grid, num_prefix_tokens):
         return _Pass(num_prefix_tokens)
 
-    def block(self, index, blk, x, state):
+    def block(self, index, blk, x, state, inputs):
         merge_here = self.r > 0 and index >= self.start_block
         size = state.size if self.proportional_attention else None
         if not merge_here and size is None:
-            return blk(x)
+            return blk(x, **inputs)
 
         def merge(x, extras):
-            info = bipartite_soft_matching(extras["metric"], self.r, state.num_prefix_tokens)
+            P = state.num_prefix_tokens
+            info = bipartite_soft_matching(extras["metric"], self.r, P)
             if info.r == 0:
                 return x
             x, state.size = merge_wavg(info, x, state.size)
             state.source = update_source(state.source, info)
+            if state.positions is None:
+                state.positions = torch.arange(info.num_tokens - P, device=x.device).expand(x.shape[0], -1)
+            state.positions = merged_positions(info, state.positions)
             return x
 
         return run_vit_block(blk, x, size=size, want_metric=merge_here,
-                             between=merge if merge_here else None)
+                             between=merge if merge_here else None, **inputs)
 
     def tap(self, x, state):
         return x if state.source is None else unmerge_with_source(x, state.source)
+
+    def positions(self, state):
+        return state.positions
 
     def extra_repr(self) -> str:
         return f"r={self.r}, start_block={self.start_block}, prop_attn={self.proportional_attention}"
@@ -305,4 +341,5 @@ class ToMeTokens(TokenReducer):
 @register_patch("tome", "vit")
 def patch_vit(backbone, settings: ToMeSettings) -> None:
     check_blocks(backbone, [settings.start_block], _KEY + "START_BLOCK")
+    check_vit_blocks(backbone, range(settings.start_block, len(backbone.blocks)), METHOD_KEY + "='tome'")
     patch_token_backbone(backbone, ToMeTokens(settings), "ToMe")

@@ -3,11 +3,12 @@ protocols and the config (see :mod:`.core` and :mod:`.config`). The methods them
 one file each, are in :mod:`expedit_d2.methods` (importing ``expedit_d2`` registers them)."""
 from .config import add_token_reduction_config, point_overrides, settings_from_config
 from .core import (
-    METHOD_KEY, SwinWindowReducer, TokenReducer, apply_patch, family_of, register_method,
-    register_patch, registered_methods, remove_patch, run_vit_block)
+    METHOD_KEY, SwinWindowReducer, TokenReducer, apply_patch, cell_positions, check_vit_blocks, family_of,
+    register_method, register_patch, registered_methods, regrid_inputs, remove_patch, run_vit_block)
 
 __all__ = [
-    "METHOD_KEY", "add_token_reduction_config", "apply_patch", "family_of", "point_overrides",
-    "register_method", "register_patch", "registered_methods", "remove_patch", "run_vit_block",
+    "METHOD_KEY", "add_token_reduction_config", "apply_patch", "cell_positions", "check_vit_blocks",
+    "family_of", "point_overrides", "register_method", "register_patch", "registered_methods",
+    "regrid_inputs", "remove_patch", "run_vit_block",
     "settings_from_config", "SwinWindowReducer", "TokenReducer",
 ]

@@ -11,6 +11,14 @@ family without changes:
     blocks: nn.ModuleList | nn.Sequential   pre-norm transformer blocks, x -> blk(x)
     embed_tokens(images) -> (x (B, P + h*w, C), grid (h, w), extras)
     forward_taps(images, taps) -> ([x after each tap block (B, P + h*w, C)], grid, extras)
+    block_inputs(grid) -> [dict per block] | None   optional: keyword inputs of the blocks,
+                                            blk(x, **inputs[i]), whose dimension -2 runs over
+                                            the h*w grid tokens (EVA's rotary embedding "rope")
+
+Methods that change the token set say, per pass, which grid position each of their grid
+tokens stands for (:meth:`TokenReducer.positions`); the blocks' grid inputs are re-indexed
+to those positions (:func:`regrid_inputs`), so position-aware blocks (rotary embeddings)
+see a valid position for every token.
 
 ``"swin"`` -- Swin stages: ``backbone.layers[i]`` with ``blocks``, ``window_size``,
 ``run_blocks(x, H, W, start, stop, window_size, mask_shift)`` and
@@ -36,6 +44,7 @@ __all__ = [
     "Method", "register_method", "register_patch", "registered_methods", "get_method",
     "family_of", "apply_patch", "remove_patch", "TokenReducer", "SwinWindowReducer",
     "patch_token_backbone", "patch_swin_stage", "check_blocks", "run_vit_block", "METHOD_KEY",
+    "regrid_inputs", "cell_positions", "check_vit_blocks",
 ]
 
 #: the config key that selects the method
@@ -154,15 +163,16 @@ class TokenReducer(nn.Module):
     """What a method does on a token-tap backbone. No parameters.
 
     One forward pass: ``state = start(x, grid, P)``; for each block i: ``x = block(i, blk, x,
-    state)``, a tap at i reads ``tap(x, state)`` (full grid, (B, P + h*w, C)), then ``x =
-    after_block(i, x, state)``. The defaults do nothing (the base computation).
+    state, inputs)`` (``inputs``: the block's keyword inputs, already re-indexed to
+    ``positions(state)``), a tap at i reads ``tap(x, state)`` (full grid, (B, P + h*w, C)),
+    then ``x = after_block(i, x, state)``. The defaults do nothing (the base computation).
     """
 
     def start(self, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int):
         return None
 
-    def block(self, index: int, blk: nn.Module, x: torch.Tensor, state) -> torch.Tensor:
-        return blk(x)
+    def block(self, index: int, blk: nn.Module, x: torch.Tensor, state, inputs: dict) -> torch.Tensor:
+        return blk(x, **inputs)
 
     def after_block(self, index: int, x: torch.Tensor, state) -> torch.Tensor:
         return x
@@ -170,15 +180,66 @@ class TokenReducer(nn.Module):
     def tap(self, x: torch.Tensor, state) -> torch.Tensor:
         return x
 
+    def positions(self, state) -> torch.Tensor | None:
+        """The grid position (row-major index into the h*w grid) that each current grid token
+        stands for: None while the tokens are the grid itself, else (N',) shared by the batch
+        or (B, N') per image."""
+        return None
+
+
+def regrid_inputs(inputs: dict, positions: torch.Tensor | None) -> dict:
+    """Re-index a block's grid inputs to the current tokens.
+
+    Args:
+        inputs: name -> tensor (..., h*w, D) whose dimension -2 runs over the grid tokens and
+            that broadcasts against attention's (B, heads, N, D) (timm's rotary embeddings:
+            (h*w, D), or (heads, h*w, D) per block).
+        positions: None (unchanged), (N',) or (B, N') long grid indices.
+
+    Returns:
+        name -> (..., N', D) for shared positions, (B, ..., N', D) with the leading dimensions
+        padded to 4 (heads broadcast) for per-image positions.
+    """
+    if positions is None or not inputs:
+        return inputs
+    out = {}
+    for name, t in inputs.items():
+        if positions.dim() == 1:
+            out[name] = t.index_select(-2, positions)
+        else:
+            lead = t.dim() - 2
+            g = t[..., positions, :].movedim(lead, 0)  # (B, *lead, N', D)
+            while g.dim() < 4:
+                g = g.unsqueeze(1)
+            out[name] = g
+    return out
+
+
+def cell_positions(grid, size, device=None) -> torch.Tensor:
+    """(h*w,) long: the grid token nearest the centre of each cell of an H x W grid pooled to
+    h x w by ``adaptive_avg_pool2d`` (cell i spans rows floor(i*H/h) .. ceil((i+1)*H/h) - 1),
+    row-major. The position a pooled token or a cluster initialised on that cell stands for."""
+    (H, W), (h, w) = grid, size
+
+    def centres(n, m):
+        i = torch.arange(m, device=device)
+        first, last = (i * n) // m, -((-(i + 1) * n) // m) - 1
+        return (first + last) // 2
+
+    return (centres(H, h)[:, None] * W + centres(W, w)[None, :]).reshape(-1)
+
 
 def _reduced_forward_taps(self, images: torch.Tensor, taps):
     """``forward_taps`` of a patched token-tap backbone (see :class:`TokenReducer`)."""
+    from ..backbones.base import block_inputs_of
+
     x, grid, extras = self.embed_tokens(images)
+    inputs = block_inputs_of(self, grid)
     reducer = self.token_reduction
     state = reducer.start(x, grid, self.num_prefix_tokens)
     wanted, outs = set(taps), {}
     for i, blk in enumerate(self.blocks[: max(taps) + 1]):
-        x = reducer.block(i, blk, x, state)
+        x = reducer.block(i, blk, x, state, regrid_inputs(inputs[i], reducer.positions(state)))
         if i in wanted:
             outs[i] = reducer.tap(x, state)
         x = reducer.after_block(i, x, state)
@@ -199,30 +260,97 @@ def patch_token_backbone(backbone: nn.Module, reducer: TokenReducer, prefix: str
     _swap_class(backbone, prefix, {"forward_taps": _reduced_forward_taps})
 
 
+def _prenorm_block_classes() -> tuple[type, ...]:
+    """Block classes whose forward is ``x + ls1(attn(norm1(x))); x + ls2(mlp(norm2(x)))``."""
+    from timm.models.eva import EvaBlock
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    from ..backbones.vit import Block
+
+    return Block, TimmBlock, EvaBlock
+
+
+def check_vit_blocks(backbone: nn.Module, indices, key: str) -> None:
+    """Methods that act inside a block (ToMe, EViT) run it part by part (:func:`run_vit_block`),
+    which knows pre-norm blocks only: our ViT's, timm's ``Block`` and ``EvaBlock``. Any other
+    block class among the blocks ``indices`` is refused here, naming ``key``, rather than
+    computed wrongly."""
+    known = _prenorm_block_classes()
+    for i in indices:
+        blk = backbone.blocks[i]
+        if not isinstance(blk, known):
+            raise ValueError(f"{key}: block {i} is a {type(blk).__name__}; this method runs blocks in parts "
+                             f"and knows only {', '.join(c.__name__ for c in known)} (pre-norm)")
+
+
+def _qkv(attn: nn.Module, h: torch.Tensor):
+    """(q, k, v), each (B, heads or kv heads, N, d), of timm's/our attention or EVA's."""
+    B, N, _ = h.shape
+    heads = attn.num_heads
+    if getattr(attn, "qkv", None) is not None:
+        if getattr(attn, "q_bias", None) is not None:  # EVA: q and v biases, k bias zero
+            qkv = F.linear(h, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+        else:
+            qkv = attn.qkv(h)
+        return qkv.reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    kv_heads = getattr(attn, "num_kv_heads", heads)
+    q = attn.q_proj(h).reshape(B, N, heads, -1).transpose(1, 2)
+    k = attn.k_proj(h).reshape(B, N, kv_heads, -1).transpose(1, 2)
+    v = attn.v_proj(h).reshape(B, N, kv_heads, -1).transpose(1, 2)
+    return q, k, v
+
+
+def _rotate(t: torch.Tensor, rope: torch.Tensor, attn: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """EVA's rotary embedding on the grid tokens (after the prefix tokens), as its attention does."""
+    from timm.layers import apply_rot_embed_cat
+
+    P = attn.num_prefix_tokens
+    half = getattr(attn, "rotate_half", False)
+    return torch.cat([t[:, :, :P], apply_rot_embed_cat(t[:, :, P:], rope, half=half)], dim=2).type_as(like)
+
+
+def _layer_scale(blk: nn.Module, ls: str, gamma: str) -> Callable:
+    if getattr(blk, ls, None) is not None:
+        return getattr(blk, ls)  # timm Block: ls1 / ls2 (Identity without layer scale)
+    g = getattr(blk, gamma, None)  # EvaBlock: gamma_1 / gamma_2 or None
+    return (lambda t: t) if g is None else (lambda t: g * t)
+
+
 def run_vit_block(blk: nn.Module, x: torch.Tensor, *, size: torch.Tensor | None = None,
                   want_metric: bool = False, want_cls_attn: bool = False,
-                  num_prefix_tokens: int = 1, between: Callable | None = None) -> torch.Tensor:
+                  num_prefix_tokens: int = 1, between: Callable | None = None,
+                  rope: torch.Tensor | None = None) -> torch.Tensor:
     """A pre-norm ViT block run part by part, for methods that act inside it.
 
     ``x + attn(norm1(x))`` (with ``size``: ToMe's proportional attention, log(size) added to
-    the logits), then ``between(x, extras)`` (extras: ``metric`` = keys averaged over heads
-    (B, N, d), ``cls_attn`` = the first token's attention to the grid tokens averaged over
-    heads (B, N - P)), then ``x + mlp(norm2(x))``. Works with our ``Block`` and timm's
-    ``Block`` (layer scale, q/k norm). Equals ``blk(x)`` when nothing is asked for.
+    the logits; with ``rope``: EVA's rotary embedding of the grid tokens, as the block's
+    ``rope`` input), then ``between(x, extras)`` (extras: ``metric`` = keys averaged over heads
+    (B, N, d), taken before the rotary embedding so that it compares content, ``cls_attn`` =
+    the first token's attention to the grid tokens averaged over heads (B, N - P)), then ``x +
+    mlp(norm2(x))``. Works with our ``Block``, timm's ``Block`` (layer scale, q/k norm, gate)
+    and timm's ``EvaBlock`` (q/v biases, separate projections, grouped k/v heads, scale norm,
+    rotary embedding, gamma layer scale); see :func:`check_vit_blocks`. Equals ``blk(x)`` up
+    to float rounding when nothing is asked for.
     """
     attn = blk.attn
-    for name in ("qkv", "proj", "num_heads"):
+    for name in ("proj", "num_heads"):
         if not hasattr(attn, name):
             raise ValueError(f"{type(blk).__name__}.attn ({type(attn).__name__}) has no {name!r}: "
                              "this method needs a standard ViT attention (qkv, proj, num_heads)")
     B, N, C = x.shape
-    heads = attn.num_heads
     h = blk.norm1(x)
-    q, k, v = attn.qkv(h).reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = _qkv(attn, h)
     q, k = getattr(attn, "q_norm", nn.Identity())(q), getattr(attn, "k_norm", nn.Identity())(k)
+    extras = {}
+    if want_metric:
+        extras["metric"] = k.mean(dim=1)
+    if rope is not None:
+        q, k = _rotate(q, rope, attn, v), _rotate(k, rope, attn, v)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: kv head h // groups serves head h
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
     bias = None if size is None else size.log().to(q.dtype)[:, None, None, :, 0]
-    extras = {}
     if want_cls_attn:
         logits = (q * scale) @ k.transpose(-2, -1)
         if bias is not None:
@@ -232,19 +360,16 @@ def run_vit_block(blk: nn.Module, x: torch.Tensor, *, size: torch.Tensor | None 
         out = weights @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    if want_metric:
-        extras["metric"] = k.mean(dim=1)
     out = getattr(attn, "norm", nn.Identity())(out.transpose(1, 2).reshape(B, N, -1))
-    if getattr(attn, "gate", None) is not None:  # timm's gated attention
+    if getattr(attn, "gate", None) is not None:  # gated attention (timm, EVA)
         out = out * attn.gate(h).sigmoid()
     out = attn.proj_drop(attn.proj(out))
     drop1 = getattr(blk, "drop_path1", None) or blk.drop_path
     drop2 = getattr(blk, "drop_path2", None) or blk.drop_path
-    ls1, ls2 = getattr(blk, "ls1", nn.Identity()), getattr(blk, "ls2", nn.Identity())
-    x = x + drop1(ls1(out))
+    x = x + drop1(_layer_scale(blk, "ls1", "gamma_1")(out))
     if between is not None:
         x = between(x, extras)
-    return x + drop2(ls2(blk.mlp(blk.norm2(x))))
+    return x + drop2(_layer_scale(blk, "ls2", "gamma_2")(blk.mlp(blk.norm2(x))))
 
 
 # --------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Mask2Former head: official parameter names, deformable attention, forward shapes."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from detectron2.layers import ShapeSpec
 
@@ -57,6 +58,55 @@ def test_deformable_attention_core_matches_naive_sampling():
                 torch.testing.assert_close(out[n, q, m * D:(m + 1) * D], acc, atol=1e-5, rtol=1e-5)
 
 
+def _grid_sample_reference(value, shapes, loc, w):
+    """The same sum through grid_sample, one level and point at a time (float64)."""
+    N, _, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    out, start = 0, 0
+    for lvl, (h, wd) in enumerate(shapes.tolist()):
+        v = value[:, start: start + h * wd].permute(0, 2, 3, 1).reshape(N * M, D, h, wd)
+        start += h * wd
+        for p in range(P):
+            grid = (2 * loc[:, :, :, lvl, p] - 1).transpose(1, 2).reshape(N * M, Lq, 1, 2)
+            sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[..., 0]
+            out = out + sampled * w[:, :, :, lvl, p].transpose(1, 2).reshape(N * M, 1, Lq)
+    return out.view(N, M, D, Lq).permute(0, 3, 1, 2).reshape(N, Lq, M * D)
+
+
+def test_deformable_attention_far_outside_and_its_gradients_match_grid_sample():
+    """Samples anywhere (far outside every map, on its edges) and the gradients with respect
+    to the values, the sampling locations and the attention weights, against grid_sample."""
+    torch.manual_seed(1)
+    shapes = torch.tensor([[5, 7], [3, 2], [1, 1]])
+    N, M, D, Lq, L, P = 2, 3, 4, 6, 3, 2
+    S = int((shapes[:, 0] * shapes[:, 1]).sum())
+    value = torch.randn(N, S, M, D, dtype=torch.float64, requires_grad=True)
+    loc = torch.rand(N, Lq, M, L, P, 2, dtype=torch.float64) * 5 - 2  # most fall outside
+    loc[0, 0, 0, 0, 0] = torch.tensor([0.0, 1.0], dtype=torch.float64)  # on the edges
+    loc.requires_grad_(True)
+    w = torch.rand(N, Lq, M, L, P, dtype=torch.float64, requires_grad=True)
+    got, want = ms_deform_attn(value, shapes, loc, w), _grid_sample_reference(value, shapes, loc, w)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (value, loc, w), g)
+    want_grads = torch.autograd.grad(want, (value, loc, w), g)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_deformable_attention_samples_in_float32_for_half_inputs(dtype):
+    torch.manual_seed(2)
+    shapes = torch.tensor([[64, 80], [32, 40]])
+    S = int((shapes[:, 0] * shapes[:, 1]).sum())
+    value, loc, w = torch.randn(1, S, 2, 8), torch.rand(1, 50, 2, 2, 4, 2), torch.rand(1, 50, 2, 2, 4)
+    half = ms_deform_attn(value.to(dtype), shapes, loc.to(dtype), w.to(dtype))
+    assert half.dtype == dtype
+    # within the inputs' own rounding: coordinates sampled in float32, not off by pixels
+    want = ms_deform_attn(value.to(dtype).float(), shapes, loc.to(dtype).float(), w.to(dtype).float())
+    torch.testing.assert_close(half.float(), want, rtol=1e-2, atol=1e-2)
+
+
 def test_tiny_head_forward_shapes_and_masks():
     torch.manual_seed(0)
     shapes = {k: ShapeSpec(channels=c, stride=s) for k, c, s in
@@ -71,3 +121,64 @@ def test_tiny_head_forward_shapes_and_masks():
     assert out["pred_masks"].shape == (2, 7, 24, 32)
     assert len(out["aux_outputs"]) == 3
     assert all(torch.isfinite(v).all() for v in (out["pred_logits"], out["pred_masks"]))
+
+
+def _official_decoder(dec, x, mask_features):
+    """The official decoder order: einsum masks, masks repeated per head,
+    nn.MultiheadAttention with the (N * heads, Q, HW) boolean mask."""
+    src, pos, sizes = [], [], []
+    for i in range(dec.num_feature_levels):
+        sizes.append(tuple(x[i].shape[-2:]))
+        pos.append(dec.pe_layer(x[i]).flatten(2).permute(2, 0, 1))
+        src.append((dec.input_proj[i](x[i]).flatten(2) + dec.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
+    N = src[0].shape[1]
+    query_embed = dec.query_embed.weight.unsqueeze(1).repeat(1, N, 1)
+    output = dec.query_feat.weight.unsqueeze(1).repeat(1, N, 1)
+
+    def heads(output, size):
+        decoded = dec.decoder_norm(output).transpose(0, 1)
+        masks = torch.einsum("bqc,bchw->bqhw", dec.mask_embed(decoded), mask_features)
+        attn = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+        attn = attn.sigmoid().flatten(2).unsqueeze(1).repeat(1, dec.num_heads, 1, 1).flatten(0, 1) < 0.5
+        return dec.class_embed(decoded), masks, attn
+
+    cls, masks, attn_mask = heads(output, sizes[0])
+    for i in range(dec.num_layers):
+        level = i % dec.num_feature_levels
+        attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
+        layer = dec.transformer_cross_attention_layers[i]
+        out = layer.multihead_attn(query=output + query_embed, key=src[level] + pos[level], value=src[level],
+                                   attn_mask=attn_mask, need_weights=False)[0]
+        output = layer.norm(output + out)
+        output = dec.transformer_self_attention_layers[i](output, query_embed)
+        output = dec.transformer_ffn_layers[i](output)
+        cls, masks, attn_mask = heads(output, sizes[(i + 1) % dec.num_feature_levels])
+    return cls, masks
+
+
+@pytest.mark.parametrize("features", ["random", "one sign per query"])
+def test_masked_attention_decoder_equals_the_official_order(features):
+    """Masks broadcast over the heads and kept boolean, attention through the layer's own
+    MultiheadAttention weights = the official repeat-per-head MultiheadAttention call; with
+    one sign per query, about half the queries mask every pixel (then they attend everywhere)."""
+    from mask2former.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoder
+
+    torch.manual_seed(0)
+    dec = MultiScaleMaskedTransformerDecoder(32, num_classes=5, hidden_dim=32, num_queries=7, nheads=4,
+                                             dim_feedforward=64, dec_layers=4, mask_dim=32).eval()
+    x = [torch.randn(2, 32, h, w) for h, w in [(3, 4), (6, 8), (12, 16)]]
+    mask_features = torch.randn(2, 32, 24, 32) * 3
+    if features == "one sign per query":  # mask logits = 10 x one embedding value of the query
+        with torch.no_grad():
+            embed = dec.mask_embed(dec.decoder_norm(dec.query_feat.weight))  # (Q, C) before the first layer
+        mixed = torch.minimum((embed > 0).sum(0), (embed < 0).sum(0)).argmax()  # a channel of both signs
+        mask_features = torch.zeros(2, 32, 24, 32)
+        mask_features[:, mixed] = 10.0
+        with torch.no_grad():
+            _, _, first = dec.prediction_heads(dec.query_feat.weight[:, None].expand(-1, 2, -1), mask_features, (3, 4))
+        assert 0 < int(first.all(-1).sum()) < first.shape[0] * first.shape[1]
+    with torch.no_grad():
+        got = dec(x, mask_features)
+        cls, masks = _official_decoder(dec, x, mask_features)
+    torch.testing.assert_close(got["pred_logits"], cls, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["pred_masks"], masks, rtol=1e-5, atol=1e-4)

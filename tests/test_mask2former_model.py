@@ -148,34 +148,97 @@ def _official_instances(mask_cls, mask_pred, topk, things, panoptic_on):
     return binary, top_scores * mask_scores, top_labels
 
 
-@pytest.mark.parametrize("seed, overlap", [(0, 0.8), (1, 0.0), (2, 0.5)])
-def test_batched_post_processing_equals_the_official_per_query_rules(seed, overlap):
+def _official_outputs(model, mask_cls, mask_pred):
+    """The three tasks of one image, each by its official rule on whole tensors."""
+    things = {0, 1}
+    pan = _official_panoptic(mask_cls, mask_pred, things, model.object_mask_threshold, model.overlap_threshold)
+    inst = _official_instances(mask_cls, mask_pred, model.test_topk_per_image, things, model.panoptic_on)
+    sem = torch.einsum("qc,qhw->chw", F.softmax(mask_cls, -1)[..., :-1], mask_pred.sigmoid())
+    return sem, pan, inst
+
+
+def _assert_same(got, sem, pan, inst):
+    from detectron2.structures import BitMasks
+
+    torch.testing.assert_close(got["sem_seg"], sem)
+    assert torch.equal(got["panoptic_seg"][0], pan[0]) and got["panoptic_seg"][1] == pan[1]
+    masks, scores, labels = inst
+    i = got["instances"]
+    assert torch.equal(i.pred_masks, masks) and torch.equal(i.pred_classes, labels)
+    torch.testing.assert_close(i.scores, scores, rtol=1e-6, atol=0)
+    # boxes: the binary masks' bounding boxes (the official code outputs zeros)
+    assert torch.equal(i.pred_boxes.tensor, BitMasks(masks > 0).get_bounding_boxes().tensor)
+
+
+def _random_outputs(seed, Q=12, K=4, H=37, W=53):
     torch.manual_seed(seed)
-    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
-    model.object_mask_threshold, model.overlap_threshold, model.test_topk_per_image = 0.3, overlap, 9
-    Q, K, H, W = 12, 4, 37, 53
     mask_cls = torch.randn(Q, K + 1) * 2
     mask_cls[:, 2] += 2.0  # several queries of stuff class 2: merged segments
     mask_pred = torch.randn(Q, H, W) * 4
     mask_pred[3] = -200.0  # a mask whose sigmoid underflows to 0 everywhere
-    things = {0, 1}
-    pan, segments = model.panoptic_inference(mask_cls, mask_pred)
-    ref_pan, ref_segments = _official_panoptic(mask_cls, mask_pred, things, 0.3, overlap)
-    assert torch.equal(pan, ref_pan) and segments == ref_segments
-    if overlap == 0.0:  # the data exercise stuff segments
-        assert any(not s["isthing"] for s in segments)
-    for panoptic_on in (True, False):
+    mask_pred[5, :, :20] = -50.0  # a mask whose box does not start at the image's corner
+    return mask_cls, mask_pred
+
+
+@pytest.mark.parametrize("seed, overlap", [(0, 0.8), (1, 0.0), (2, 0.5)])
+@pytest.mark.parametrize("block_rows", [None, 1, 5, 36])
+def test_row_block_post_processing_equals_the_official_per_query_rules(seed, overlap, block_rows):
+    """All three tasks in one pass over row blocks of any height = each official rule on the
+    whole tensors (panoptic and binary masks exact, sums to rounding)."""
+    from mask2former.inference import full_rows, infer
+
+    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
+    model.object_mask_threshold, model.overlap_threshold, model.test_topk_per_image = 0.3, overlap, 9
+    mask_cls, mask_pred = _random_outputs(seed)
+    for panoptic_on in (True, False):  # instances: things only while panoptic is on
         model.panoptic_on = panoptic_on
-        inst = model.instance_inference(mask_cls, mask_pred)
-        masks, scores, labels = _official_instances(mask_cls, mask_pred, 9, things, panoptic_on)
-        assert torch.equal(inst.pred_masks, masks) and torch.equal(inst.pred_classes, labels)
-        torch.testing.assert_close(inst.scores, scores, rtol=1e-6, atol=0)
-        # boxes: the binary masks' bounding boxes (the official code outputs zeros)
-        from detectron2.structures import BitMasks
-        assert torch.equal(inst.pred_boxes.tensor, BitMasks(masks > 0).get_bounding_boxes().tensor)
-    sem = model.semantic_inference(mask_cls, mask_pred, mask_pred.sigmoid())
-    torch.testing.assert_close(sem, torch.einsum("qc,qhw->chw", F.softmax(mask_cls, -1)[..., :-1],
-                                                 mask_pred.sigmoid()))
+        got = infer(mask_cls, full_rows(mask_pred), (37, 53), model.rules(True, True, True), mask_pred, block_rows)
+        sem, pan, inst = _official_outputs(model, mask_cls, mask_pred)
+        _assert_same(got, sem, pan, inst)
+        if overlap == 0.0:  # the data exercise stuff segments
+            assert any(not s["isthing"] for s in pan[1])
+    # one task at a time, as the public methods give them
+    model.panoptic_on = True
+    sem, pan, inst = _official_outputs(model, mask_cls, mask_pred)
+    assert torch.equal(model.panoptic_inference(mask_cls, mask_pred)[0], pan[0])
+    assert torch.equal(model.instance_inference(mask_cls, mask_pred).pred_masks, inst[0])
+    torch.testing.assert_close(model.semantic_inference(mask_cls, mask_pred), sem)
+
+
+@pytest.mark.parametrize("h, w, factor, width, step", [(10, 12, 4, 45, 3), (9, 7, 4, 28, 1), (5, 6, 2, 11, 4),
+                                                       (6, 5, 8, 40, 13), (4, 4, 1, 3, 2)])
+def test_upsampled_row_blocks_equal_the_full_upsampling_bitwise(h, w, factor, width, step):
+    from mask2former.inference import upsampled_rows
+
+    x = torch.randn(3, h, w) * 5
+    full = F.interpolate(x[None], size=(h * factor, w * factor), mode="bilinear", align_corners=False)[0]
+    rows = upsampled_rows(x, factor, width)
+    H = h * factor - 1  # the crop leaves the last row out
+    got = torch.cat([rows(r0, min(r0 + step, H)) for r0 in range(0, H, step)], dim=1)
+    assert torch.equal(got, full[:, :H, :width])
+
+
+@pytest.mark.parametrize("out_size", [None, (30, 41)])
+def test_inference_upsamples_row_blocks_or_the_whole_output_as_officially(out_size):
+    """MaskFormer.inference (upsample to the padded input, crop, resize to the output size,
+    then the three rules) equals the official order on whole tensors, whether it upsamples
+    row blocks from the low-resolution logits (output = the image) or the whole output
+    (output resized)."""
+    from detectron2.structures import ImageList
+
+    from mask2former.maskformer_model import postprocess
+
+    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
+    model.object_mask_threshold, model.overlap_threshold, model.test_topk_per_image = 0.3, 0.5, 9
+    images = ImageList(torch.zeros(2, 3, 64, 96), [(60, 90), (64, 81)])
+    mask_cls, low = _random_outputs(3, H=16, W=24)
+    mask_cls, low = torch.stack([mask_cls, mask_cls.flip(0)]), torch.stack([low, low.flip(1)])
+    inputs = [{} if out_size is None else {"height": out_size[0], "width": out_size[1]} for _ in range(2)]
+    got = model.inference(mask_cls, low, images, inputs)
+    for i, size in enumerate(images.image_sizes):
+        full = F.interpolate(low[i][None], size=(64, 96), mode="bilinear", align_corners=False)[0]
+        full = postprocess(full, size, *(out_size or size))
+        _assert_same(got[i], *_official_outputs(model, mask_cls[i], full))
 
 
 def test_postprocess_crops_and_skips_the_identity_resize():

@@ -11,6 +11,8 @@ Inference, per image, on the mask logits upsampled to the padded input and cropp
             scored by probability x mean mask probability inside the binary mask; with
             panoptic on, thing classes only. Boxes are the binary masks' bounding boxes (the
             official code outputs all-zero boxes)
+The three tasks visit the pixels together, one block of rows at a time (:mod:`.inference`),
+with the same results as the official whole-tensor order up to float rounding.
 Test-time resize (the Expedit fork's ``MODEL.MASK_FORMER.TEST.RESIZE_RATIO`` r > 0): the
 padded, normalised batch (N, 3, H, W) is resized bilinearly to
 (int(H / 32 * r) * 32, int(W / 32 * r) * 32) before the backbone; the mask logits are still
@@ -28,10 +30,11 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
-from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+from detectron2.structures import ImageList
 
 from expedit_d2.inputs import check_finite_images
 
+from .inference import InferenceRules, full_rows, infer, upsampled_rows
 from .modeling.criterion import HungarianMatcher, SetCriterion
 
 __all__ = ["MaskFormer"]
@@ -102,26 +105,46 @@ class MaskFormer(nn.Module):
                 raise KeyError("training inputs need 'instances' (gt_classes, gt_masks)")
             targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
             return self.criterion(outputs, targets)
-        mask_cls, mask_pred = outputs["pred_logits"], outputs["pred_masks"]
-        mask_pred = F.interpolate(mask_pred, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
+        return self.inference(outputs["pred_logits"], outputs["pred_masks"], images, batched_inputs)
+
+    def inference(self, mask_cls, mask_pred, images, batched_inputs):
+        """(N, Q, K + 1) class logits, (N, Q, h, w) mask logits -> one dict per image.
+
+        The mask logits are upsampled to the padded input, cropped to the image and resized
+        to its output ``height`` x ``width``; each image's tasks then visit those pixels one
+        row block at a time (:mod:`.inference`). When the output is the image itself at a
+        whole multiple of the mask size, the blocks are upsampled straight from the
+        low-resolution logits and the full-resolution logits are never made."""
+        Hp, Wp = (int(s) for s in images.tensor.shape[-2:])  # (ints when traced, too)
+        rules = self.rules()
         results = []
         for cls_i, mask_i, x, size in zip(mask_cls, mask_pred, batched_inputs, images.image_sizes):
-            height, width = x.get("height", size[0]), x.get("width", size[1])
-            r = {}
-            if self.sem_seg_postprocess_before_inference:
-                mask_i = postprocess(mask_i, size, height, width)
-                cls_i = cls_i.to(mask_i)
-            probs = mask_i.sigmoid()  # once, shared by the three tasks
-            if self.semantic_on:
-                sem = self.semantic_inference(cls_i, mask_i, probs)
-                r["sem_seg"] = sem if self.sem_seg_postprocess_before_inference else \
-                    postprocess(sem, size, height, width)
-            if self.panoptic_on:
-                r["panoptic_seg"] = self.panoptic_inference(cls_i, mask_i, probs)
-            if self.instance_on:
-                r["instances"] = self.instance_inference(cls_i, mask_i, probs)
+            size = tuple(int(s) for s in size)
+            height, width = int(x.get("height", size[0])), int(x.get("width", size[1]))
+            h, w = (int(s) for s in mask_i.shape[-2:])
+            factor = Hp // h
+            direct = (self.sem_seg_postprocess_before_inference and (height, width) == tuple(size)
+                      and factor in (1, 2, 4, 8, 16) and (Hp, Wp) == (h * factor, w * factor))
+            if direct:
+                rows, out_size = upsampled_rows(mask_i, factor, width), (height, width)
+            else:
+                full = F.interpolate(mask_i[None], size=(Hp, Wp), mode="bilinear", align_corners=False)[0]
+                if self.sem_seg_postprocess_before_inference:
+                    full = postprocess(full, size, height, width)
+                rows, out_size = full_rows(full), tuple(full.shape[-2:])
+            r = infer(cls_i, rows, out_size, rules, like=mask_i)
+            if "sem_seg" in r and not self.sem_seg_postprocess_before_inference:
+                r["sem_seg"] = postprocess(r["sem_seg"], size, height, width)
             results.append(r)
         return results
+
+    def rules(self, semantic=None, panoptic=None, instance=None) -> InferenceRules:
+        """The model's inference settings (the tasks on, unless given)."""
+        on = [self.semantic_on if semantic is None else semantic, self.panoptic_on if panoptic is None else panoptic,
+              self.instance_on if instance is None else instance]
+        things = frozenset(self._thing_ids()) if on[1] or on[2] else frozenset()
+        return InferenceRules(*on, self.object_mask_threshold, self.overlap_threshold, self.test_topk_per_image,
+                              things, instances_things_only=self.panoptic_on)
 
     def benchmark_parts(self) -> dict:
         """What ``tools/benchmark_model.py`` times separately."""
@@ -147,11 +170,6 @@ class MaskFormer(nn.Module):
             targets.append({"labels": inst.gt_classes, "masks": padded})
         return targets
 
-    def semantic_inference(self, mask_cls, mask_pred, probs=None):
-        """(Q, K+1), (Q, H, W) logits [, their sigmoid] -> (K, H, W)."""
-        probs = mask_pred.sigmoid() if probs is None else probs
-        return torch.einsum("qc,qhw->chw", F.softmax(mask_cls, -1)[..., :-1], probs)
-
     def _thing_ids(self):
         meta = self.metadata
         if meta is None or not hasattr(meta, "thing_dataset_id_to_contiguous_id"):
@@ -159,78 +177,21 @@ class MaskFormer(nn.Module):
                              "(DATASETS.TRAIN with thing_dataset_id_to_contiguous_id)")
         return set(meta.thing_dataset_id_to_contiguous_id.values())
 
-    def panoptic_inference(self, mask_cls, mask_pred, probs=None):
-        """The official per-query rule, computed for all kept queries at once.
+    def semantic_inference(self, mask_cls, mask_pred):
+        """(Q, K+1), (Q, H, W) logits -> (K, H, W)."""
+        return self._one(mask_cls, mask_pred, semantic=True)["sem_seg"]
 
-        Each pixel goes to its owner k = argmax_k score_k * prob_k; query k (in order) keeps
-        the pixels it owns where prob_k >= 0.5, if it owns any, its own mask (prob_k >= 0.5)
-        is not empty and owned / own area >= OVERLAP_THRESHOLD; a stuff class seen before
-        reuses that segment. A pixel can only be given to its owner, so the per-query
-        assignments never overlap and one gather paints them all."""
-        scores, labels = F.softmax(mask_cls, -1).max(-1)
-        probs = mask_pred.sigmoid() if probs is None else probs
-        num_classes = mask_cls.shape[-1] - 1
-        kept = (labels.ne(num_classes) & (scores > self.object_mask_threshold)).nonzero().squeeze(1)
-        H, W = probs.shape[-2:]
-        panoptic = torch.zeros((H, W), dtype=torch.int32, device=probs.device)
-        segments = []
-        if kept.numel() == 0:
-            return panoptic, segments
-        scores, labels, probs = scores[kept], labels[kept], probs[kept]
-        K = kept.numel()
-        owner = (scores.view(-1, 1, 1) * probs).argmax(0)  # (H, W)
-        owner_own = probs.gather(0, owner[None])[0] >= 0.5  # the owner's own mask there
-        owned = torch.bincount(owner.flatten(), minlength=K).tolist()
-        won = torch.bincount(owner[owner_own], minlength=K).tolist()
-        own = (probs >= 0.5).flatten(1).sum(1).tolist()
-        things = self._thing_ids()
-        segment_of = [0] * K  # segment id painted for query k's won pixels (0: none)
-        stuff_ids, current = {}, 0
-        for k, cls in enumerate(labels.tolist()):
-            if owned[k] == 0 or own[k] == 0 or won[k] == 0:
-                continue
-            if owned[k] / own[k] < self.overlap_threshold:
-                continue
-            isthing = cls in things
-            if not isthing and cls in stuff_ids:  # merge stuff regions of one class
-                segment_of[k] = stuff_ids[cls]
-                continue
-            current += 1
-            if not isthing:
-                stuff_ids[cls] = current
-            segment_of[k] = current
-            segments.append({"id": current, "isthing": isthing, "category_id": cls})
-        segment_of = torch.tensor(segment_of, dtype=torch.int32, device=probs.device)
-        panoptic = torch.where(owner_own, segment_of[owner], panoptic)
-        return panoptic, segments
+    def panoptic_inference(self, mask_cls, mask_pred):
+        """(Q, K+1), (Q, H, W) logits -> ((H, W) int32 segment ids, segments)."""
+        return self._one(mask_cls, mask_pred, panoptic=True)["panoptic_seg"]
 
-    def instance_inference(self, mask_cls, mask_pred, probs=None):
-        """Top-k (query, class) pairs by class probability, scored by that probability times
-        the mean mask probability inside the binary mask; boxes from the binary masks."""
-        H, W = mask_pred.shape[-2:]
-        num_classes = mask_cls.shape[-1] - 1
-        scores = F.softmax(mask_cls, -1)[:, :-1]
-        labels = torch.arange(num_classes, device=scores.device).repeat(scores.shape[0])
-        k = min(self.test_topk_per_image, scores.numel())
-        top_scores, top_idx = scores.flatten().topk(k, sorted=False)
-        top_labels = labels[top_idx]
-        query = top_idx // num_classes
-        if self.panoptic_on:
-            things = self._thing_ids()
-            keep = torch.tensor([c in things for c in top_labels.tolist()], dtype=torch.bool,
-                                device=query.device)
-            top_scores, top_labels, query = top_scores[keep], top_labels[keep], query[keep]
-        masks = mask_pred[query]
-        result = Instances((H, W))
-        binary = (masks > 0).float()
-        result.pred_masks = binary
-        result.pred_boxes = BitMasks(binary > 0).get_bounding_boxes() if binary.shape[0] else Boxes(
-            torch.zeros(0, 4, device=masks.device))
-        prob = masks.sigmoid() if probs is None else probs[query]
-        mask_scores = (prob.flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-        result.scores = top_scores * mask_scores
-        result.pred_classes = top_labels
-        return result
+    def instance_inference(self, mask_cls, mask_pred):
+        """(Q, K+1), (Q, H, W) logits -> Instances (masks, boxes, scores, classes)."""
+        return self._one(mask_cls, mask_pred, instance=True)["instances"]
+
+    def _one(self, mask_cls, mask_pred, semantic=False, panoptic=False, instance=False):
+        rules = self.rules(semantic, panoptic, instance)
+        return infer(mask_cls, full_rows(mask_pred), tuple(mask_pred.shape[-2:]), rules, like=mask_pred)
 
 
 def postprocess(result, img_size, height, width):

@@ -8,9 +8,9 @@ Names equal the official ``sem_seg_head.pixel_decoder.*`` parameters. Data flow:
     res2 --adapter_1--> + upsampled stride-8 map --layer_1 (3x3 conv + GN + ReLU)-->
     mask_features (1x1 conv) at stride 4
 
-Multi-scale deformable attention (Zhu et al., Deformable DETR) is computed with
-``grid_sample`` (bilinear, zero padding, align_corners=False), so it runs on CPU and
-CUDA alike; no compiled op is needed.
+Multi-scale deformable attention (Zhu et al., Deformable DETR) samples bilinearly as
+``grid_sample`` does (zero padding, align_corners=False) and sums the samples with one
+``embedding_bag`` call, so it runs on CPU and CUDA alike; no compiled op is needed.
 """
 from __future__ import annotations
 
@@ -30,22 +30,50 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     sampling_locations (N, Lq, M, L, P, 2) in [0, 1] as (x, y); attention_weights
     (N, Lq, M, L, P) -> (N, Lq, M * D).
 
-    One ``grid_sample`` per level, weighted and summed over its points right away (no
-    stacked (N*M, D, Lq, L*P) temporary)."""
-    N, _, M, D = value.shape
+    Bilinear sampling as ``grid_sample`` does it (align_corners=False, zeros outside): the
+    sample at pixel coordinates (x, y) = (loc_x * W - 0.5, loc_y * H - 0.5) mixes the four
+    surrounding pixels with the bilinear weights, corners outside the map weighing 0. Each
+    query's output is then one weighted sum over L * P * 4 rows of ``value``, attention
+    weight times bilinear weight, and all of them are one ``F.embedding_bag`` call (a
+    gather-and-sum kernel; no (N*M, D, Lq, L*P) temporary). Differentiable in ``value``,
+    the locations (through the bilinear weights) and the attention weights.
+    """
+    N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    grids = 2 * sampling_locations - 1
-    weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L, P)
-    out = None
-    for lvl, (value_l, (h, w)) in enumerate(zip(value.split([h * w for h, w in shapes], dim=1), shapes)):
-        value_l = value_l.flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
-        grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
-        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
-                                align_corners=False)  # (N*M, D, Lq, P)
-        term = (sampled * weights[:, :, :, lvl]).sum(-1)  # (N*M, D, Lq)
-        out = term if out is None else out.add_(term)
-    return out.reshape(N, M * D, Lq).transpose(1, 2)
+    dev = value.device
+    # sampling in float32 at least (half-precision coordinates would be off by pixels), as
+    # autocast runs grid_sample
+    dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), torch.float32)
+    sampling_locations, attention_weights = sampling_locations.to(dtype), attention_weights.to(dtype)
+    # per level, shaped (L, 1) to broadcast against (N, Lq, M, L, P)
+    starts = torch.tensor([0] + [h * w for h, w in shapes][:-1], device=dev).cumsum(0).view(L, 1)
+    hs = torch.tensor([h for h, _ in shapes], device=dev).view(L, 1)
+    ws = torch.tensor([w for _, w in shapes], device=dev).view(L, 1)
+    x = sampling_locations[..., 0] * ws.to(dtype) - 0.5  # (N, Lq, M, L, P) pixel coordinates
+    y = sampling_locations[..., 1] * hs.to(dtype) - 0.5
+    x0f, y0f = x.floor(), y.floor()
+    fx, fy = x - x0f, y - y0f
+    x0, y0 = x0f.long(), y0f.long()
+    # bilinear weights of the two columns and two rows, 0 where they fall outside the map;
+    # the attention weight rides on the rows
+    wx = torch.stack([(1 - fx) * ((x0 >= 0) & (x0 < ws)), fx * ((x0 >= -1) & (x0 < ws - 1))], dim=-1)
+    a = attention_weights[..., None]
+    wy = torch.stack([(1 - fy) * ((y0 >= 0) & (y0 < hs)), fy * ((y0 >= -1) & (y0 < hs - 1))], dim=-1) * a
+    weights = wy[..., :, None] * wx[..., None, :]  # (N, Lq, M, L, P, 2, 2): rows y0, y0 + 1 x cols
+    # One table of N * M * S rows (image n, head m, position s at pad + (n * M + m) * S + s)
+    # between `pad` zero rows. With x0, y0 clamped to [-1, size - 1], a corner's row is right
+    # whenever its weight is not 0, and otherwise still inside the padded table.
+    pad = max(w for _, w in shapes) + 1
+    table = value.to(dtype).permute(0, 2, 1, 3).reshape(N * M * S, D)
+    table = torch.cat([table.new_zeros(pad, D), table, table.new_zeros(pad, D)])
+    base = (torch.arange(N, device=dev).view(N, 1, 1, 1, 1) * M + torch.arange(M, device=dev).view(M, 1, 1)) * S
+    top_left = (base + pad + starts) + y0.clamp(-1, None).minimum(hs - 1) * ws + x0.clamp(-1, None).minimum(ws - 1)
+    corners = torch.stack([torch.zeros_like(ws), torch.ones_like(ws), ws, ws + 1], dim=-1)  # (L, 1, 4)
+    bags = (top_left[..., None] + corners).view(N * Lq * M, L * P * 4)  # one bag per (image, query, head)
+    out = F.embedding_bag(bags, table, per_sample_weights=weights.reshape(N * Lq * M, L * P * 4),
+                          mode="sum")  # (N * Lq * M, D)
+    return out.view(N, Lq, M * D).to(value.dtype)
 
 
 class MSDeformAttn(nn.Module):

@@ -43,8 +43,27 @@ class CrossAttentionLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt, memory, memory_mask, pos, query_pos):
-        out = self.multihead_attn(query=tgt + query_pos, key=memory + pos, value=memory,
-                                  attn_mask=memory_mask, need_weights=False)[0]
+        """tgt (Q, N, C), memory (S, N, C), memory_mask (N, Q, S) bool, True = may not attend.
+
+        ``nn.MultiheadAttention``'s computation with its own weights, but the mask is
+        broadcast over the heads instead of repeated for each and stays boolean (no
+        (N * heads, Q, S) float copy)."""
+        a = self.multihead_attn
+        Q, N, C = tgt.shape
+        heads = a.num_heads
+        w_q, w_k, w_v = a.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = a.in_proj_bias.chunk(3)
+
+        def split(t):  # (L, N, C) -> (N, heads, L, C / heads)
+            return t.view(t.shape[0], N, heads, C // heads).permute(1, 2, 0, 3)
+
+        q = split(F.linear(tgt + query_pos, w_q, b_q))
+        k = split(F.linear(memory + pos, w_k, b_k))
+        v = split(F.linear(memory, w_v, b_v))
+        allowed = None if memory_mask is None else ~memory_mask[:, None]  # (N, 1, Q, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                             dropout_p=a.dropout if self.training else 0.0)
+        out = a.out_proj(out.permute(2, 0, 1, 3).reshape(Q, N, C))
         return self.norm(tgt + self.dropout(out))
 
 
@@ -126,7 +145,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
             # a query whose mask is empty everywhere attends everywhere
-            attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
+            attn_mask[attn_mask.all(-1)] = False
             output = self.transformer_cross_attention_layers[i](output, src[level], attn_mask, pos[level], query_embed)
             output = self.transformer_self_attention_layers[i](output, query_embed)
             output = self.transformer_ffn_layers[i](output)
@@ -143,8 +162,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     def prediction_heads(self, output, mask_features, target_size):
         decoded = self.decoder_norm(output).transpose(0, 1)  # (N, Q, C)
         classes = self.class_embed(decoded)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
+        N, C, H, W = mask_features.shape
+        embed = self.mask_embed(decoded)  # (N, Q, C)
+        masks = torch.bmm(embed, mask_features.reshape(N, C, H * W)).view(N, -1, H, W)  # (N, Q, H, W)
         attn = F.interpolate(masks, size=target_size, mode="bilinear", align_corners=False)
-        # (N * heads, Q, HW) boolean: True = not allowed to attend
-        attn = (attn.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5)
+        # (N, Q, HW) boolean, the same for every head: True = not allowed to attend
+        attn = attn.sigmoid().flatten(2) < 0.5
         return classes, masks, attn.detach()

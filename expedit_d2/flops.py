@@ -44,7 +44,15 @@ def baddbmm_flop_jit(inputs, outputs) -> int:
     return b1[0] * b1[1] * b1[2] * b2[2]
 
 
+def embedding_bag_flop_jit(inputs, outputs) -> int:
+    """embedding_bag(weight (R, D), indices (B, n), ..., per_sample_weights): a weighted sum
+    of B*n rows, B*n*D multiply-adds (Mask2Former's deformable attention: the same count as
+    fvcore gives grid_sample's four bilinear taps)."""
+    return _numel(get_shape(inputs[1])) * get_shape(inputs[0])[1]
+
+
 EXTRA_HANDLES = {
+    "aten::embedding_bag": embedding_bag_flop_jit,
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
     "aten::baddbmm": baddbmm_flop_jit,
     "aten::baddbmm_": baddbmm_flop_jit,
@@ -62,7 +70,7 @@ _IGNORED = [
     "aten::dropout", "aten::bernoulli_", "aten::max_pool2d", "aten::sigmoid", "aten::relu",
     "aten::relu_", "aten::expand_as", "aten::masked_fill", "aten::zeros_like", "aten::new_zeros",
     "aten::div_", "aten::sub_", "aten::upsample_bicubic2d", "aten::lt", "aten::gt", "aten::neg",
-    "aten::meshgrid", "aten::stack", "aten::arange",
+    "aten::meshgrid", "aten::stack", "aten::arange", "aten::minimum", "aten::cumsum", "aten::ones_like",
 ]
 
 

@@ -25,8 +25,9 @@ from detectron2.structures import Boxes, Instances
 
 __all__ = ["InferenceRules", "full_rows", "upsampled_rows", "infer", "block_rows_for"]
 
-#: output pixels x queries per block: about 8 MB of float32 logits, plus the same in
-#: probabilities (measured on the CPU machine: 1-32 MB blocks differ by a few %)
+#: output pixels x queries per block: about 16 MB of float32 logits (on the CPU machine, 640
+#: and 1024 pixels, 200 queries: faster than 2 or 4 MB blocks, whose upsampling halo costs
+#: more, and than 32 MB blocks)
 BLOCK_ELEMENTS = 2 ** 22
 
 Rows = Callable[[int, int], torch.Tensor]
@@ -55,7 +56,9 @@ def upsampled_rows(mask: torch.Tensor, factor: int, width: int) -> Rows:
 
 
 def block_rows_for(num_queries: int, width: int) -> int:
-    return max(1, BLOCK_ELEMENTS // max(1, num_queries * width))
+    """About :data:`BLOCK_ELEMENTS` logits per block, in whole multiples of 8 rows (so that
+    blocks start on whole low-resolution rows: the upsampling's halo is then 2 x 4 rows)."""
+    return max(8, BLOCK_ELEMENTS // max(1, num_queries * width) // 8 * 8)
 
 
 @dataclass(frozen=True)

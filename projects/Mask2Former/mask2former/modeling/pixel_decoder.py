@@ -46,20 +46,20 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     # autocast runs grid_sample
     dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), torch.float32)
     sampling_locations, attention_weights = sampling_locations.to(dtype), attention_weights.to(dtype)
-    # per level, shaped (L, 1) to broadcast against (N, Lq, M, L, P)
-    starts = torch.tensor([0] + [h * w for h, w in shapes][:-1], device=dev).cumsum(0).view(L, 1)
-    hs = torch.tensor([h for h, _ in shapes], device=dev).view(L, 1)
-    ws = torch.tensor([w for _, w in shapes], device=dev).view(L, 1)
-    x = sampling_locations[..., 0] * ws.to(dtype) - 0.5  # (N, Lq, M, L, P) pixel coordinates
-    y = sampling_locations[..., 1] * hs.to(dtype) - 0.5
-    x0f, y0f = x.floor(), y.floor()
-    fx, fy = x - x0f, y - y0f
-    x0, y0 = x0f.long(), y0f.long()
+    # per level, shaped (L, 1) to broadcast against (N, Lq, M, L, P); indices in int32
+    starts = torch.tensor([0] + [h * w for h, w in shapes][:-1], device=dev).cumsum(0).view(L, 1).int()
+    hs = torch.tensor([h for h, _ in shapes], device=dev, dtype=torch.int32).view(L, 1)
+    ws = torch.tensor([w for _, w in shapes], device=dev, dtype=torch.int32).view(L, 1)
+    hf, wf = hs.to(dtype), ws.to(dtype)
+    x = sampling_locations[..., 0] * wf - 0.5  # (N, Lq, M, L, P) pixel coordinates
+    y = sampling_locations[..., 1] * hf - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
     # bilinear weights of the two columns and two rows, 0 where they fall outside the map;
     # the attention weight rides on the rows
-    wx = torch.stack([(1 - fx) * ((x0 >= 0) & (x0 < ws)), fx * ((x0 >= -1) & (x0 < ws - 1))], dim=-1)
+    wx = torch.stack([(1 - fx) * ((x0 >= 0) & (x0 < wf)), fx * ((x0 >= -1) & (x0 < wf - 1))], dim=-1)
     a = attention_weights[..., None]
-    wy = torch.stack([(1 - fy) * ((y0 >= 0) & (y0 < hs)), fy * ((y0 >= -1) & (y0 < hs - 1))], dim=-1) * a
+    wy = torch.stack([(1 - fy) * ((y0 >= 0) & (y0 < hf)), fy * ((y0 >= -1) & (y0 < hf - 1))], dim=-1) * a
     weights = wy[..., :, None] * wx[..., None, :]  # (N, Lq, M, L, P, 2, 2): rows y0, y0 + 1 x cols
     # One table of N * M * S rows (image n, head m, position s at pad + (n * M + m) * S + s)
     # between `pad` zero rows. With x0, y0 clamped to [-1, size - 1], a corner's row is right
@@ -67,8 +67,11 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     pad = max(w for _, w in shapes) + 1
     table = value.to(dtype).permute(0, 2, 1, 3).reshape(N * M * S, D)
     table = torch.cat([table.new_zeros(pad, D), table, table.new_zeros(pad, D)])
-    base = (torch.arange(N, device=dev).view(N, 1, 1, 1, 1) * M + torch.arange(M, device=dev).view(M, 1, 1)) * S
-    top_left = (base + pad + starts) + y0.clamp(-1, None).minimum(hs - 1) * ws + x0.clamp(-1, None).minimum(ws - 1)
+    base = (torch.arange(N, device=dev, dtype=torch.int32).view(N, 1, 1, 1, 1) * M
+            + torch.arange(M, device=dev, dtype=torch.int32).view(M, 1, 1)) * S + pad + starts
+    col = x0.clamp(min=-1).minimum(wf - 1).int()
+    row = y0.clamp(min=-1).minimum(hf - 1).int()
+    top_left = base + row * ws + col
     corners = torch.stack([torch.zeros_like(ws), torch.ones_like(ws), ws, ws + 1], dim=-1)  # (L, 1, 4)
     bags = (top_left[..., None] + corners).view(N * Lq * M, L * P * 4)  # one bag per (image, query, head)
     out = F.embedding_bag(bags, table, per_sample_weights=weights.reshape(N * Lq * M, L * P * 4),

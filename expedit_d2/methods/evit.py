@@ -256,9 +256,6 @@ class EViTTokens(TokenReducer):
         P = state.num_prefix_tokens
         return _with_prefix(x, evit_restore(state.infos, _cls_and_grid(x, P)), P)
 
-    def positions(self, state):
-        return state.positions
-
     def extra_repr(self) -> str:
         return f"locations={sorted(self.locations)}, keep_rate={self.keep_rate}, fuse={self.fuse}"
 

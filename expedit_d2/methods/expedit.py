@@ -200,9 +200,6 @@ class ExpeditTokens(TokenReducer):
             return x  # before clustering, or as many clusters as tokens (the official hook's rule)
         return self.reconstruction(x, c)
 
-    def positions(self, state):
-        return state.positions
-
     def extra_repr(self) -> str:
         return f"location={self.location}"
 

@@ -185,9 +185,6 @@ class PoolTokens(TokenReducer):
             return x
         return unpool_tokens(x, state.grid, self.size, state.num_prefix_tokens)
 
-    def positions(self, state):
-        return state.positions
-
     def extra_repr(self) -> str:
         return f"location={self.location}, size={self.size}"
 

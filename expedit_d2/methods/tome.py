@@ -331,9 +331,6 @@ class ToMeTokens(TokenReducer):
     def tap(self, x, state):
         return x if state.source is None else unmerge_with_source(x, state.source)
 
-    def positions(self, state):
-        return state.positions
-
     def extra_repr(self) -> str:
         return f"r={self.r}, start_block={self.start_block}, prop_attn={self.proportional_attention}"
 

@@ -183,8 +183,9 @@ class TokenReducer(nn.Module):
     def positions(self, state) -> torch.Tensor | None:
         """The grid position (row-major index into the h*w grid) that each current grid token
         stands for: None while the tokens are the grid itself, else (N',) shared by the batch
-        or (B, N') per image."""
-        return None
+        or (B, N') per image. By default the pass state's ``positions`` attribute, which a
+        method that changes the token set keeps up to date."""
+        return getattr(state, "positions", None)
 
 
 def regrid_inputs(inputs: dict, positions: torch.Tensor | None) -> dict:

@@ -123,7 +123,7 @@ class MaskFormer(nn.Module):
             height, width = int(x.get("height", size[0])), int(x.get("width", size[1]))
             h, w = (int(s) for s in mask_i.shape[-2:])
             factor = Hp // h
-            direct = (self.sem_seg_postprocess_before_inference and (height, width) == tuple(size)
+            direct = (self.sem_seg_postprocess_before_inference and (height, width) == size
                       and factor in (1, 2, 4, 8, 16) and (Hp, Wp) == (h * factor, w * factor))
             if direct:
                 rows, out_size = upsampled_rows(mask_i, factor, width), (height, width)

@@ -2,7 +2,8 @@
 
 * :func:`time_interleaved` -- median latency of several callables measured in one run,
   interleaved repeat by repeat (machine drift hits all alike), after warm-up,
-  synchronised on CUDA.
+  synchronised on CUDA; :func:`interleaved_samples` gives every round's times and
+  :func:`round_ratios` the per-round ratios to one of them.
 * :func:`peak_memory` -- peak extra memory of one call: on CUDA
   ``max_memory_allocated`` over what was allocated before; on CPU the growth of the
   resident set's high-water mark (Linux ``/proc``, reset before the call). On CPU, measure
@@ -27,8 +28,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["set_flush_denormal", "sync", "time_interleaved", "peak_memory", "run_memory_child",
-           "forward_peak_bytes", "print_child_peak", "child_peak_mb", "peak_memory_mb", "write_report"]
+__all__ = ["set_flush_denormal", "sync", "interleaved_samples", "time_interleaved", "round_ratios",
+           "peak_memory", "run_memory_child", "forward_peak_bytes", "print_child_peak", "child_peak_mb",
+           "peak_memory_mb", "write_report"]
 
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
@@ -45,9 +47,11 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device, repeats: int = 5,
-                     warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function; returns {name: median}."""
+def interleaved_samples(fns: dict[str, Callable[[], object]], device, repeats: int = 5,
+                        warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of each function: ``warmup`` untimed rounds, then ``repeats``
+    rounds, each calling every function once in turn (synchronised on CUDA); returns
+    {name: [seconds of round 0, 1, ...]}."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
@@ -62,7 +66,20 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, repeats: int 
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device, repeats: int = 5,
+                     warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function (:func:`interleaved_samples`); returns {name: median}."""
+    return {name: statistics.median(ts) for name, ts in interleaved_samples(fns, device, repeats, warmup).items()}
+
+
+def round_ratios(samples: dict[str, list[float]], base: str) -> dict[str, list[float]]:
+    """Per round, each function's time over ``base``'s time in the same round (from
+    :func:`interleaved_samples`): drift slower than a round cancels in each ratio, so their
+    median is steadier than the ratio of the medians on a machine whose speed wanders."""
+    return {name: [t / b for t, b in zip(ts, samples[base])] for name, ts in samples.items()}
 
 
 def _status_kb(key: str) -> int:

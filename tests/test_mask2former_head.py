@@ -182,3 +182,25 @@ def test_masked_attention_decoder_equals_the_official_order(features):
         cls, masks = _official_decoder(dec, x, mask_features)
     torch.testing.assert_close(got["pred_logits"], cls, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["pred_masks"], masks, rtol=1e-5, atol=1e-4)
+
+
+def test_decoder_in_eval_predicts_earlier_masks_only_at_the_attention_size():
+    """Eval skips the full-size intermediate mask logits (aux outputs carry class logits
+    only) and gives the training pass's final outputs; training keeps every layer's masks."""
+    from mask2former.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoder
+
+    torch.manual_seed(0)
+    dec = MultiScaleMaskedTransformerDecoder(32, num_classes=5, hidden_dim=32, num_queries=7, nheads=4,
+                                             dim_feedforward=64, dec_layers=4, mask_dim=32)
+    x = [torch.randn(1, 32, h, w) for h, w in [(3, 4), (6, 8), (24, 32)]]  # the finest level at mask size
+    mask_features = torch.randn(1, 32, 24, 32) * 3
+    with torch.no_grad():
+        train = dec.train()(x, mask_features)
+        test = dec.eval()(x, mask_features)
+    assert [sorted(a) for a in train["aux_outputs"]] == [["pred_logits", "pred_masks"]] * 4
+    assert all(a["pred_masks"].shape == (1, 7, 24, 32) for a in train["aux_outputs"])
+    assert [sorted(a) for a in test["aux_outputs"]] == [["pred_logits"]] * 4
+    torch.testing.assert_close(test["pred_masks"], train["pred_masks"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(test["pred_logits"], train["pred_logits"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(test["aux_outputs"], train["aux_outputs"]):
+        torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=1e-5, atol=1e-5)

@@ -213,11 +213,12 @@ def test_hourglass_stage_matches_the_spec_written_out(shift_mask, s, k):
     torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
 
 
-def test_base_block_matches_the_manual_block():
+@pytest.mark.parametrize("batch", [1, 2])  # one image: the shift mask is not repeated
+def test_base_block_matches_the_manual_block(batch):
     model = build(tiny_swin_cfg())
     stage = model.layers[2]
     C, ws = stage.blocks[0].norm1.normalized_shape[0], 12
-    x = torch.randn(2, 24 * 36, C)
+    x = torch.randn(batch, 24 * 36, C)
     mask = _region_mask(24, 36, ws, ws // 2)
     with torch.no_grad():
         for blk in stage.blocks[:2]:  # one plain, one shifted

@@ -138,3 +138,44 @@ def test_benchmark_model_parts_of_dpt_include_the_token_taps(tmp_path):
     base, point = json.loads(out.with_suffix(".json").read_text())
     assert set(base["parts_ms"]) == {"backbone", "reassemble", "scratch", "rest"}
     assert base["parts_ms"]["backbone"] > 0 and point["setting"] == "a1_4x4"
+
+
+def test_part_seconds_interleaves_the_settings_and_unwraps_the_parts():
+    """The instrumented pass alternates the settings round by round (as the timing pass),
+    counts each part's outermost entry only, and leaves no wrapper on the modules."""
+
+    from tools.benchmark_model import part_seconds
+
+    calls = []
+
+    class Part(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x, inner=True):
+            return self(x, inner=False) if inner else x * self.w  # re-enters its own forward
+
+    class Model(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.backbone, self.head = name, Part(), Part()
+
+        def forward(self, x):
+            calls.append(self.name)
+            return self.head(self.backbone(x))
+
+    models = {"baseline": Model("baseline"), "other": Model("other")}
+    x = torch.ones(1)
+    out = part_seconds(models, {k: (lambda m=m: m(x)) for k, m in models.items()}, "cpu", repeats=3)
+    assert calls == ["baseline", "other"] * 3
+    assert set(out["other"]) == {"backbone", "head", "total"}
+    assert all(0 < out[k]["backbone"] <= out[k]["total"] for k in models)
+    assert all("forward" not in vars(m.backbone) and "forward" not in vars(m.head) for m in models.values())
+
+
+def test_round_ratios_pair_each_round_with_the_baseline():
+    from expedit_d2.measure import round_ratios
+
+    samples = {"baseline": [1.0, 2.0, 4.0], "x": [0.5, 1.2, 2.0]}
+    assert round_ratios(samples, "baseline") == {"baseline": [1.0, 1.0, 1.0], "x": [0.5, 0.6, 0.5]}

@@ -16,10 +16,12 @@ given is compared with its un-expedited baseline. Every model has the same weigh
 For each setting, on one image of ``--input-size`` (batch 1, the project's own
 ``model([{"image", "height", "width"}])``: preprocessing and post-processing included):
 
-* latency: warm-up, then the median of ``--repeats`` forwards, every setting timed
-  interleaved with the others in the same process (machine drift cancels in the ratios),
-  synchronised on CUDA; the ratio to the baseline;
-* a per-part breakdown from a second, instrumented pass (medians): the backbone, each head part
+* latency: warm-up, then ``--repeats`` rounds, each timing every setting once in turn in
+  the same process, synchronised on CUDA; ``ms`` is the median, the latency ratio is the
+  median over rounds of the setting's time over the baseline's in that round (drift slower
+  than a round cancels), shown with the rounds' lowest and highest ratio;
+* a per-part breakdown from a second, instrumented pass, interleaved the same way
+  (medians): the backbone, each head part
   (a meta-architecture's ``benchmark_parts()``, else its top-level children: Mask2Former's
   pixel decoder and transformer decoder, DPT's reassemble and scratch), and the rest (pre-
   and post-processing);
@@ -46,11 +48,11 @@ from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
 from expedit_d2.cli import HelpFormatter, add_timing_arguments, apply_timing_arguments
 from expedit_d2.engine import load_project
 from expedit_d2.flops import gmacs
-from expedit_d2.measure import sync, time_interleaved, write_report
+from expedit_d2.measure import interleaved_samples, round_ratios, sync, write_report
 from expedit_d2.sweep import (Point, SweepError, SweepSpec, expand_points, parse_grid, parse_point,
                               validate_points)
 
-__all__ = ["model_parts", "benchmark", "main"]
+__all__ = ["model_parts", "timed_parts", "part_seconds", "benchmark", "main"]
 
 AMP = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -67,14 +69,15 @@ def model_parts(model: nn.Module) -> dict[str, nn.Module]:
     return parts
 
 
-def part_seconds(model: nn.Module, run, device, repeats: int) -> dict[str, float]:
-    """Median seconds inside each of :func:`model_parts` over ``repeats`` timed calls of
-    ``run()``, and ``total`` (the whole call). A part is entered through ``forward``, or as
-    Detectron2's pixel decoders (``forward_features``) and our ViTs (``forward_taps``) are:
-    each is timed (the outermost entry only), wrapped on the instance for the duration."""
+@contextlib.contextmanager
+def timed_parts(model: nn.Module, device):
+    """Within the block, the seconds spent inside each of :func:`model_parts` are added to
+    the last entry of ``spent[name]`` (the caller appends a 0.0 per call); yields ``spent``.
+    A part is entered through ``forward``, or as Detectron2's pixel decoders
+    (``forward_features``) and our ViTs (``forward_taps``) are: each is timed (the
+    outermost entry only), wrapped on the instance for the duration."""
     parts = model_parts(model)
     spent = {name: [] for name in parts}
-    totals = []
     depth = dict.fromkeys(parts, 0)
 
     def timed(name, fn):
@@ -93,25 +96,37 @@ def part_seconds(model: nn.Module, run, device, repeats: int) -> dict[str, float
         return wrapper
 
     wrapped = []
-    for name, mod in parts.items():
-        for attr in ("forward", "forward_features", "forward_taps"):
-            if callable(getattr(mod, attr, None)):
-                setattr(mod, attr, timed(name, getattr(mod, attr)))
-                wrapped.append((mod, attr))
     try:
-        for _ in range(repeats):
-            for ts in spent.values():
-                ts.append(0.0)
-            sync(device)
-            t0 = time.perf_counter()
-            run()
-            sync(device)
-            totals.append(time.perf_counter() - t0)
+        for name, mod in parts.items():
+            for attr in ("forward", "forward_features", "forward_taps"):
+                if callable(getattr(mod, attr, None)):
+                    setattr(mod, attr, timed(name, getattr(mod, attr)))
+                    wrapped.append((mod, attr))
+        yield spent
     finally:
         for mod, attr in wrapped:
             delattr(mod, attr)  # the class's method again
-    out = {name: statistics.median(ts) for name, ts in spent.items()}
-    out["total"] = statistics.median(totals)
+
+
+def part_seconds(models: dict[str, nn.Module], runs: dict, device, repeats: int) -> dict[str, dict[str, float]]:
+    """{setting: {part: median seconds inside it, ..., "total": median seconds of the call}}
+    over ``repeats`` rounds, each calling every setting's ``runs[setting]()`` once in turn
+    (interleaved as the timing pass, so drift hits every setting alike)."""
+    with contextlib.ExitStack() as stack:
+        spent = {pid: stack.enter_context(timed_parts(m, device)) for pid, m in models.items()}
+        totals = {pid: [] for pid in models}
+        for _ in range(repeats):
+            for pid, run in runs.items():
+                for ts in spent[pid].values():
+                    ts.append(0.0)
+                sync(device)
+                t0 = time.perf_counter()
+                run()
+                sync(device)
+                totals[pid].append(time.perf_counter() - t0)
+    out = {pid: {name: statistics.median(ts) for name, ts in spent[pid].items()} for pid in models}
+    for pid in models:
+        out[pid]["total"] = statistics.median(totals[pid])
     return out
 
 
@@ -178,10 +193,12 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
         return run
 
     log(f"timing {len(points)} settings interleaved (warm-up {warmup}, {repeats} repeats)")
-    secs = time_interleaved({p.id: call(p.id) for p in points}, device, repeats, warmup)
-    log("per-part breakdown (instrumented pass)")
-    parts = {p.id: part_seconds(models[p.id], call(p.id), device, repeats) for p in points}
     base = "baseline"
+    samples = interleaved_samples({p.id: call(p.id) for p in points}, device, repeats, warmup)
+    secs = {pid: statistics.median(ts) for pid, ts in samples.items()}
+    ratios = round_ratios(samples, base)
+    log("per-part breakdown (instrumented pass, interleaved)")
+    parts = part_seconds(models, {p.id: call(p.id) for p in points}, device, repeats)
     rows = []
     for p in points:
         pid = p.id
@@ -191,7 +208,10 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
         row = {
             "setting": _label(p), "overrides": dict(p.overrides), "opts": cfgs[pid][1],
             "input": [H, W], "device": str(device), "amp": amp, "compile": compile_part,
-            "ms": 1e3 * secs[pid], "latency_ratio": secs[pid] / secs[base],
+            "ms": 1e3 * secs[pid], "ms_rounds": [1e3 * t for t in samples[pid]],
+            "latency_ratio": statistics.median(ratios[pid]),
+            "latency_ratio_range": [min(ratios[pid]), max(ratios[pid])],
+            "ratio_of_medians": secs[pid] / secs[base],
             "backbone_gmacs": macs[pid]["backbone"], "model_gmacs": macs[pid]["model"],
             "backbone_gmacs_ratio": macs[pid]["backbone"] / macs[base]["backbone"],
             "model_gmacs_ratio": macs[pid]["model"] / macs[base]["model"],
@@ -209,16 +229,17 @@ def format_table(rows: list[dict], threads: int) -> str:
     r0 = rows[0]
     head = (f"Whole model, input {r0['input'][1]}x{r0['input'][0]} (WxH), batch 1, {r0['device']}"
             f" ({threads} threads), amp {r0['amp'] or 'off'}, compile {r0['compile'] or 'off'}; "
-            "latency: median, interleaved in one run; GMACs: fvcore multiply-adds; "
-            "gap = latency ratio - model GMACs ratio")
+            "latency: median, interleaved in one run; latency ratio: median of the per-round ratios; "
+            "GMACs: fvcore multiply-adds; gap = latency ratio - model GMACs ratio")
     part_names = list(r0["parts_ms"])
     lines = [head, "",
-             "| setting | ms | latency ratio | model GMACs (ratio) | backbone GMACs (ratio) | gap | "
+             "| setting | ms | latency ratio (rounds' range) | model GMACs (ratio) | backbone GMACs (ratio) | gap | "
              + " | ".join(f"{n} ms" for n in part_names) + " |",
              "|---|---:|---:|---:|---:|---:|" + "---:|" * len(part_names)]
     for r in rows:
+        lo, hi = r["latency_ratio_range"]
         lines.append(
-            f"| {r['setting']} | {r['ms']:.0f} | {r['latency_ratio']:.3f} | "
+            f"| {r['setting']} | {r['ms']:.0f} | {r['latency_ratio']:.3f} ({lo:.3f}-{hi:.3f}) | "
             f"{r['model_gmacs']:.1f} ({r['model_gmacs_ratio']:.3f}) | "
             f"{r['backbone_gmacs']:.1f} ({r['backbone_gmacs_ratio']:.3f}) | {r['gap']:+.3f} | "
             + " | ".join(f"{r['parts_ms'][n]:.0f}" for n in part_names) + " |")

@@ -140,7 +140,9 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias(window_size).to(q.dtype).unsqueeze(0)
         if mask is not None:
             nW = mask.shape[0]
-            bias = (bias + mask.to(q.dtype).unsqueeze(1)).repeat(B_ // nW, 1, 1, 1)
+            bias = bias + mask.to(q.dtype).unsqueeze(1)  # (nW, heads, N, N)
+            if B_ != nW:  # (a batch of one image needs no copy)
+                bias = bias.repeat(B_ // nW, 1, 1, 1)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0,
             scale=self.scale)

@@ -144,8 +144,9 @@ class _Panoptic:
         self.scores, self.labels = scores[self.kept].view(-1, 1, 1), labels[self.kept]
         self.rules, self.needs_pixels = rules, self.kept.numel() > 0
         K, device = self.kept.numel(), like.device
-        self.owner = torch.zeros((H, W), dtype=torch.long, device=device)
-        self.owner_own = torch.zeros((H, W), dtype=torch.bool, device=device)
+        # every row is written by the blocks before it is read (when there are kept queries)
+        self.owner = torch.empty((H, W), dtype=torch.long, device=device)
+        self.owner_own = torch.empty((H, W), dtype=torch.bool, device=device)
         self.owned, self.won, self.own = (torch.zeros(K, dtype=torch.long, device=device) for _ in range(3))
 
     def block(self, r0, r1, logits, probs):
@@ -206,7 +207,7 @@ class _Instance:
             top_scores, top_labels, query = top_scores[keep], top_labels[keep], query[keep]
         self.query, self.scores, self.labels, self.size = query, top_scores, top_labels, (H, W)
         n, device = query.numel(), like.device
-        self.masks = torch.zeros((n, H, W), dtype=torch.float32, device=device)
+        self.masks = torch.empty((n, H, W), dtype=torch.float32, device=device)  # every row written
         self.prob_sum = torch.zeros(n, dtype=torch.float64, device=device)
         self.area = torch.zeros(n, dtype=torch.long, device=device)
         self.rows_hit = torch.zeros((n, H), dtype=torch.bool, device=device)

@@ -8,7 +8,8 @@ and after every layer.
 
 Shapes: queries (Q, N, C) in sequence-first layout (as ``nn.MultiheadAttention`` with
 its default ``batch_first=False``); outputs ``pred_logits`` (N, Q, K + 1),
-``pred_masks`` (N, Q, H/4, W/4), ``aux_outputs`` for the intermediate predictions.
+``pred_masks`` (N, Q, H/4, W/4), ``aux_outputs`` for the intermediate predictions (in
+eval: their class logits only; see ``forward``).
 """
 from __future__ import annotations
 
@@ -138,34 +139,53 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, N, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, N, 1)
 
+        # in eval only the last mask logits leave the decoder: the earlier ones are needed only
+        # as attention masks at a level's size, and bilinear resizing commutes with the
+        # per-pixel linear map query x features, so they are predicted from the mask features
+        # resized to each level (the same logits up to float rounding, no (Q, H/4, W/4) maps)
+        resized = None if self.training else {
+            size: mask_features if size == tuple(mask_features.shape[-2:]) else
+            F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+            for size in dict.fromkeys(sizes)}
         classes, masks = [], []
-        cls, msk, attn_mask = self.prediction_heads(output, mask_features, sizes[0])
-        classes.append(cls)
-        masks.append(msk)
-        for i in range(self.num_layers):
-            level = i % self.num_feature_levels
-            # a query whose mask is empty everywhere attends everywhere
-            attn_mask[attn_mask.all(-1)] = False
-            output = self.transformer_cross_attention_layers[i](output, src[level], attn_mask, pos[level], query_embed)
-            output = self.transformer_self_attention_layers[i](output, query_embed)
-            output = self.transformer_ffn_layers[i](output)
-            cls, msk, attn_mask = self.prediction_heads(output, mask_features,
-                                                        sizes[(i + 1) % self.num_feature_levels])
+        for i in range(self.num_layers + 1):
+            if i > 0:
+                level = (i - 1) % self.num_feature_levels
+                # a query whose mask is empty everywhere attends everywhere
+                attn_mask[attn_mask.all(-1)] = False
+                output = self.transformer_cross_attention_layers[i - 1](
+                    output, src[level], attn_mask, pos[level], query_embed)
+                output = self.transformer_self_attention_layers[i - 1](output, query_embed)
+                output = self.transformer_ffn_layers[i - 1](output)
+            target = sizes[i % self.num_feature_levels]
+            last = i == self.num_layers
+            if resized is None:  # training: every layer's full mask logits (the auxiliary losses)
+                cls, msk, attn_mask = self.prediction_heads(output, mask_features, target)
+            elif last:  # eval, last layer: the output masks, no attention mask
+                cls, msk, attn_mask = self.prediction_heads(output, mask_features, None)
+            else:  # eval, earlier layers: the attention mask only
+                cls, _, attn_mask = self.prediction_heads(output, resized[target], target)
+                msk = None
             classes.append(cls)
             masks.append(msk)
-        return {
-            "pred_logits": classes[-1],
-            "pred_masks": masks[-1],
-            "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in zip(classes[:-1], masks[:-1])],
-        }
+        aux = [{"pred_logits": c} if m is None else {"pred_logits": c, "pred_masks": m}
+               for c, m in zip(classes[:-1], masks[:-1])]
+        return {"pred_logits": classes[-1], "pred_masks": masks[-1], "aux_outputs": aux}
 
     def prediction_heads(self, output, mask_features, target_size):
+        """Class logits (N, Q, K + 1), mask logits (N, Q, H, W) on ``mask_features``' grid,
+        and the attention mask (N, Q, target H x W) bool, True = may not attend (None when
+        ``target_size`` is None)."""
         decoded = self.decoder_norm(output).transpose(0, 1)  # (N, Q, C)
         classes = self.class_embed(decoded)
         N, C, H, W = mask_features.shape
         embed = self.mask_embed(decoded)  # (N, Q, C)
         masks = torch.bmm(embed, mask_features.reshape(N, C, H * W)).view(N, -1, H, W)  # (N, Q, H, W)
-        attn = F.interpolate(masks, size=target_size, mode="bilinear", align_corners=False)
+        if target_size is None:
+            return classes, masks, None
+        attn = masks
+        if tuple(target_size) != (H, W):
+            attn = F.interpolate(masks, size=target_size, mode="bilinear", align_corners=False)
         # (N, Q, HW) boolean, the same for every head: True = not allowed to attend
         attn = attn.sigmoid().flatten(2) < 0.5
         return classes, masks, attn.detach()

@@ -130,7 +130,9 @@ class WindowAttention(nn.Module):
             table = grid.reshape(self.num_heads, -1).t()
             index = relative_position_index(ws, table.device)
         n = index.shape[0]
-        return table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1)
+        # contiguous: a permuted bias would make (bias + shift mask) permuted too, and the
+        # fused attention would copy that (nW, heads, N, N) mask again
+        return table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 window_size: int | None = None) -> torch.Tensor:

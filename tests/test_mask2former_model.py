@@ -206,8 +206,10 @@ def test_row_block_post_processing_equals_the_official_per_query_rules(seed, ove
 
 
 @pytest.mark.parametrize("h, w, factor, width, step", [(10, 12, 4, 45, 3), (9, 7, 4, 28, 1), (5, 6, 2, 11, 4),
-                                                       (6, 5, 8, 40, 13), (4, 4, 1, 3, 2)])
+                                                       (6, 5, 8, 40, 13), (4, 4, 1, 3, 2), (1, 3, 4, 12, 2),
+                                                       (40, 40, 4, 160, 32), (16, 16, 16, 250, 24)])
 def test_upsampled_row_blocks_equal_the_full_upsampling_bitwise(h, w, factor, width, step):
+    """Blocks of any height, first and last rows included, equal F.interpolate's whole tensor."""
     from mask2former.inference import upsampled_rows
 
     x = torch.randn(3, h, w) * 5
@@ -215,7 +217,8 @@ def test_upsampled_row_blocks_equal_the_full_upsampling_bitwise(h, w, factor, wi
     rows = upsampled_rows(x, factor, width)
     H = h * factor - 1  # the crop leaves the last row out
     got = torch.cat([rows(r0, min(r0 + step, H)) for r0 in range(0, H, step)], dim=1)
-    assert torch.equal(got, full[:, :H, :width])
+    assert got.shape == (3, H, width) and torch.equal(got, full[:, :H, :width])
+    assert torch.equal(rows(0, h * factor), full[:, :, :width])  # one block: the first and last rows at once
 
 
 @pytest.mark.parametrize("out_size", [None, (30, 41)])

@@ -19,7 +19,9 @@ For each setting, on one image of ``--input-size`` (batch 1, the project's own
 * latency: warm-up, then ``--repeats`` rounds, each timing every setting once in turn in
   the same process, synchronised on CUDA; ``ms`` is the median, the latency ratio is the
   median over rounds of the setting's time over the baseline's in that round (drift slower
-  than a round cancels), shown with the rounds' lowest and highest ratio;
+  than a round cancels), shown with the rounds' lowest and highest ratio, and the ratio of
+  the fastest rounds (on a shared machine interference only ever slows a call down, so
+  the fastest round is the least disturbed);
 * a per-part breakdown from a second, instrumented pass, interleaved the same way
   (medians): the backbone, each head part
   (a meta-architecture's ``benchmark_parts()``, else its top-level children: Mask2Former's
@@ -212,6 +214,7 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
             "latency_ratio": statistics.median(ratios[pid]),
             "latency_ratio_range": [min(ratios[pid]), max(ratios[pid])],
             "ratio_of_medians": secs[pid] / secs[base],
+            "ratio_of_minimums": min(samples[pid]) / min(samples[base]),
             "backbone_gmacs": macs[pid]["backbone"], "model_gmacs": macs[pid]["model"],
             "backbone_gmacs_ratio": macs[pid]["backbone"] / macs[base]["backbone"],
             "model_gmacs_ratio": macs[pid]["model"] / macs[base]["model"],
@@ -230,17 +233,20 @@ def format_table(rows: list[dict], threads: int) -> str:
     head = (f"Whole model, input {r0['input'][1]}x{r0['input'][0]} (WxH), batch 1, {r0['device']}"
             f" ({threads} threads), amp {r0['amp'] or 'off'}, compile {r0['compile'] or 'off'}; "
             "latency: median, interleaved in one run; latency ratio: median of the per-round ratios; "
-            "GMACs: fvcore multiply-adds; gap = latency ratio - model GMACs ratio; backbone latency ratio: "
-            "from the per-part medians")
+            "fastest-round ratio: the setting's fastest round over the baseline's (interference only "
+            "slows a call down); GMACs: fvcore multiply-adds; gap = latency ratio - model GMACs ratio; "
+            "backbone latency ratio: from the per-part medians")
     part_names = list(r0["parts_ms"])
     lines = [head, "",
-             "| setting | ms | latency ratio (rounds' range) | model GMACs (ratio) | backbone GMACs (ratio) | gap | "
-             "backbone latency ratio | " + " | ".join(f"{n} ms" for n in part_names) + " |",
-             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(part_names)]
+             "| setting | ms | latency ratio (rounds' range) | fastest-round ratio | model GMACs (ratio) | "
+             "backbone GMACs (ratio) | gap | backbone latency ratio | "
+             + " | ".join(f"{n} ms" for n in part_names) + " |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(part_names)]
     for r in rows:
         lo, hi = r["latency_ratio_range"]
         lines.append(
             f"| {r['setting']} | {r['ms']:.0f} | {r['latency_ratio']:.3f} ({lo:.3f}-{hi:.3f}) | "
+            f"{r['ratio_of_minimums']:.3f} | "
             f"{r['model_gmacs']:.1f} ({r['model_gmacs_ratio']:.3f}) | "
             f"{r['backbone_gmacs']:.1f} ({r['backbone_gmacs_ratio']:.3f}) | {r['gap']:+.3f} | "
             f"{r['parts_ratio'].get('backbone', float('nan')):.3f} | "

@@ -40,42 +40,42 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     """
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
+    B = N * Lq * M  # one bag per (image, query, head)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     dev = value.device
     # sampling in float32 at least (half-precision coordinates would be off by pixels), as
     # autocast runs grid_sample
     dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), torch.float32)
-    sampling_locations, attention_weights = sampling_locations.to(dtype), attention_weights.to(dtype)
-    # per level, shaped (L, 1) to broadcast against (N, Lq, M, L, P); indices in int32
-    starts = torch.tensor([0] + [h * w for h, w in shapes][:-1], device=dev).cumsum(0).view(L, 1).int()
-    hs = torch.tensor([h for h, _ in shapes], device=dev, dtype=torch.int32).view(L, 1)
-    ws = torch.tensor([w for _, w in shapes], device=dev, dtype=torch.int32).view(L, 1)
-    hf, wf = hs.to(dtype), ws.to(dtype)
-    x = sampling_locations[..., 0] * wf - 0.5  # (N, Lq, M, L, P) pixel coordinates
-    y = sampling_locations[..., 1] * hf - 0.5
-    x0, y0 = x.floor(), y.floor()
-    fx, fy = x - x0, y - y0
-    # bilinear weights of the two columns and two rows, 0 where they fall outside the map;
-    # the attention weight rides on the rows
-    wx = torch.stack([(1 - fx) * ((x0 >= 0) & (x0 < wf)), fx * ((x0 >= -1) & (x0 < wf - 1))], dim=-1)
-    a = attention_weights[..., None]
-    wy = torch.stack([(1 - fy) * ((y0 >= 0) & (y0 < hf)), fy * ((y0 >= -1) & (y0 < hf - 1))], dim=-1) * a
-    weights = wy[..., :, None] * wx[..., None, :]  # (N, Lq, M, L, P, 2, 2): rows y0, y0 + 1 x cols
+    # level-major (coordinate, level, bag, point): each level's arithmetic then runs on
+    # contiguous (B, P) tensors with its height and width as plain numbers
+    loc = sampling_locations.to(dtype).permute(5, 3, 0, 1, 2, 4).reshape(2, L, B, P)
+    attn = attention_weights.to(dtype).permute(3, 0, 1, 2, 4).reshape(L, B, P)
     # One table of N * M * S rows (image n, head m, position s at pad + (n * M + m) * S + s)
     # between `pad` zero rows. With x0, y0 clamped to [-1, size - 1], a corner's row is right
     # whenever its weight is not 0, and otherwise still inside the padded table.
     pad = max(w for _, w in shapes) + 1
     table = value.to(dtype).permute(0, 2, 1, 3).reshape(N * M * S, D)
     table = torch.cat([table.new_zeros(pad, D), table, table.new_zeros(pad, D)])
-    base = (torch.arange(N, device=dev, dtype=torch.int32).view(N, 1, 1, 1, 1) * M
-            + torch.arange(M, device=dev, dtype=torch.int32).view(M, 1, 1)) * S + pad + starts
-    col = x0.clamp(min=-1).minimum(wf - 1).int()
-    row = y0.clamp(min=-1).minimum(hf - 1).int()
-    top_left = base + row * ws + col
-    corners = torch.stack([torch.zeros_like(ws), torch.ones_like(ws), ws, ws + 1], dim=-1)  # (L, 1, 4)
-    bags = (top_left[..., None] + corners).view(N * Lq * M, L * P * 4)  # one bag per (image, query, head)
-    out = F.embedding_bag(bags, table, per_sample_weights=weights.reshape(N * Lq * M, L * P * 4),
-                          mode="sum")  # (N * Lq * M, D)
+    first_row = ((torch.arange(N, device=dev, dtype=torch.int32).view(N, 1, 1) * M
+                  + torch.arange(M, device=dev, dtype=torch.int32)) * S + pad).expand(N, Lq, M).reshape(B, 1)
+    weights, rows, start = [], [], 0
+    for lvl, (h, w) in enumerate(shapes):
+        x = loc[0, lvl] * w - 0.5  # (B, P) pixel coordinates
+        y = loc[1, lvl] * h - 0.5
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        # bilinear weights of the two columns and two rows, 0 where they fall outside the
+        # map; the attention weight rides on the rows
+        wx0, wx1 = (1 - fx) * ((x0 >= 0) & (x0 < w)), fx * ((x0 >= -1) & (x0 < w - 1))
+        wy0 = (1 - fy) * ((y0 >= 0) & (y0 < h)) * attn[lvl]
+        wy1 = fy * ((y0 >= -1) & (y0 < h - 1)) * attn[lvl]
+        weights.append(torch.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], dim=-1))  # (B, P, 4)
+        top_left = first_row + start + y0.clamp(-1, h - 1).int() * w + x0.clamp(-1, w - 1).int()
+        rows.append(torch.stack([top_left, top_left + 1, top_left + w, top_left + (w + 1)], dim=-1))
+        start += h * w
+    bags = torch.stack(rows, dim=1).view(B, L * P * 4)  # per bag: level, point, corner
+    out = F.embedding_bag(bags, table, per_sample_weights=torch.stack(weights, dim=1).view(B, L * P * 4),
+                          mode="sum")  # (B, D)
     return out.view(N, Lq, M * D).to(value.dtype)
 
 

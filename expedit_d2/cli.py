@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["HelpFormatter", "add_timing_arguments", "apply_timing_arguments"]
+__all__ = ["HelpFormatter", "add_timing_arguments", "apply_timing_arguments", "AMP_DTYPES", "add_amp_argument",
+           "autocast", "emit_report"]
+
+#: ``--amp`` choices -> autocast dtypes
+AMP_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -57,3 +61,30 @@ def apply_timing_arguments(args) -> None:
 
     torch.set_num_threads(args.threads)
     set_flush_denormal(not args.keep_denormals)
+
+
+def add_amp_argument(parser: argparse.ArgumentParser) -> None:
+    """The benchmarks' ``--amp fp16|bf16`` (default: off); see :func:`autocast`."""
+    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype (default: off)")
+
+
+def autocast(device, amp: str | None):
+    """``torch.autocast`` on ``device``'s type with the ``--amp`` dtype, or a no-op context
+    when ``amp`` is None."""
+    import contextlib
+
+    import torch
+
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, AMP_DTYPES[amp]))
+
+
+def emit_report(table: str, data, output=None) -> None:
+    """Print a benchmark's table; with ``output``, also write ``<output>.md`` and
+    ``<output>.json`` atomically (:func:`expedit_d2.measure.write_report`)."""
+    from .measure import write_report
+
+    print(table)
+    if output:
+        write_report(output, table, data)

@@ -28,6 +28,8 @@ def _load(rel):
     ("tools/analyze_model.py", ["(default: [1024, 1024])", "(default: ['flop'])"]),
     ("tools/benchmark_ops.py", ["--repeats REPEATS", "(default: 5)", "(default: 256.0)"]),
     ("tools/benchmark_backbone.py", ["--repeats REPEATS", "(default: 3)", "untimed calls first (default: 1)"]),
+    ("tools/benchmark_deform_attn.py", ["(default: 7)", "(default: ['640', '1024'])", "autocast dtype (default: off)"]),
+    ("tools/benchmark_model.py", ["--input-size H W", "(default: 3)", "autocast dtype (default: off)"]),
     ("expedit_d2/sweep.py", ["(default: output/sweep)", "(default: the sweep file's, else 5)",
                              "(default: the sweep file's, else 2)"]),
 ])
@@ -56,3 +58,22 @@ def test_train_net_help_starts_without_deprecation_warnings(project):
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "--eval-only" in run.stdout and "Warning" not in run.stderr
+
+
+def test_amp_argument_and_autocast_context():
+    import argparse
+
+    import torch
+
+    from expedit_d2.cli import add_amp_argument, autocast
+
+    parser = argparse.ArgumentParser()
+    add_amp_argument(parser)
+    assert parser.parse_args([]).amp is None and parser.parse_args(["--amp", "bf16"]).amp == "bf16"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--amp", "fp8"])
+    a = torch.randn(4, 4)
+    with autocast("cpu", "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast("cpu", None):
+        assert (a @ a).dtype == torch.float32

@@ -179,3 +179,18 @@ def test_round_ratios_pair_each_round_with_the_baseline():
 
     samples = {"baseline": [1.0, 2.0, 4.0], "x": [0.5, 1.2, 2.0]}
     assert round_ratios(samples, "baseline") == {"baseline": [1.0, 1.0, 1.0], "x": [0.5, 0.6, 0.5]}
+
+
+def test_benchmark_deform_attn_compares_with_the_official_grid_sample_order(tmp_path):
+    from tools import benchmark_deform_attn as bda
+
+    # the tool's official-order reference computes what ours computes (incl. points outside)
+    value, shapes, loc, w = bda.make_inputs(64, "cpu")
+    torch.testing.assert_close(bda.grid_sample_order(value, shapes, loc, w),
+                               bda.ms_deform_attn(value, shapes, loc, w), rtol=1e-5, atol=1e-5)
+    out = tmp_path / "da"
+    bda.main(["--cases", "640", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--output", str(out)])
+    (row,) = json.loads(out.with_suffix(".json").read_text())
+    assert row["case"] == "640" and row["official_ms"] > 0 and row["ours_ms"] > 0
+    assert row["max_abs_diff"] < 1e-4 and row["ratio_range"][0] <= row["ratio"] <= row["ratio_range"][1]
+    assert "| 640 |" in out.with_suffix(".md").read_text()

@@ -47,16 +47,15 @@ import torch
 from torch import nn
 
 from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
-from expedit_d2.cli import HelpFormatter, add_timing_arguments, apply_timing_arguments
+from expedit_d2.cli import (HelpFormatter, add_amp_argument, add_timing_arguments, apply_timing_arguments,
+                            autocast, emit_report)
 from expedit_d2.engine import load_project
 from expedit_d2.flops import gmacs
-from expedit_d2.measure import interleaved_samples, round_ratios, sync, write_report
+from expedit_d2.measure import interleaved_samples, round_ratios, sync
 from expedit_d2.sweep import (Point, SweepError, SweepSpec, expand_points, parse_grid, parse_point,
                               validate_points)
 
 __all__ = ["model_parts", "timed_parts", "part_seconds", "benchmark", "main"]
-
-AMP = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def model_parts(model: nn.Module) -> dict[str, nn.Module]:
@@ -173,11 +172,6 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
     for m in models.values():
         m.to(device)
 
-    def autocast():
-        if amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(device).type, dtype=AMP[amp])
-
     log("counting GMACs (fvcore)")
     macs = {pid: gmacs(m, image) for pid, m in models.items()}
     if compile_part == "model":
@@ -190,7 +184,7 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
 
     def call(pid):
         def run():
-            with torch.inference_mode(), autocast():
+            with torch.inference_mode(), autocast(device, amp):
                 runners[pid](inputs)
         return run
 
@@ -264,7 +258,7 @@ def main(argv=None) -> int:
     parser.add_argument("--point", action="append", default=[], metavar="KEY=VALUE[;KEY=VALUE]",
                         help="one explicit setting (repeatable)")
     add_timing_arguments(parser, repeats=3, warmup=1)
-    parser.add_argument("--amp", choices=sorted(AMP), help="autocast dtype (default: off)")
+    add_amp_argument(parser)
     parser.add_argument("--compile", choices=["backbone", "model"], help="torch.compile a part (default: off)")
     parser.add_argument("--output", type=Path, help="also write <output>.md and <output>.json")
     parser.add_argument(PARTIAL_FLAG, action="store_true",
@@ -281,10 +275,7 @@ def main(argv=None) -> int:
 
     rows = benchmark(spec, args.device, args.repeats, args.warmup, args.amp, args.compile,
                      args.allow_partial_weights, log)
-    table = format_table(rows, args.threads)
-    print(table)
-    if args.output:
-        write_report(args.output, table, rows)
+    emit_report(format_table(rows, args.threads), rows, args.output)
     return 0
 
 

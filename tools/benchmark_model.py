@@ -115,16 +115,15 @@ def part_seconds(models: dict[str, nn.Module], runs: dict, device, repeats: int)
     (interleaved as the timing pass, so drift hits every setting alike)."""
     with contextlib.ExitStack() as stack:
         spent = {pid: stack.enter_context(timed_parts(m, device)) for pid, m in models.items()}
-        totals = {pid: [] for pid in models}
-        for _ in range(repeats):
-            for pid, run in runs.items():
+
+        def counted(pid):
+            def call():
                 for ts in spent[pid].values():
-                    ts.append(0.0)
-                sync(device)
-                t0 = time.perf_counter()
-                run()
-                sync(device)
-                totals[pid].append(time.perf_counter() - t0)
+                    ts.append(0.0)  # this call's entry
+                runs[pid]()
+            return call
+
+        totals = interleaved_samples({pid: counted(pid) for pid in runs}, device, repeats, warmup=0)
     out = {pid: {name: statistics.median(ts) for name, ts in spent[pid].items()} for pid in models}
     for pid in models:
         out[pid]["total"] = statistics.median(totals[pid])
@@ -190,11 +189,12 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
 
     log(f"timing {len(points)} settings interleaved (warm-up {warmup}, {repeats} repeats)")
     base = "baseline"
-    samples = interleaved_samples({p.id: call(p.id) for p in points}, device, repeats, warmup)
+    runs = {p.id: call(p.id) for p in points}
+    samples = interleaved_samples(runs, device, repeats, warmup)
     secs = {pid: statistics.median(ts) for pid, ts in samples.items()}
     ratios = round_ratios(samples, base)
     log("per-part breakdown (instrumented pass, interleaved)")
-    parts = part_seconds(models, {p.id: call(p.id) for p in points}, device, repeats)
+    parts = part_seconds(models, runs, device, repeats)
     rows = []
     for p in points:
         pid = p.id

@@ -34,12 +34,11 @@ sys.path.insert(0, str(REPO))
 from expedit_d2.measure import (  # noqa: E402
     peak_memory,
     run_memory_child,
-    write_report,
     time_interleaved,
 )
 from expedit_d2.ops import DEFAULT_MEMORY_LIMIT, token_clustering, token_reconstruction  # noqa: E402
 from tests.dense_reference import dense_clustering, dense_reconstruction  # noqa: E402
-from expedit_d2.cli import HelpFormatter  # noqa: E402
+from expedit_d2.cli import HelpFormatter, emit_report  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -192,11 +191,9 @@ def main(argv=None) -> None:
             "dense_mb": mem["dense"] / 2**20,
             "max_abs_diff": diff,
         })
-    table = format_table(rows, args.device, args.threads, memory_limit)
-    print(table)
-    if args.output:
-        write_report(args.output, table, {"device": args.device, "threads": args.threads,
-                                          "torch": torch.__version__, "rows": rows})
+    emit_report(format_table(rows, args.device, args.threads, memory_limit),
+                {"device": args.device, "threads": args.threads, "torch": torch.__version__, "rows": rows},
+                args.output)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,8 @@ def test_benchmark_model_times_the_whole_model_by_parts(tmp_path):
     parts = set(base["parts_ms"])
     assert parts == {"backbone", "pixel_decoder", "transformer_decoder", "rest"}
     assert all(v > 0 for k, v in base["parts_ms"].items() if k != "rest")  # every part was entered
+    assert base["parts_ratio"] == dict.fromkeys(parts - {"rest"}, 1.0)  # each round over itself
+    assert point["parts_ratio"]["backbone"] > 0
     assert point["gap"] == pytest.approx(point["latency_ratio"] - point["model_gmacs_ratio"])
     assert "| a4_5x5 |" in out.with_suffix(".md").read_text()
 
@@ -170,7 +172,9 @@ def test_part_seconds_interleaves_the_settings_and_unwraps_the_parts():
     out = part_seconds(models, {k: (lambda m=m: m(x)) for k, m in models.items()}, "cpu", repeats=3)
     assert calls == ["baseline", "other"] * 3
     assert set(out["other"]) == {"backbone", "head", "total"}
-    assert all(0 < out[k]["backbone"] <= out[k]["total"] for k in models)
+    # one entry per round, each part's time within its call's
+    assert all(len(ts) == 3 for per in out.values() for ts in per.values())
+    assert all(0 < b <= t for k in models for b, t in zip(out[k]["backbone"], out[k]["total"]))
     assert all("forward" not in vars(m.backbone) and "forward" not in vars(m.head) for m in models.values())
 
 

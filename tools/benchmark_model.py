@@ -26,7 +26,8 @@ For each setting, on one image of ``--input-size`` (batch 1, the project's own
   (medians): the backbone, each head part
   (a meta-architecture's ``benchmark_parts()``, else its top-level children: Mask2Former's
   pixel decoder and transformer decoder, DPT's reassemble and scratch), and the rest (pre-
-  and post-processing);
+  and post-processing); each part's ratio to the baseline is the median of its per-round
+  ratios, as the latency ratio;
 * backbone and whole-model GMACs (fvcore multiply-adds) and their ratios to the baseline,
   beside the latency ratio (``gap`` = latency ratio - model GMACs ratio);
 * ``--amp fp16|bf16`` runs under autocast; ``--compile backbone|model`` wraps that part in
@@ -109,10 +110,11 @@ def timed_parts(model: nn.Module, device):
             delattr(mod, attr)  # the class's method again
 
 
-def part_seconds(models: dict[str, nn.Module], runs: dict, device, repeats: int) -> dict[str, dict[str, float]]:
-    """{setting: {part: median seconds inside it, ..., "total": median seconds of the call}}
-    over ``repeats`` rounds, each calling every setting's ``runs[setting]()`` once in turn
-    (interleaved as the timing pass, so drift hits every setting alike)."""
+def part_seconds(models: dict[str, nn.Module], runs: dict, device, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """{setting: {part: [seconds inside it, per round], ..., "total": [seconds of the call, per
+    round]}} over ``repeats`` rounds, each calling every setting's ``runs[setting]()`` once in
+    turn (interleaved as the timing pass, so drift hits every setting alike, and a part's
+    time can be paired with the baseline's in the same round)."""
     with contextlib.ExitStack() as stack:
         spent = {pid: stack.enter_context(timed_parts(m, device)) for pid, m in models.items()}
 
@@ -124,10 +126,8 @@ def part_seconds(models: dict[str, nn.Module], runs: dict, device, repeats: int)
             return call
 
         totals = interleaved_samples({pid: counted(pid) for pid in runs}, device, repeats, warmup=0)
-    out = {pid: {name: statistics.median(ts) for name, ts in spent[pid].items()} for pid in models}
-    for pid in models:
-        out[pid]["total"] = statistics.median(totals[pid])
-    return out
+    return {pid: {**{name: list(ts) for name, ts in spent[pid].items()}, "total": totals[pid]}
+            for pid in models}
 
 
 def _points(spec: SweepSpec) -> list[Point]:
@@ -194,7 +194,8 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
     secs = {pid: statistics.median(ts) for pid, ts in samples.items()}
     ratios = round_ratios(samples, base)
     log("per-part breakdown (instrumented pass, interleaved)")
-    parts = part_seconds(models, runs, device, repeats)
+    part_rounds = part_seconds(models, runs, device, repeats)
+    parts = {pid: {k: statistics.median(ts) for k, ts in per.items()} for pid, per in part_rounds.items()}
     rows = []
     for p in points:
         pid = p.id
@@ -215,9 +216,10 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
             "parts_ms": breakdown,
         }
         row["gap"] = row["latency_ratio"] - row["model_gmacs_ratio"]
-        base_parts = parts[base]
-        row["parts_ratio"] = {k: parts[pid][k] / base_parts[k] for k in parts[pid]
-                              if k != "total" and base_parts[k] > 0}
+        # each part's median per-round ratio (paired with the baseline's same round, as above)
+        row["parts_ratio"] = {k: statistics.median(round_ratios({pid: ts, base: part_rounds[base][k]}, base)[pid])
+                              for k, ts in part_rounds[pid].items()
+                              if k != "total" and min(part_rounds[base][k]) > 0}
         rows.append(row)
     return rows
 
@@ -229,7 +231,7 @@ def format_table(rows: list[dict], threads: int) -> str:
             "latency: median, interleaved in one run; latency ratio: median of the per-round ratios; "
             "fastest-round ratio: the setting's fastest round over the baseline's (interference only "
             "slows a call down); GMACs: fvcore multiply-adds; gap = latency ratio - model GMACs ratio; "
-            "backbone latency ratio: from the per-part medians")
+            "backbone latency ratio: median of its per-round ratios in the per-part pass")
     part_names = list(r0["parts_ms"])
     lines = [head, "",
              "| setting | ms | latency ratio (rounds' range) | fastest-round ratio | model GMACs (ratio) | "

@@ -123,44 +123,12 @@ def test_tiny_head_forward_shapes_and_masks():
     assert all(torch.isfinite(v).all() for v in (out["pred_logits"], out["pred_masks"]))
 
 
-def _official_decoder(dec, x, mask_features):
-    """The official decoder order: einsum masks, masks repeated per head,
-    nn.MultiheadAttention with the (N * heads, Q, HW) boolean mask."""
-    src, pos, sizes = [], [], []
-    for i in range(dec.num_feature_levels):
-        sizes.append(tuple(x[i].shape[-2:]))
-        pos.append(dec.pe_layer(x[i]).flatten(2).permute(2, 0, 1))
-        src.append((dec.input_proj[i](x[i]).flatten(2) + dec.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
-    N = src[0].shape[1]
-    query_embed = dec.query_embed.weight.unsqueeze(1).repeat(1, N, 1)
-    output = dec.query_feat.weight.unsqueeze(1).repeat(1, N, 1)
-
-    def heads(output, size):
-        decoded = dec.decoder_norm(output).transpose(0, 1)
-        masks = torch.einsum("bqc,bchw->bqhw", dec.mask_embed(decoded), mask_features)
-        attn = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-        attn = attn.sigmoid().flatten(2).unsqueeze(1).repeat(1, dec.num_heads, 1, 1).flatten(0, 1) < 0.5
-        return dec.class_embed(decoded), masks, attn
-
-    cls, masks, attn_mask = heads(output, sizes[0])
-    for i in range(dec.num_layers):
-        level = i % dec.num_feature_levels
-        attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
-        layer = dec.transformer_cross_attention_layers[i]
-        out = layer.multihead_attn(query=output + query_embed, key=src[level] + pos[level], value=src[level],
-                                   attn_mask=attn_mask, need_weights=False)[0]
-        output = layer.norm(output + out)
-        output = dec.transformer_self_attention_layers[i](output, query_embed)
-        output = dec.transformer_ffn_layers[i](output)
-        cls, masks, attn_mask = heads(output, sizes[(i + 1) % dec.num_feature_levels])
-    return cls, masks
-
-
 @pytest.mark.parametrize("features", ["random", "one sign per query"])
 def test_masked_attention_decoder_equals_the_official_order(features):
     """Masks broadcast over the heads and kept boolean, attention through the layer's own
     MultiheadAttention weights = the official repeat-per-head MultiheadAttention call; with
     one sign per query, about half the queries mask every pixel (then they attend everywhere)."""
+    from mask2former import official_order
     from mask2former.modeling.transformer_decoder import MultiScaleMaskedTransformerDecoder
 
     torch.manual_seed(0)
@@ -179,7 +147,7 @@ def test_masked_attention_decoder_equals_the_official_order(features):
         assert 0 < int(first.all(-1).sum()) < first.shape[0] * first.shape[1]
     with torch.no_grad():
         got = dec(x, mask_features)
-        cls, masks = _official_decoder(dec, x, mask_features)
+        cls, masks = official_order.decoder(dec, x, mask_features)
     torch.testing.assert_close(got["pred_logits"], cls, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["pred_masks"], masks, rtol=1e-5, atol=1e-4)
 

@@ -103,58 +103,16 @@ def test_training_step_gives_finite_losses():
 
 
 # ----------------------------------------------------------------------------------
-# post-processing against the official per-query rules, written out query by query
+# post-processing against the official per-query rules (mask2former.official_order)
 # ----------------------------------------------------------------------------------
-def _official_panoptic(mask_cls, mask_pred, things, object_mask_threshold, overlap_threshold):
-    scores, labels = F.softmax(mask_cls, -1).max(-1)
-    probs = mask_pred.sigmoid()
-    keep = labels.ne(mask_cls.shape[-1] - 1) & (scores > object_mask_threshold)
-    scores, labels, probs = scores[keep], labels[keep], probs[keep]
-    panoptic = torch.zeros(probs.shape[-2:], dtype=torch.int32)
-    segments, stuff, current = [], {}, 0
-    if probs.shape[0] == 0:
-        return panoptic, segments
-    owner = (scores.view(-1, 1, 1) * probs).argmax(0)
-    for k in range(labels.shape[0]):
-        cls = int(labels[k])
-        mask = (owner == k) & (probs[k] >= 0.5)
-        area, original = int((owner == k).sum()), int((probs[k] >= 0.5).sum())
-        if area > 0 and original > 0 and int(mask.sum()) > 0:
-            if area / original < overlap_threshold:
-                continue
-            if cls not in things:
-                if cls in stuff:
-                    panoptic[mask] = stuff[cls]
-                    continue
-                stuff[cls] = current + 1
-            current += 1
-            panoptic[mask] = current
-            segments.append({"id": current, "isthing": cls in things, "category_id": cls})
-    return panoptic, segments
-
-
-def _official_instances(mask_cls, mask_pred, topk, things, panoptic_on):
-    num_classes = mask_cls.shape[-1] - 1
-    scores = F.softmax(mask_cls, -1)[:, :-1]
-    labels = torch.arange(num_classes).unsqueeze(0).repeat(mask_cls.shape[0], 1).flatten(0, 1)
-    top_scores, top_idx = scores.flatten(0, 1).topk(topk, sorted=False)
-    top_labels = labels[top_idx]
-    masks = mask_pred[top_idx // num_classes]
-    if panoptic_on:
-        keep = torch.tensor([int(c) in things for c in top_labels], dtype=torch.bool)
-        top_scores, top_labels, masks = top_scores[keep], top_labels[keep], masks[keep]
-    binary = (masks > 0).float()
-    mask_scores = (masks.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-    return binary, top_scores * mask_scores, top_labels
-
-
 def _official_outputs(model, mask_cls, mask_pred):
     """The three tasks of one image, each by its official rule on whole tensors."""
-    things = {0, 1}
-    pan = _official_panoptic(mask_cls, mask_pred, things, model.object_mask_threshold, model.overlap_threshold)
-    inst = _official_instances(mask_cls, mask_pred, model.test_topk_per_image, things, model.panoptic_on)
-    sem = torch.einsum("qc,qhw->chw", F.softmax(mask_cls, -1)[..., :-1], mask_pred.sigmoid())
-    return sem, pan, inst
+    from mask2former import official_order
+
+    rules = model.rules(True, True, True)
+    assert rules.things == {0, 1}
+    return (official_order.semantic(mask_cls, mask_pred), official_order.panoptic(mask_cls, mask_pred, rules),
+            official_order.instances(mask_cls, mask_pred, rules))
 
 
 def _assert_same(got, sem, pan, inst):
@@ -162,12 +120,12 @@ def _assert_same(got, sem, pan, inst):
 
     torch.testing.assert_close(got["sem_seg"], sem)
     assert torch.equal(got["panoptic_seg"][0], pan[0]) and got["panoptic_seg"][1] == pan[1]
-    masks, scores, labels = inst
     i = got["instances"]
-    assert torch.equal(i.pred_masks, masks) and torch.equal(i.pred_classes, labels)
-    torch.testing.assert_close(i.scores, scores, rtol=1e-6, atol=0)
+    assert torch.equal(i.pred_masks, inst.pred_masks) and torch.equal(i.pred_classes, inst.pred_classes)
+    torch.testing.assert_close(i.scores, inst.scores, rtol=1e-6, atol=0)
     # boxes: the binary masks' bounding boxes (the official code outputs zeros)
-    assert torch.equal(i.pred_boxes.tensor, BitMasks(masks > 0).get_bounding_boxes().tensor)
+    assert not inst.pred_boxes.tensor.any()
+    assert torch.equal(i.pred_boxes.tensor, BitMasks(inst.pred_masks > 0).get_bounding_boxes().tensor)
 
 
 def _random_outputs(seed, Q=12, K=4, H=37, W=53):
@@ -201,7 +159,7 @@ def test_row_block_post_processing_equals_the_official_per_query_rules(seed, ove
     model.panoptic_on = True
     sem, pan, inst = _official_outputs(model, mask_cls, mask_pred)
     assert torch.equal(model.panoptic_inference(mask_cls, mask_pred)[0], pan[0])
-    assert torch.equal(model.instance_inference(mask_cls, mask_pred).pred_masks, inst[0])
+    assert torch.equal(model.instance_inference(mask_cls, mask_pred).pred_masks, inst.pred_masks)
     torch.testing.assert_close(model.semantic_inference(mask_cls, mask_pred), sem)
 
 
@@ -229,7 +187,7 @@ def test_inference_upsamples_row_blocks_or_the_whole_output_as_officially(out_si
     (output resized)."""
     from detectron2.structures import ImageList
 
-    from mask2former.maskformer_model import postprocess
+    from mask2former import official_order
 
     model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
     model.object_mask_threshold, model.overlap_threshold, model.test_topk_per_image = 0.3, 0.5, 9
@@ -238,10 +196,12 @@ def test_inference_upsamples_row_blocks_or_the_whole_output_as_officially(out_si
     mask_cls, low = torch.stack([mask_cls, mask_cls.flip(0)]), torch.stack([low, low.flip(1)])
     inputs = [{} if out_size is None else {"height": out_size[0], "width": out_size[1]} for _ in range(2)]
     got = model.inference(mask_cls, low, images, inputs)
-    for i, size in enumerate(images.image_sizes):
-        full = F.interpolate(low[i][None], size=(64, 96), mode="bilinear", align_corners=False)[0]
-        full = postprocess(full, size, *(out_size or size))
-        _assert_same(got[i], *_official_outputs(model, mask_cls[i], full))
+    rules = model.rules()
+    assert rules.semantic_on and rules.panoptic_on and rules.instance_on
+    want = official_order.inference(mask_cls, low, (64, 96), images.image_sizes,
+                                    [out_size or size for size in images.image_sizes], rules)
+    for g, w in zip(got, want):
+        _assert_same(g, w["sem_seg"], w["panoptic_seg"], w["instances"])
 
 
 def test_postprocess_crops_and_skips_the_identity_resize():

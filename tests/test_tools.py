@@ -185,16 +185,32 @@ def test_round_ratios_pair_each_round_with_the_baseline():
     assert round_ratios(samples, "baseline") == {"baseline": [1.0, 1.0, 1.0], "x": [0.5, 0.6, 0.5]}
 
 
-def test_benchmark_deform_attn_compares_with_the_official_grid_sample_order(tmp_path):
-    from tools import benchmark_deform_attn as bda
+def test_benchmark_head_times_each_part_against_the_official_order(tmp_path):
+    """Every part on the tiny Mask2Former: ours and the official order give the same outputs
+    (panoptic and instance masks exactly), both were timed, the report is written."""
+    from tools import benchmark_head
 
-    # the tool's official-order reference computes what ours computes (incl. points outside)
-    value, shapes, loc, w = bda.make_inputs(64, "cpu")
-    torch.testing.assert_close(bda.grid_sample_order(value, shapes, loc, w),
-                               bda.ms_deform_attn(value, shapes, loc, w), rtol=1e-5, atol=1e-5)
-    out = tmp_path / "da"
-    bda.main(["--cases", "640", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--output", str(out)])
-    (row,) = json.loads(out.with_suffix(".json").read_text())
-    assert row["case"] == "640" and row["official_ms"] > 0 and row["ours_ms"] > 0
-    assert row["max_abs_diff"] < 1e-4 and row["ratio_range"][0] <= row["ratio"] <= row["ratio_range"][1]
-    assert "| 640 |" in out.with_suffix(".md").read_text()
+    out = tmp_path / "head"
+    benchmark_head.main(["--config-file", "projects/Mask2Former/configs/demo/tiny_swin_coco_panoptic.yaml",
+                         "--sides", "96", "128", "--kept", "8", "--repeats", "1", "--warmup", "0",
+                         "--device", "cpu", "--output", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["part"], r["side"]) for r in rows] == [(p, s) for s in (96, 128) for p in benchmark_head.PARTS]
+    for r in rows:
+        assert r["official_ms"] > 0 and r["ours_ms"] > 0
+        assert r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]
+        assert 0 < r["max_abs"] and r["max_abs_diff"] < 1e-4 * r["max_abs"]
+        if r["part"] == "inference":
+            assert r["panoptic_equal"] and r["instances_equal"] and r["segments"] >= 4
+    table = out.with_suffix(".md").read_text()
+    assert "| deform_attn | 96 |" in table and "panoptic equal" in table
+
+
+def test_benchmark_head_rejects_a_side_off_the_stride_and_a_config_of_another_project():
+    from tools import benchmark_head
+
+    with pytest.raises(ValueError, match="--sides 100: .* multiple of 32"):
+        benchmark_head.main(["--config-file", "projects/Mask2Former/configs/demo/tiny_swin_coco_panoptic.yaml",
+                             "--sides", "100", "--repeats", "1", "--device", "cpu"])
+    with pytest.raises(ValueError, match="not a Mask2Former config"):
+        benchmark_head.main(["--config-file", "projects/DPT/configs/demo/tiny_vit_nyuv2.yaml", "--device", "cpu"])

@@ -135,6 +135,12 @@ def _random_outputs(seed, Q=12, K=4, H=37, W=53):
     mask_pred = torch.randn(Q, H, W) * 4
     mask_pred[3] = -200.0  # a mask whose sigmoid underflows to 0 everywhere
     mask_pred[5, :, :20] = -50.0  # a mask whose box does not start at the image's corner
+    # two queries of one confident class whose masks saturate (probability exactly 1) over
+    # the same pixels: the panoptic owner there is a tie, which goes to the first
+    mask_cls[6] = 0.0
+    mask_cls[6, 0] = 12.0
+    mask_cls[7] = mask_cls[6]
+    mask_pred[6:8, :, :10] = 60.0
     return mask_cls, mask_pred
 
 
@@ -148,6 +154,9 @@ def test_row_block_post_processing_equals_the_official_per_query_rules(seed, ove
     model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
     model.object_mask_threshold, model.overlap_threshold, model.test_topk_per_image = 0.3, overlap, 9
     mask_cls, mask_pred = _random_outputs(seed)
+    kept = F.softmax(mask_cls, -1).max(-1)
+    kept = kept.values[kept.indices.ne(4) & (kept.values > 0.3)]
+    assert (kept == kept.max()).sum() >= 2  # the tie between queries 6 and 7 is in play
     for panoptic_on in (True, False):  # instances: things only while panoptic is on
         model.panoptic_on = panoptic_on
         got = infer(mask_cls, full_rows(mask_pred), (37, 53), model.rules(True, True, True), mask_pred, block_rows)

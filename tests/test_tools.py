@@ -126,6 +126,7 @@ def test_benchmark_model_times_the_whole_model_by_parts(tmp_path):
     assert point["parts_ratio"]["backbone"] > 0
     assert point["gap"] == pytest.approx(point["latency_ratio"] - point["model_gmacs_ratio"])
     assert "| a4_5x5 |" in out.with_suffix(".md").read_text()
+    assert set(base["outputs"]) == {"segments", "instances"} and base["outputs"]["instances"] > 0
 
 
 def test_benchmark_model_parts_of_dpt_include_the_token_taps(tmp_path):
@@ -140,6 +141,7 @@ def test_benchmark_model_parts_of_dpt_include_the_token_taps(tmp_path):
     base, point = json.loads(out.with_suffix(".json").read_text())
     assert set(base["parts_ms"]) == {"backbone", "reassemble", "scratch", "rest"}
     assert base["parts_ms"]["backbone"] > 0 and point["setting"] == "a1_4x4"
+    assert base["outputs"] == {} and "| - |" in out.with_suffix(".md").read_text()  # depth: nothing to count
 
 
 def test_part_seconds_interleaves_the_settings_and_unwraps_the_parts():

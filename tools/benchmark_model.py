@@ -30,6 +30,8 @@ For each setting, on one image of ``--input-size`` (batch 1, the project's own
   ratios, as the latency ratio;
 * backbone and whole-model GMACs (fvcore multiply-adds) and their ratios to the baseline,
   beside the latency ratio (``gap`` = latency ratio - model GMACs ratio);
+* what post-processing produced (Mask2Former: panoptic segments, instances), whose cost
+  depends on it: with random weights the settings' outputs differ, and so may that cost;
 * ``--amp fp16|bf16`` runs under autocast; ``--compile backbone|model`` wraps that part in
   ``torch.compile`` (warm-up then includes compilation).
 
@@ -56,7 +58,7 @@ from expedit_d2.measure import interleaved_samples, round_ratios, sync
 from expedit_d2.sweep import (Point, SweepError, SweepSpec, expand_points, parse_grid, parse_point,
                               validate_points)
 
-__all__ = ["model_parts", "timed_parts", "part_seconds", "benchmark", "main"]
+__all__ = ["model_parts", "timed_parts", "part_seconds", "output_counts", "benchmark", "main"]
 
 
 def model_parts(model: nn.Module) -> dict[str, nn.Module]:
@@ -130,6 +132,19 @@ def part_seconds(models: dict[str, nn.Module], runs: dict, device, repeats: int)
             for pid in models}
 
 
+def output_counts(outputs: list[dict]) -> dict[str, int]:
+    """What post-processing produced for the image, where its cost depends on it: panoptic
+    segments and instances (with random weights they differ between settings, and so may
+    the post-processing time)."""
+    counts = {}
+    for r in outputs:
+        if "panoptic_seg" in r:
+            counts["segments"] = counts.get("segments", 0) + len(r["panoptic_seg"][1])
+        if "instances" in r:
+            counts["instances"] = counts.get("instances", 0) + len(r["instances"])
+    return counts
+
+
 def _points(spec: SweepSpec) -> list[Point]:
     points = expand_points(spec)
     if len(points) == 1:  # no settings given: the config as it is, against its baseline
@@ -184,13 +199,14 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
     def call(pid):
         def run():
             with torch.inference_mode(), autocast(device, amp):
-                runners[pid](inputs)
+                return runners[pid](inputs)
         return run
 
     log(f"timing {len(points)} settings interleaved (warm-up {warmup}, {repeats} repeats)")
     base = "baseline"
     runs = {p.id: call(p.id) for p in points}
     samples = interleaved_samples(runs, device, repeats, warmup)
+    counts = {pid: output_counts(run()) for pid, run in runs.items()}
     secs = {pid: statistics.median(ts) for pid, ts in samples.items()}
     ratios = round_ratios(samples, base)
     log("per-part breakdown (instrumented pass, interleaved)")
@@ -213,7 +229,7 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
             "backbone_gmacs": macs[pid]["backbone"], "model_gmacs": macs[pid]["model"],
             "backbone_gmacs_ratio": macs[pid]["backbone"] / macs[base]["backbone"],
             "model_gmacs_ratio": macs[pid]["model"] / macs[base]["model"],
-            "parts_ms": breakdown,
+            "parts_ms": breakdown, "outputs": counts[pid],
         }
         row["gap"] = row["latency_ratio"] - row["model_gmacs_ratio"]
         # each part's median per-round ratio (paired with the baseline's same round, as above)
@@ -236,8 +252,8 @@ def format_table(rows: list[dict], threads: int) -> str:
     lines = [head, "",
              "| setting | ms | latency ratio (rounds' range) | fastest-round ratio | model GMACs (ratio) | "
              "backbone GMACs (ratio) | gap | backbone latency ratio | "
-             + " | ".join(f"{n} ms" for n in part_names) + " |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(part_names)]
+             + " | ".join(f"{n} ms" for n in part_names) + " | outputs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(part_names) + "---|"]
     for r in rows:
         lo, hi = r["latency_ratio_range"]
         lines.append(
@@ -246,7 +262,8 @@ def format_table(rows: list[dict], threads: int) -> str:
             f"{r['model_gmacs']:.1f} ({r['model_gmacs_ratio']:.3f}) | "
             f"{r['backbone_gmacs']:.1f} ({r['backbone_gmacs_ratio']:.3f}) | {r['gap']:+.3f} | "
             f"{r['parts_ratio'].get('backbone', float('nan')):.3f} | "
-            + " | ".join(f"{r['parts_ms'][n]:.0f}" for n in part_names) + " |")
+            + " | ".join(f"{r['parts_ms'][n]:.0f}" for n in part_names) + " | "
+            + (", ".join(f"{v} {k}" for k, v in r["outputs"].items()) or "-") + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -234,6 +234,37 @@ def test_weight_standardisation_is_cached_in_inference_and_follows_the_weights()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
 
+def test_hybrid_bottleneck_in_place_activations_keep_outputs_and_gradients():
+    """The stem's ReLUs and residual sum run in place on the norms' fresh outputs: the same
+    outputs and gradients as the out-of-place formula, in training too."""
+    import torch.nn.functional as F
+
+    from expedit_d2.backbones.vit import Bottleneck
+
+    torch.manual_seed(0)
+    block = Bottleneck(64, 128, 2)  # GroupNorm's 32 groups: 32 middle channels at least
+    x = torch.randn(2, 64, 9, 11, requires_grad=True)
+
+    def gn(norm, t):
+        t = F.group_norm(t, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return F.relu(t) if norm.act else t
+
+    def reference(t):
+        ds = block.downsample
+        shortcut = gn(ds.norm, ds.conv(t))
+        t = gn(block.norm1, block.conv1(t))
+        t = gn(block.norm2, block.conv2(t))
+        return F.relu(gn(block.norm3, block.conv3(t)) + shortcut)
+
+    got, want = block(x), reference(x)
+    assert torch.equal(got, want)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, [x, *block.parameters()], g)
+    ref_grads = torch.autograd.grad(want, [x, *block.parameters()], g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_nearest_reconstruction_ignores_recon_k():
     """k only matters to the top-k layer: a k above the cluster count is no error with
     nearest-centre reconstruction (the official DPT release passes k 20 with any grid)."""

@@ -91,7 +91,8 @@ class GroupNormAct(nn.GroupNorm):
 
     def forward(self, x):
         x = super().forward(x)
-        return F.relu(x) if self.act else x
+        # in place: the norm's output is fresh and its backward does not read it
+        return x.relu_() if self.act else x
 
 
 class Downsample(nn.Module):
@@ -120,7 +121,7 @@ class Bottleneck(nn.Module):
         x = self.norm1(self.conv1(x))
         x = self.norm2(self.conv2(x))
         x = self.norm3(self.conv3(x))
-        return F.relu(x + shortcut)
+        return x.add_(shortcut).relu_()  # in place on the norm's fresh output
 
 
 class ResNetStage(nn.Module):

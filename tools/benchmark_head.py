@@ -195,9 +195,10 @@ def _part(model, part: str, side: int, kept: int, device):
 def benchmark(model, parts, sides, device, repeats: int, warmup: int, amp: str | None = None,
               kept: int = 30, log=print) -> list[dict]:
     """One row per (part, side); see the module docstring."""
+    for side in sides:  # every side before any timing
+        _check_side(model, side)
     rows = []
     for side in sides:
-        _check_side(model, side)
         for part in parts:
             ours, official, difference = _part(model, part, side, kept, device)
 

@@ -123,6 +123,35 @@ def test_tiny_head_forward_shapes_and_masks():
     assert all(torch.isfinite(v).all() for v in (out["pred_logits"], out["pred_masks"]))
 
 
+def test_pixel_decoder_feed_forward_in_token_blocks_equals_one_call(monkeypatch):
+    """Without autograd on a CPU the encoder's FFN runs in blocks of tokens (here 11, so the
+    last block is ragged and every level is split); with autograd it is one call. Same maps."""
+    from mask2former.modeling import pixel_decoder
+
+    torch.manual_seed(0)
+    shapes = {k: ShapeSpec(channels=c, stride=s) for k, c, s in
+              [("res2", 16, 4), ("res3", 24, 8), ("res4", 32, 16), ("res5", 40, 32)]}
+    head = MaskFormerHead(shapes, num_classes=5, conv_dim=32, mask_dim=32, enc_layers=2,
+                          enc_dim_feedforward=64, hidden_dim=32, num_queries=7, nheads=4,
+                          dim_feedforward=64, dec_layers=3).eval()
+    pd = head.pixel_decoder
+    feats = {k: torch.randn(2, s.channels, 96 // s.stride, 128 // s.stride) for k, s in shapes.items()}
+    calls = []
+    layer = pd.transformer.encoder.layers[0]
+    monkeypatch.setattr(layer, "_ffn_block", lambda x, f=layer._ffn_block: calls.append(x.shape) or f(x))
+    with torch.enable_grad():
+        whole = pd.forward_features(feats)
+    assert len(calls) == 1 and calls[0][:2] == (2, 3 * 4 + 6 * 8 + 12 * 16)
+    calls.clear()
+    monkeypatch.setattr(pixel_decoder, "FFN_BLOCK_TOKENS", 11)
+    with torch.no_grad():
+        blocks = pd.forward_features(feats)
+    tokens = 2 * (3 * 4 + 6 * 8 + 12 * 16)
+    assert tokens % 11 and [c[0] for c in calls] == [min(11, tokens - i) for i in range(0, tokens, 11)]
+    for a, b in zip([blocks[0], blocks[1], *blocks[2]], [whole[0], whole[1], *whole[2]]):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("features", ["random", "one sign per query"])
 def test_masked_attention_decoder_equals_the_official_order(features):
     """Masks broadcast over the heads and kept boolean, attention through the layer's own

@@ -145,12 +145,17 @@ def _random_outputs(seed, Q=12, K=4, H=37, W=53):
 
 
 @pytest.mark.parametrize("seed, overlap", [(0, 0.8), (1, 0.0), (2, 0.5)])
-@pytest.mark.parametrize("block_rows", [None, 1, 5, 36])
-def test_row_block_post_processing_equals_the_official_per_query_rules(seed, overlap, block_rows):
-    """All three tasks in one pass over row blocks of any height = each official rule on the
-    whole tensors (panoptic and binary masks exact, sums to rounding)."""
+@pytest.mark.parametrize("block_rows, semantic_columns", [(None, None), (1, 7), (5, None), (5, 7), (36, 100)])
+def test_row_block_post_processing_equals_the_official_per_query_rules(seed, overlap, block_rows, semantic_columns,
+                                                                        monkeypatch):
+    """All three tasks in one pass over row blocks of any height (and the semantic product
+    in slices of any width) = each official rule on the whole tensors (panoptic and binary
+    masks exact, sums to rounding)."""
+    from mask2former import inference
     from mask2former.inference import full_rows, infer
 
+    if semantic_columns:
+        monkeypatch.setattr(inference, "SEMANTIC_COLUMNS", semantic_columns)
     model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
     model.object_mask_threshold, model.overlap_threshold, model.test_topk_per_image = 0.3, overlap, 9
     mask_cls, mask_pred = _random_outputs(seed)
@@ -186,6 +191,23 @@ def test_upsampled_row_blocks_equal_the_full_upsampling_bitwise(h, w, factor, wi
     got = torch.cat([rows(r0, min(r0 + step, H)) for r0 in range(0, H, step)], dim=1)
     assert got.shape == (3, H, width) and torch.equal(got, full[:, :H, :width])
     assert torch.equal(rows(0, h * factor), full[:, :, :width])  # one block: the first and last rows at once
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4, 8])
+def test_upsampled_row_blocks_bitwise_for_every_block_and_crop(factor):
+    """Every block (r0, r1) of small maps, and crops up to the whole width: the blocks ask
+    the upsampling for output sizes that equal their input's (which the kernel copies)."""
+    from mask2former.inference import upsampled_rows
+
+    torch.manual_seed(factor)
+    for h, w in ((1, 1), (2, 3), (3, 2), (5, 4)):
+        x = torch.randn(2, h, w) * 5
+        full = F.interpolate(x[None], scale_factor=factor, mode="bilinear", align_corners=False)[0]
+        for width in range(1, w * factor + 1):
+            rows = upsampled_rows(x, factor, width)
+            for r0 in range(h * factor):
+                for r1 in range(r0 + 1, h * factor + 1):
+                    assert torch.equal(rows(r0, r1), full[:, r0:r1, :width]), (h, w, width, r0, r1)
 
 
 @pytest.mark.parametrize("out_size", [None, (30, 41)])

@@ -26,9 +26,14 @@ from detectron2.structures import Boxes, Instances
 __all__ = ["InferenceRules", "full_rows", "upsampled_rows", "infer", "block_rows_for"]
 
 #: output pixels x queries per block: about 16 MB of float32 logits (on the CPU machine, 640
-#: and 1024 pixels, 200 queries: faster than 2 or 4 MB blocks, whose upsampling halo costs
-#: more, and than 32 MB blocks)
+#: and 1024 pixels, 200 queries: faster than 32 MB blocks; 8- to 32-row blocks are within
+#: the machine's noise of each other since the upsampling computes little beyond the block)
 BLOCK_ELEMENTS = 2 ** 22
+
+#: pixels per slice of the semantic product on a CPU: 200 queries x 2048 pixels of
+#: probabilities (1.6 MB) and 133 classes x 2048 sums fit in cache; on the CPU machine the
+#: product runs at about 54 GMAC/s in such slices and 23 over a whole 16 x 1024 block
+SEMANTIC_COLUMNS = 2048
 
 Rows = Callable[[int, int], torch.Tensor]
 
@@ -42,14 +47,22 @@ def upsampled_rows(mask: torch.Tensor, factor: int, width: int) -> Rows:
     """Row blocks of ``F.interpolate(mask[None], scale_factor=factor, mode="bilinear",
     align_corners=False)[0][:, :, :width]`` without computing the whole upsampled tensor:
     each block is upsampled from the low-resolution rows it needs plus one row either side
-    (so no block sees a border the full tensor does not), then cut. Bitwise equal to the
-    full upsampling (the source coordinates of a block are those of the full tensor shifted
-    by a whole number of rows, exactly, for a power-of-two factor)."""
-    h = mask.shape[-2]
+    (so no block sees a border the full tensor does not). The upsampling is given the scale
+    and asked for output rows up to the block's last and the first ``width`` columns only,
+    so beyond the block it computes just the rows from the low-resolution row above (up to
+    ``factor`` rows; the full-size output and the crop are never made). Bitwise equal to
+    the full upsampling (the source coordinates of a block are those of the full tensor
+    shifted by a whole number of rows, exactly, for a power-of-two factor)."""
+    h, w = mask.shape[-2:]
+    # a dimension whose output size equals its input size is copied, not interpolated, by
+    # the CPU kernel: then one more row or column is asked for (and cut)
+    cols = width + 1 if width == w and factor != 1 else width
 
     def rows(r0: int, r1: int) -> torch.Tensor:
         a, b = max(r0 // factor - 1, 0), min((r1 - 1) // factor + 2, h)
-        up = F.interpolate(mask[None, :, a:b], scale_factor=factor, mode="bilinear", align_corners=False)[0]
+        n = r1 - a * factor  # rows a * factor .. r1 - 1 of the full upsampling
+        n += n == b - a and factor != 1
+        up = torch.ops.aten.upsample_bilinear2d(mask[None, :, a:b], [n, cols], False, factor, factor)[0]
         return up[:, r0 - a * factor: r1 - a * factor, :width]
 
     return rows
@@ -57,7 +70,8 @@ def upsampled_rows(mask: torch.Tensor, factor: int, width: int) -> Rows:
 
 def block_rows_for(num_queries: int, width: int) -> int:
     """About :data:`BLOCK_ELEMENTS` logits per block, in whole multiples of 8 rows (so that
-    blocks start on whole low-resolution rows: the upsampling's halo is then 2 x 4 rows)."""
+    blocks start on whole low-resolution rows, and the upsampling computes one low-resolution
+    row's worth of output rows beyond the block)."""
     return max(8, BLOCK_ELEMENTS // max(1, num_queries * width) // 8 * 8)
 
 
@@ -119,7 +133,12 @@ class _Semantic:
 
     def block(self, r0, r1, logits, probs):
         Q, b, W = probs.shape
-        self.out[:, r0:r1] = (self.weights @ probs.reshape(Q, b * W)).view(-1, b, W)
+        probs, out = probs.reshape(Q, b * W), self.out[:, r0:r1].view(-1, b * W)
+        # on a CPU in slices of SEMANTIC_COLUMNS pixels, whose probabilities and sums stay in
+        # cache (the (K, Q) x (Q, pixels) product of a whole block runs at half the rate)
+        step = SEMANTIC_COLUMNS if probs.device.type == "cpu" else b * W
+        for c0 in range(0, b * W, step):
+            out[:, c0:c0 + step] = self.weights @ probs[:, c0:c0 + step]
 
     def result(self):
         return self.out

@@ -201,3 +201,16 @@ def test_decoder_in_eval_predicts_earlier_masks_only_at_the_attention_size():
     torch.testing.assert_close(test["pred_logits"], train["pred_logits"], rtol=1e-5, atol=1e-5)
     for a, b in zip(test["aux_outputs"], train["aux_outputs"]):
         torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, size", [((2, 3, 32, 48), (4, 6)), ((1, 2, 32, 32), (8, 8)), ((1, 2, 32, 48), (16, 12)),
+                                         ((1, 2, 24, 36), (4, 6)), ((1, 2, 30, 40), (5, 5)), ((1, 2, 16, 16), (16, 16))])
+def test_decoder_shrink_equals_bilinear_interpolation(shape, size):
+    """Even whole factors >= 4 (strided means) and everything else (the kernel) alike."""
+    from mask2former.modeling.transformer_decoder import shrink
+
+    x = torch.randn(shape) * 3
+    want = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    got = shrink(x, size)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

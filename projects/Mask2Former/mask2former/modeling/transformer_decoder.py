@@ -19,7 +19,23 @@ from torch import nn
 
 from .pixel_decoder import PositionEmbeddingSine
 
-__all__ = ["MultiScaleMaskedTransformerDecoder"]
+__all__ = ["MultiScaleMaskedTransformerDecoder", "shrink"]
+
+
+def shrink(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` of (N, C, H, W) maps.
+
+    Shrinking by a whole even factor f >= 4 in both dimensions, every output pixel sits
+    exactly between the two middle rows and columns of its f x f block (source coordinate
+    f * i + (f - 1) / 2), so it is their mean: strided slices, the same up to float rounding
+    and several times faster on a CPU than the upsampling kernel's general path at these
+    factors (stride 4 -> 16 and 32). Anything else goes to ``F.interpolate``."""
+    (H, W), (h, w) = x.shape[-2:], size
+    fh, fw = H // h, W // w
+    if H != fh * h or W != fw * w or fh % 2 or fw % 2 or min(fh, fw) < 4:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    rows = (x[:, :, fh // 2 - 1::fh] + x[:, :, fh // 2::fh]) * 0.5
+    return (rows[..., fw // 2 - 1::fw] + rows[..., fw // 2::fw]) * 0.5
 
 
 class SelfAttentionLayer(nn.Module):
@@ -144,8 +160,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         # per-pixel linear map query x features, so they are predicted from the mask features
         # resized to each level (the same logits up to float rounding, no (Q, H/4, W/4) maps)
         resized = None if self.training else {
-            size: mask_features if size == tuple(mask_features.shape[-2:]) else
-            F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+            size: mask_features if size == tuple(mask_features.shape[-2:]) else shrink(mask_features, size)
             for size in dict.fromkeys(sizes)}
         classes, masks = [], []
         for i in range(self.num_layers + 1):

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import statistics
@@ -29,7 +30,7 @@ from typing import Callable
 import torch
 
 __all__ = ["set_flush_denormal", "sync", "interleaved_samples", "time_interleaved", "round_ratios",
-           "peak_memory", "run_memory_child", "forward_peak_bytes", "print_child_peak", "child_peak_mb",
+           "median_interval", "peak_memory", "run_memory_child", "forward_peak_bytes", "print_child_peak", "child_peak_mb",
            "peak_memory_mb", "write_report"]
 
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
@@ -80,6 +81,26 @@ def round_ratios(samples: dict[str, list[float]], base: str) -> dict[str, list[f
     :func:`interleaved_samples`): drift slower than a round cancels in each ratio, so their
     median is steadier than the ratio of the medians on a machine whose speed wanders."""
     return {name: [t / b for t, b in zip(ts, samples[base])] for name, ts in samples.items()}
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median of what ``values`` sample:
+    the order statistics (x_(j), x_(n+1-j)) with the largest j whose coverage
+    P(j <= Binomial(n, 1/2) <= n - j) is at least ``level`` (for 15 values at 0.95: the 4th
+    and the 12th, coverage 0.965). With too few values for the level (n <= 5 at 0.95) it is
+    (min, max), whose coverage is then below the level."""
+    xs = sorted(values)
+    n = len(xs)
+    if not n:
+        raise ValueError("median_interval: no values")
+
+    def coverage(j: int) -> float:
+        return sum(math.comb(n, i) for i in range(j, n - j + 1)) / 2 ** n
+
+    j = 1
+    while j + 1 <= (n + 1) // 2 and coverage(j + 1) >= level:
+        j += 1
+    return xs[j - 1], xs[n - j]
 
 
 def _status_kb(key: str) -> int:

@@ -125,6 +125,9 @@ def test_benchmark_model_times_the_whole_model_by_parts(tmp_path):
     assert base["parts_ratio"] == dict.fromkeys(parts - {"rest"}, 1.0)  # each round over itself
     assert point["parts_ratio"]["backbone"] > 0
     assert point["gap"] == pytest.approx(point["latency_ratio"] - point["model_gmacs_ratio"])
+    # one round: the interval is that round's ratio, the gap's is shifted by the GMACs ratio
+    assert point["latency_ratio_ci95"] == [point["latency_ratio"]] * 2
+    assert point["gap_ci95"] == pytest.approx([point["gap"]] * 2)
     assert "| a4_5x5 |" in out.with_suffix(".md").read_text()
     assert set(base["outputs"]) == {"segments", "instances"} and base["outputs"]["instances"] > 0
 
@@ -178,6 +181,18 @@ def test_part_seconds_interleaves_the_settings_and_unwraps_the_parts():
     assert all(len(ts) == 3 for per in out.values() for ts in per.values())
     assert all(0 < b <= t for k in models for b, t in zip(out[k]["backbone"], out[k]["total"]))
     assert all("forward" not in vars(m.backbone) and "forward" not in vars(m.head) for m in models.values())
+
+
+def test_median_interval_is_the_binomial_order_statistics():
+    from expedit_d2.measure import median_interval
+
+    xs = [float(v) for v in (9, 3, 14, 1, 7, 12, 5, 15, 2, 11, 4, 13, 6, 10, 8)]  # 1 .. 15 shuffled
+    assert median_interval(xs) == (4.0, 12.0)  # n = 15 at 0.95: the 4th and 12th (coverage 0.965)
+    assert median_interval(xs, level=0.80) == (5.0, 11.0)  # coverage 0.882; the 6th-10th cover 0.698
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few for the level: the range
+    assert median_interval(list(range(1, 101))) == (40, 61)  # n = 100: the textbook 40th and 61st
+    with pytest.raises(ValueError, match="no values"):
+        median_interval([])
 
 
 def test_round_ratios_pair_each_round_with_the_baseline():

@@ -19,7 +19,9 @@ For each setting, on one image of ``--input-size`` (batch 1, the project's own
 * latency: warm-up, then ``--repeats`` rounds, each timing every setting once in turn in
   the same process, synchronised on CUDA; ``ms`` is the median, the latency ratio is the
   median over rounds of the setting's time over the baseline's in that round (drift slower
-  than a round cancels), shown with the rounds' lowest and highest ratio, and the ratio of
+  than a round cancels), shown with its 95% confidence interval (distribution-free: the
+  rounds' order statistics; the JSON also holds the rounds' lowest and highest ratio), the
+  same interval shifted for the gap, and the ratio of
   the fastest rounds (on a shared machine interference only ever slows a call down, so
   the fastest round is the least disturbed);
 * a per-part breakdown from a second, instrumented pass, interleaved the same way
@@ -54,7 +56,7 @@ from expedit_d2.cli import (HelpFormatter, add_amp_argument, add_timing_argument
                             autocast, emit_report)
 from expedit_d2.engine import load_project
 from expedit_d2.flops import gmacs
-from expedit_d2.measure import interleaved_samples, round_ratios, sync
+from expedit_d2.measure import interleaved_samples, median_interval, round_ratios, sync
 from expedit_d2.sweep import (Point, SweepError, SweepSpec, expand_points, parse_grid, parse_point,
                               validate_points)
 
@@ -224,6 +226,7 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
             "ms": 1e3 * secs[pid], "ms_rounds": [1e3 * t for t in samples[pid]],
             "latency_ratio": statistics.median(ratios[pid]),
             "latency_ratio_range": [min(ratios[pid]), max(ratios[pid])],
+            "latency_ratio_ci95": list(median_interval(ratios[pid])),
             "ratio_of_medians": secs[pid] / secs[base],
             "ratio_of_minimums": min(samples[pid]) / min(samples[base]),
             "backbone_gmacs": macs[pid]["backbone"], "model_gmacs": macs[pid]["model"],
@@ -232,6 +235,7 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
             "parts_ms": breakdown, "outputs": counts[pid],
         }
         row["gap"] = row["latency_ratio"] - row["model_gmacs_ratio"]
+        row["gap_ci95"] = [v - row["model_gmacs_ratio"] for v in row["latency_ratio_ci95"]]
         # each part's median per-round ratio (paired with the baseline's same round, as above)
         row["parts_ratio"] = {k: statistics.median(round_ratios({pid: ts, base: part_rounds[base][k]}, base)[pid])
                               for k, ts in part_rounds[pid].items()
@@ -244,23 +248,25 @@ def format_table(rows: list[dict], threads: int) -> str:
     r0 = rows[0]
     head = (f"Whole model, input {r0['input'][1]}x{r0['input'][0]} (WxH), batch 1, {r0['device']}"
             f" ({threads} threads), amp {r0['amp'] or 'off'}, compile {r0['compile'] or 'off'}; "
-            "latency: median, interleaved in one run; latency ratio: median of the per-round ratios; "
+            "latency: median, interleaved in one run; latency ratio: median of the per-round ratios "
+            "[its 95% confidence interval, distribution-free, from the rounds' order statistics]; "
             "fastest-round ratio: the setting's fastest round over the baseline's (interference only "
             "slows a call down); GMACs: fvcore multiply-adds; gap = latency ratio - model GMACs ratio; "
             "backbone latency ratio: median of its per-round ratios in the per-part pass")
     part_names = list(r0["parts_ms"])
     lines = [head, "",
-             "| setting | ms | latency ratio (rounds' range) | fastest-round ratio | model GMACs (ratio) | "
-             "backbone GMACs (ratio) | gap | backbone latency ratio | "
+             "| setting | ms | latency ratio [95% CI] | fastest-round ratio | model GMACs (ratio) | "
+             "backbone GMACs (ratio) | gap [95% CI] | backbone latency ratio | "
              + " | ".join(f"{n} ms" for n in part_names) + " | outputs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(part_names) + "---|"]
     for r in rows:
-        lo, hi = r["latency_ratio_range"]
+        lo, hi = r["latency_ratio_ci95"]
+        glo, ghi = r["gap_ci95"]
         lines.append(
-            f"| {r['setting']} | {r['ms']:.0f} | {r['latency_ratio']:.3f} ({lo:.3f}-{hi:.3f}) | "
+            f"| {r['setting']} | {r['ms']:.0f} | {r['latency_ratio']:.3f} [{lo:.3f}, {hi:.3f}] | "
             f"{r['ratio_of_minimums']:.3f} | "
             f"{r['model_gmacs']:.1f} ({r['model_gmacs_ratio']:.3f}) | "
-            f"{r['backbone_gmacs']:.1f} ({r['backbone_gmacs_ratio']:.3f}) | {r['gap']:+.3f} | "
+            f"{r['backbone_gmacs']:.1f} ({r['backbone_gmacs_ratio']:.3f}) | {r['gap']:+.3f} [{glo:+.3f}, {ghi:+.3f}] | "
             f"{r['parts_ratio'].get('backbone', float('nan')):.3f} | "
             + " | ".join(f"{r['parts_ms'][n]:.0f}" for n in part_names) + " | "
             + (", ".join(f"{v} {k}" for k, v in r["outputs"].items()) or "-") + " |")

@@ -234,21 +234,31 @@ def test_second_sweep_on_a_busy_output_dir_refuses_and_ctrl_c_says_how_to_resume
            "--output-dir", str(tmp_path), "--repeats", "1", "--warmup", "0", "--no-memory",
            "--grid", "MODEL.EXPEDIT.CLUSTERING_LOCATION=[4, 6]", "--grid", "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3]]",
            *SMALL, "MODEL.WEIGHTS", weights]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    # enough points that the first sweep is still running after the second one's start-up
+    # (imports alone take seconds, and longer on a loaded machine)
+    first_cmd = [c if c != "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3]]" else
+                 "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3], [2, 2]]"
+                 for c in cmd]
+    first = subprocess.Popen(first_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     lock = tmp_path / ".results.lock"
-    deadline = time.time() + 120
-    while time.time() < deadline and first.poll() is None and not (lock.exists() and lock.read_text()):
-        time.sleep(0.2)
-    assert first.poll() is None and f"pid {first.pid}" in lock.read_text()
-    other_grid = [c if c != "MODEL.EXPEDIT.CLUSTERING_LOCATION=[4, 6]" else "MODEL.EXPEDIT.CLUSTERING_LOCATION=[2]"
-                  for c in cmd]
-    second = subprocess.run(other_grid, capture_output=True, text=True)
-    assert second.returncode == 2, second.stderr[-2000:]
-    assert f"is in use by another sweep (pid {first.pid} on " in second.stderr
-    assert first.poll() is None  # the first one was not disturbed
-    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole group
-    err = first.communicate(timeout=120)[1]
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not (lock.exists() and lock.read_text()):
+            time.sleep(0.2)
+        assert first.poll() is None and f"pid {first.pid}" in lock.read_text()
+        other_grid = [c if c != "MODEL.EXPEDIT.CLUSTERING_LOCATION=[4, 6]" else "MODEL.EXPEDIT.CLUSTERING_LOCATION=[2]"
+                      for c in cmd]
+        second = subprocess.run(other_grid, capture_output=True, text=True)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by another sweep (pid {first.pid} on " in second.stderr
+        assert first.poll() is None  # the first one was not disturbed
+        os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole group
+        err = first.communicate(timeout=120)[1]
+    finally:  # never leave a sweep process behind
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.communicate()
     assert first.returncode == 130
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("sweep: interrupted; every finished point is kept")

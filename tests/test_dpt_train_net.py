@@ -143,8 +143,11 @@ def test_ctrl_c_during_training_says_how_to_resume(nyu_root, tmp_path):
            str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2_expedit_a4_16x16.yaml"),
            "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "100000", "SOLVER.IMS_PER_BATCH", "1",
            "TEST.EVAL_PERIOD", "0", *TINY, "MODEL.EXPEDIT.NUM_CLUSTERS", "[16, 16]"]
+    # SIGINT back to its default in the child: a suite started in the background by a
+    # non-interactive shell (`cmd &`) ignores SIGINT, and children inherit that
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "DETECTRON2_DATASETS": str(root)})
+                            start_new_session=True, env={**os.environ, "DETECTRON2_DATASETS": str(root)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = tmp_path / "log.txt"
     try:
         # generous: on a loaded 2-core machine start-up alone can take minutes, and the

@@ -239,8 +239,10 @@ def test_second_sweep_on_a_busy_output_dir_refuses_and_ctrl_c_says_how_to_resume
     first_cmd = [c if c != "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3]]" else
                  "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3], [2, 2]]"
                  for c in cmd]
+    # SIGINT back to its default in the child: a suite started in the background by a
+    # non-interactive shell (`cmd &`) ignores SIGINT, and children inherit that
     first = subprocess.Popen(first_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lock = tmp_path / ".results.lock"
     try:
         deadline = time.time() + 120

@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 
 __all__ = ["set_flush_denormal", "sync", "interleaved_samples", "time_interleaved", "round_ratios",
-           "median_interval", "peak_memory", "run_memory_child", "forward_peak_bytes", "print_child_peak", "child_peak_mb",
-           "peak_memory_mb", "write_report"]
+           "median_interval", "peak_memory", "run_memory_child", "forward_peak_bytes", "print_child_peak",
+           "child_peak_mb", "peak_memory_mb", "write_report"]
 
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 

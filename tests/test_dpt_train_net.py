@@ -138,18 +138,16 @@ def test_ctrl_c_during_training_says_how_to_resume(nyu_root, tmp_path):
     import sys
     import time
 
+    from tests.processes import process_group
+
     root, _, _ = nyu_root
     cmd = [sys.executable, str(ROOT / "projects/DPT/train_net.py"), "--config-file",
            str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2_expedit_a4_16x16.yaml"),
            "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "100000", "SOLVER.IMS_PER_BATCH", "1",
            "TEST.EVAL_PERIOD", "0", *TINY, "MODEL.EXPEDIT.NUM_CLUSTERS", "[16, 16]"]
-    # SIGINT back to its default in the child: a suite started in the background by a
-    # non-interactive shell (`cmd &`) ignores SIGINT, and children inherit that
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "DETECTRON2_DATASETS": str(root)},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = tmp_path / "log.txt"
-    try:
+    with process_group(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                       env={**os.environ, "DETECTRON2_DATASETS": str(root)}) as proc:
         # generous: on a loaded 2-core machine start-up alone can take minutes, and the
         # interrupt is meant for the training loop, not for the imports
         deadline = time.time() + 300
@@ -160,10 +158,6 @@ def test_ctrl_c_during_training_says_how_to_resume(nyu_root, tmp_path):
         assert "Starting training" in log.read_text(), "training did not start within 300 s"
         os.killpg(proc.pid, signal.SIGINT)
         err = proc.communicate(timeout=120)[1]
-    finally:  # never leave a training process behind to slow down the rest of the suite
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("interrupted: checkpoints saved so far are in OUTPUT_DIR")

@@ -107,7 +107,9 @@ def test_deformable_attention_samples_in_float32_for_half_inputs(dtype):
     torch.testing.assert_close(half.float(), want, rtol=1e-2, atol=1e-2)
 
 
-def test_tiny_head_forward_shapes_and_masks():
+def _tiny_head():
+    """A small MaskFormerHead in eval (seed 0; 5 classes, 7 queries, 2 encoder and 3 decoder
+    layers) and random Swin-like features of two 96 x 128 images."""
     torch.manual_seed(0)
     shapes = {k: ShapeSpec(channels=c, stride=s) for k, c, s in
               [("res2", 16, 4), ("res3", 24, 8), ("res4", 32, 16), ("res5", 40, 32)]}
@@ -115,6 +117,11 @@ def test_tiny_head_forward_shapes_and_masks():
                           enc_dim_feedforward=64, hidden_dim=32, num_queries=7, nheads=4,
                           dim_feedforward=64, dec_layers=3).eval()
     feats = {k: torch.randn(2, s.channels, 96 // s.stride, 128 // s.stride) for k, s in shapes.items()}
+    return head, feats
+
+
+def test_tiny_head_forward_shapes_and_masks():
+    head, feats = _tiny_head()
     with torch.no_grad():
         out = head(feats)
     assert out["pred_logits"].shape == (2, 7, 6)
@@ -128,14 +135,8 @@ def test_pixel_decoder_feed_forward_in_token_blocks_equals_one_call(monkeypatch)
     last block is ragged and every level is split); with autograd it is one call. Same maps."""
     from mask2former.modeling import pixel_decoder
 
-    torch.manual_seed(0)
-    shapes = {k: ShapeSpec(channels=c, stride=s) for k, c, s in
-              [("res2", 16, 4), ("res3", 24, 8), ("res4", 32, 16), ("res5", 40, 32)]}
-    head = MaskFormerHead(shapes, num_classes=5, conv_dim=32, mask_dim=32, enc_layers=2,
-                          enc_dim_feedforward=64, hidden_dim=32, num_queries=7, nheads=4,
-                          dim_feedforward=64, dec_layers=3).eval()
+    head, feats = _tiny_head()
     pd = head.pixel_decoder
-    feats = {k: torch.randn(2, s.channels, 96 // s.stride, 128 // s.stride) for k, s in shapes.items()}
     calls = []
     layer = pd.transformer.encoder.layers[0]
     monkeypatch.setattr(layer, "_ffn_block", lambda x, f=layer._ffn_block: calls.append(x.shape) or f(x))

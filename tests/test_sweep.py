@@ -16,6 +16,7 @@ from expedit_d2.engine import load_project
 from expedit_d2.sweep import (SweepError, SweepSpec, expand_points, merge, read_rows, rows_from_csv, run_sweep,
                               write_report)
 from expedit_d2.synthetic import write_coco
+from tests.processes import process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "projects/Mask2Former/configs/demo/tiny_swin_coco_panoptic.yaml")
@@ -239,12 +240,8 @@ def test_second_sweep_on_a_busy_output_dir_refuses_and_ctrl_c_says_how_to_resume
     first_cmd = [c if c != "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3]]" else
                  "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3], [2, 2]]"
                  for c in cmd]
-    # SIGINT back to its default in the child: a suite started in the background by a
-    # non-interactive shell (`cmd &`) ignores SIGINT, and children inherit that
-    first = subprocess.Popen(first_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lock = tmp_path / ".results.lock"
-    try:
+    with process_group(first_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as first:
         deadline = time.time() + 120
         while time.time() < deadline and first.poll() is None and not (lock.exists() and lock.read_text()):
             time.sleep(0.2)
@@ -257,10 +254,6 @@ def test_second_sweep_on_a_busy_output_dir_refuses_and_ctrl_c_says_how_to_resume
         assert first.poll() is None  # the first one was not disturbed
         os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole group
         err = first.communicate(timeout=120)[1]
-    finally:  # never leave a sweep process behind
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.communicate()
     assert first.returncode == 130
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("sweep: interrupted; every finished point is kept")

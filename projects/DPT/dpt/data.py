@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
+
+from expedit_d2.datasets import register_from_root
 
 __all__ = ["register_nyuv2", "load_nyuv2", "DepthDatasetMapper", "NYUV2_SPLITS"]
 
@@ -41,16 +44,18 @@ def load_nyuv2(root, split: str) -> list[dict]:
     return records
 
 
+def _register_split(name: str, root: Path, split: str) -> None:
+    DatasetCatalog.register(name, lambda: load_nyuv2(root, split))
+    MetadataCatalog.get(name).set(evaluator_type="depth", min_depth=1e-3, max_depth=10.0,
+                                  eigen_crop=True)
+
+
 def register_nyuv2(root=None) -> None:
-    """Register nyuv2_train / nyuv2_test (idempotent; lazily loaded)."""
+    """Register nyuv2_train / nyuv2_test (lazily loaded; again only when the root changes)."""
     root = Path(root) if root is not None else _default_root()
     for split in NYUV2_SPLITS:
         name = f"nyuv2_{split}"
-        if name in DatasetCatalog.list():
-            continue
-        DatasetCatalog.register(name, lambda split=split: load_nyuv2(root, split))
-        MetadataCatalog.get(name).set(evaluator_type="depth", min_depth=1e-3, max_depth=10.0,
-                                      eigen_crop=True, root=str(root))
+        register_from_root(name, root, partial(_register_split, name, root, split))
 
 
 class DepthDatasetMapper:

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+from expedit_d2.datasets import register_from_root
 
 from .ade20k_categories import ADE20K_150_CATEGORIES
 
@@ -92,28 +95,27 @@ def register_coco_panoptic_with_sem_seg(name, categories, image_root, panoptic_r
 
 
 def register_all(root: str | None = None) -> None:
-    """Register the COCO and ADE20K datasets above (idempotent, lazy)."""
+    """Register the COCO and ADE20K datasets above (lazy; again only when the root changes)."""
     root = root or os.environ.get("DETECTRON2_DATASETS", "datasets")
-    ade = os.path.join(root, "ADEChallengeData2016")
+    ade, coco = os.path.join(root, "ADEChallengeData2016"), os.path.join(root, "coco")
+    registrations = {}  # name -> the call that registers it
     for split, folder in (("train", "training"), ("val", "validation")):
+        images = os.path.join(ade, "images", folder)
+        instances = os.path.join(ade, f"ade20k_instance_{split}.json")
         name = f"ade20k_panoptic_{split}"
-        if name not in DatasetCatalog.list():
-            register_coco_panoptic_with_sem_seg(
-                name, ADE20K_150_CATEGORIES, os.path.join(ade, "images", folder),
-                os.path.join(ade, f"ade20k_panoptic_{split}"), os.path.join(ade, f"ade20k_panoptic_{split}.json"),
-                os.path.join(ade, "annotations_detectron2", folder),
-                os.path.join(ade, f"ade20k_instance_{split}.json"), steps=ADE20K_STEPS)
+        registrations[name] = partial(
+            register_coco_panoptic_with_sem_seg, name, ADE20K_150_CATEGORIES, images,
+            os.path.join(ade, name), os.path.join(ade, f"{name}.json"),
+            os.path.join(ade, "annotations_detectron2", folder), instances, steps=ADE20K_STEPS)
         name = f"ade20k_instance_{split}"
-        if name not in DatasetCatalog.list():
-            register_coco_instances(name, {}, os.path.join(ade, f"ade20k_instance_{split}.json"),
-                                    os.path.join(ade, "images", folder))
+        registrations[name] = partial(register_coco_instances, name, {}, instances, images)
     for split in ("train", "val"):
         name = f"coco_2017_{split}_panoptic_with_sem_seg"
-        if name in DatasetCatalog.list():
-            continue
-        coco = os.path.join(root, "coco")
-        register_coco_panoptic_with_sem_seg(
-            name, COCO_CATEGORIES, os.path.join(coco, f"{split}2017"),
-            os.path.join(coco, f"panoptic_{split}2017"), os.path.join(coco, f"panoptic_{split}2017.json"),
+        registrations[name] = partial(
+            register_coco_panoptic_with_sem_seg, name, COCO_CATEGORIES,
+            os.path.join(coco, f"{split}2017"), os.path.join(coco, f"panoptic_{split}2017"),
+            os.path.join(coco, f"panoptic_{split}2017.json"),
             os.path.join(coco, f"panoptic_semseg_{split}2017"),
             os.path.join(coco, "annotations", f"instances_{split}2017.json"))
+    for name, register in registrations.items():
+        register_from_root(name, root, register)

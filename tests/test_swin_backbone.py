@@ -342,3 +342,44 @@ def test_bad_expedit_config_names_the_key(key, value, message):
     setattr(cfg.MODEL.EXPEDIT, key, value)
     with pytest.raises((ValueError, KeyError), match=message):
         build(cfg)(torch.randn(1, 3, 384, 384))
+
+
+@pytest.mark.parametrize("H, W, ws, shift", [(36, 24, 12, 6), (32, 32, 8, 4), (24, 16, 8, 6),
+                                             (32, 24, 8, 12), (12, 12, 6, 6), (8, 4, 4, 2)])
+def test_window_mask_runs_mark_exactly_the_masked_windows(H, W, ws, shift):
+    from expedit_d2.backbones.swin import WindowMask
+
+    mask = WindowMask.shifted(H, W, ws, shift, "cpu")
+    assert torch.equal(mask.values, _region_mask(H, W, ws, shift))
+    covered = [w for start, stop, _ in mask.runs for w in range(start, stop)]
+    assert covered == list(range(mask.values.shape[0]))
+    flags = [m for start, stop, m in mask.runs for _ in range(start, stop)]
+    assert flags == mask.values.flatten(1).ne(0).any(1).tolist()
+    assert all(a[2] != b[2] for a, b in zip(mask.runs, mask.runs[1:]))  # maximal runs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_attention_with_window_mask_equals_every_window_masked(batch, dtype):
+    """Unmasked windows run with the bias broadcast: bitwise the result of adding the full
+    (nW, heads, N, N) bias + mask, and the same gradients (up to the order of the sums, so
+    checked in float32)."""
+    from expedit_d2.backbones.swin import WindowAttention, WindowMask
+
+    torch.manual_seed(0)
+    attn = WindowAttention(32, 4, 2).to(dtype)
+    torch.nn.init.normal_(attn.relative_position_bias_table)
+    mask = WindowMask.shifted(12, 16, 4, 2, "cpu")
+    assert any(m for *_, m in mask.runs) and not all(m for *_, m in mask.runs)
+    x = torch.randn(batch * 12, 16, 32, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(attn(x, mask), attn(x, mask.values))
+    if dtype != torch.float32:
+        return
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    for xi, m in zip(xs, (mask, mask.values)):
+        attn.zero_grad()
+        attn(xi, m).square().sum().backward()
+        xi.table_grad = attn.relative_position_bias_table.grad.clone()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    torch.testing.assert_close(xs[0].table_grad, xs[1].table_grad)

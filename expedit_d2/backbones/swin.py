@@ -17,6 +17,7 @@ blocks on a map with any window size: the seam the token-reduction methods of
 """
 from __future__ import annotations
 
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,8 @@ from detectron2.modeling import BACKBONE_REGISTRY
 
 from .base import MultiScaleBackbone
 
-__all__ = ["SwinTransformer", "D2SwinTransformer", "window_partition", "window_reverse"]
+__all__ = ["SwinTransformer", "D2SwinTransformer", "WindowMask", "shifted_window_mask",
+           "window_partition", "window_reverse"]
 
 
 class DropPath(nn.Module):
@@ -79,22 +81,58 @@ def relative_position_index(ws: int, device=None) -> torch.Tensor:
     return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
 
 
+def _shift_regions(n: int, ws: int, shift: int) -> list[int]:
+    """Region label (0, 1, 2) of each of n rows (or columns), cut by the slices (0, -ws),
+    (-ws, -shift), (-shift, None) in that order (a later slice overwrites an earlier one,
+    which matters when shift > ws, as in the official expedited stage)."""
+    labels = [0] * n
+    for label, cut in enumerate((slice(0, -ws), slice(-ws, -shift), slice(-shift, None))):
+        for i in range(n)[cut]:
+            labels[i] = label
+    return labels
+
+
 def shifted_window_mask(H: int, W: int, ws: int, shift: int, device) -> torch.Tensor:
     """(nW, ws*ws, ws*ws) additive mask (0 / -100) for shifted windows on an H x W map
-    (H, W multiples of ws): tokens from different pre-shift regions do not attend.
-
-    Regions are cut by the row/column slices (0, -ws), (-ws, -shift), (-shift, None),
-    assigned in that order (a later slice overwrites an overlapping earlier one, which
-    matters when shift > ws, as in the official expedited stage)."""
-    img = torch.zeros(1, H, W, 1, device=device)
-    region = 0
-    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-            img[:, hs, wsl, :] = region
-            region += 1
+    (H, W multiples of ws): tokens from different pre-shift regions (:func:`_shift_regions`
+    of their row and column) do not attend."""
+    rows = torch.tensor(_shift_regions(H, ws, shift), device=device)
+    cols = torch.tensor(_shift_regions(W, ws, shift), device=device)
+    img = (rows[:, None] * 3 + cols[None, :]).view(1, H, W, 1)
     win = window_partition(img, ws).squeeze(-1)  # (nW, ws*ws)
-    mask = win[:, None, :] - win[:, :, None]
-    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+    different = win[:, None, :] != win[:, :, None]
+    return torch.zeros(different.shape, device=device).masked_fill_(different, -100.0)
+
+
+class WindowMask(NamedTuple):
+    """The shifted-window mask of one image and where it is not zero.
+
+    ``values``: (nW, N, N) additive mask, windows in row-major order. ``runs``: the windows
+    as consecutive ranges ``(start, stop, masked)``; ``masked`` is False where every value
+    of the range is zero. On a Swin map only the last row and column of windows are masked,
+    so attention runs the others with the (heads, N, N) bias broadcast and materialises
+    bias + mask only for the masked ones (at 640 x 640, stage 1 of Swin-L, 27 of 196).
+    """
+
+    values: torch.Tensor
+    runs: tuple[tuple[int, int, bool], ...]
+
+    @classmethod
+    def shifted(cls, H: int, W: int, ws: int, shift: int, device) -> "WindowMask":
+        """The mask of :func:`shifted_window_mask`; its runs follow from the regions alone
+        (no values are read back, so it neither syncs a GPU nor breaks a compiled graph)."""
+        def uniform(n):
+            labels = _shift_regions(n, ws, shift)
+            return [len(set(labels[i:i + ws])) == 1 for i in range(0, n, ws)]
+
+        rows, cols = uniform(H), uniform(W)
+        masked = [not (r and c) for r in rows for c in cols]
+        runs, start = [], 0
+        for i in range(1, len(masked) + 1):
+            if i == len(masked) or masked[i] != masked[start]:
+                runs.append((start, i, masked[start]))
+                start = i
+        return cls(shifted_window_mask(H, W, ws, shift, device), tuple(runs))
 
 
 class WindowAttention(nn.Module):
@@ -134,21 +172,33 @@ class WindowAttention(nn.Module):
         # fused attention would copy that (nW, heads, N, N) mask again
         return table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, mask: WindowMask | torch.Tensor | None = None,
                 window_size: int | None = None) -> torch.Tensor:
+        """x (B*nW, N, C) -> (B*nW, N, C). ``mask``: a :class:`WindowMask`, or its (nW, N, N)
+        values alone (then every window counts as masked), or None."""
         B_, N, C = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads)
+        heads = self.num_heads
+        qkv = self.qkv(x).reshape(B_, N, 3, heads, C // heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B_, heads, N, d)
-        bias = self.relative_position_bias(window_size).to(q.dtype).unsqueeze(0)
-        if mask is not None:
-            nW = mask.shape[0]
-            bias = bias + mask.to(q.dtype).unsqueeze(1)  # (nW, heads, N, N)
-            if B_ != nW:  # (a batch of one image needs no copy)
-                bias = bias.repeat(B_ // nW, 1, 1, 1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0,
-            scale=self.scale)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))
+        bias = self.relative_position_bias(window_size).to(q.dtype).unsqueeze(0)  # (1, heads, N, N)
+        dropout = self.attn_drop if self.training else 0.0
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
+                                                 scale=self.scale).transpose(1, 2)
+        else:
+            if isinstance(mask, torch.Tensor):
+                mask = WindowMask(mask, ((0, mask.shape[0], True),))
+            nW = mask.values.shape[0]
+            values = mask.values.to(q.dtype).unsqueeze(1)  # (nW, 1, N, N)
+            out = q.new_empty(B_, N, heads, C // heads)
+            for first in range(0, B_, nW):  # each image's windows
+                for start, stop, masked in mask.runs:
+                    w = slice(first + start, first + stop)
+                    attn_mask = bias + values[start:stop] if masked else bias
+                    out[w] = F.scaled_dot_product_attention(
+                        q[w], k[w], v[w], attn_mask=attn_mask, dropout_p=dropout,
+                        scale=self.scale).transpose(1, 2)
+        return self.proj_drop(self.proj(out.reshape(B_, N, C)))
 
 
 class SwinBlock(nn.Module):
@@ -165,7 +215,8 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: torch.Tensor, H: int, W: int, shift_mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, H: int, W: int,
+                shift_mask: WindowMask | torch.Tensor | None,
                 window_size: int | None = None) -> torch.Tensor:
         ws = window_size or self.window_size
         shift = ws // 2 if self.shift_size > 0 else 0
@@ -229,7 +280,7 @@ class SwinStage(nn.Module):
         ws = window_size or self.window_size
         Hp, Wp = H + (-H) % ws, W + (-W) % ws
         shift = ws // 2 if mask_shift is None else mask_shift
-        mask = shifted_window_mask(Hp, Wp, ws, shift, x.device) if len(self.blocks) > 1 else None
+        mask = WindowMask.shifted(Hp, Wp, ws, shift, x.device) if len(self.blocks) > 1 else None
         for blk in self.blocks[start:stop]:
             x = blk(x, H, W, mask, ws)
         return x

@@ -383,3 +383,17 @@ def test_attention_with_window_mask_equals_every_window_masked(batch, dtype):
         xi.table_grad = attn.relative_position_bias_table.grad.clone()
     torch.testing.assert_close(xs[0].grad, xs[1].grad)
     torch.testing.assert_close(xs[0].table_grad, xs[1].table_grad)
+
+
+@pytest.mark.parametrize("H, W, ws, shift", [(20, 30, 12, 6), (24, 36, 12, 6), (24, 36, 12, 0),
+                                             (7, 5, 4, 2), (8, 8, 8, 4), (13, 9, 6, 0)])
+def test_window_order_is_roll_partition_and_back(H, W, ws, shift):
+    from expedit_d2.backbones.swin import window_order, window_partition, window_reverse
+
+    Hp, Wp = H + (-H) % ws, W + (-W) % ws
+    x = torch.randn(2, Hp, Wp, 3)
+    into, back = window_order(H, W, ws, shift)
+    windows = window_partition(torch.roll(x, (-shift, -shift), (1, 2)), ws)
+    assert torch.equal(x.reshape(2, Hp * Wp, 3)[:, into].view(-1, ws * ws, 3), windows)
+    full = torch.roll(window_reverse(windows, ws, Hp, Wp), (shift, shift), (1, 2))
+    assert torch.equal(windows.view(2, Hp * Wp, 3)[:, back], full[:, :H, :W].reshape(2, H * W, 3))

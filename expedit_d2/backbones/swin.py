@@ -28,7 +28,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from .base import MultiScaleBackbone
 
 __all__ = ["SwinTransformer", "D2SwinTransformer", "WindowMask", "shifted_window_mask",
-           "window_partition", "window_reverse"]
+           "window_order", "window_partition", "window_reverse"]
 
 
 class DropPath(nn.Module):
@@ -70,6 +70,27 @@ def window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tens
     B = windows.shape[0] // ((H // ws) * (W // ws))
     x = windows.view(B, H // ws, W // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(B, H, W, C)
+
+
+def window_order(H: int, W: int, ws: int, shift: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token orders that fuse a block's roll, window partition, window reverse and crop.
+
+    For an H x W map zero-padded to Hp x Wp (multiples of ws) and flattened row-major:
+    ``into`` (Hp*Wp,) lists, in :func:`window_partition` order of the map rolled by
+    (-shift, -shift), the padded map's token at each place; ``back`` (H*W,) lists, for
+    each token of the H x W map, its place in that window order. So
+    ``padded[:, into]`` = partition(roll(padded)) and ``windows[:, back]`` =
+    crop(roll back(reverse(windows))), one gather each instead of up to six copies.
+    """
+    Hp, Wp = H + (-H) % ws, W + (-W) % ws
+    rows = (torch.arange(Hp, device=device) + shift) % Hp  # rolled row -> padded row
+    cols = (torch.arange(Wp, device=device) + shift) % Wp
+    into = rows.view(-1, 1, ws, 1) * Wp + cols.view(1, -1, 1, ws)  # (nWh, nWw, ws, ws)
+    y = (torch.arange(H, device=device) - shift) % Hp  # padded row -> rolled row
+    x = (torch.arange(W, device=device) - shift) % Wp
+    back = ((y // ws) * (Wp // ws) * ws * ws + (y % ws) * ws)[:, None] + \
+        ((x // ws) * ws * ws + x % ws)[None, :]
+    return into.flatten(), back.flatten()
 
 
 def relative_position_index(ws: int, device=None) -> torch.Tensor:
@@ -223,17 +244,13 @@ class SwinBlock(nn.Module):
         B, L, C = x.shape
         shortcut = x
         x = self.norm1(x).view(B, H, W, C)
-        pad_b, pad_r = (-H) % ws, (-W) % ws
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
-        if shift:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-        x = self.attn(window_partition(x, ws), shift_mask if shift else None, window_size=ws)
-        x = window_reverse(x, ws, Hp, Wp)
-        if shift:
-            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
-        x = x[:, :H, :W].reshape(B, H * W, C)
+        Hp, Wp = H + (-H) % ws, W + (-W) % ws
+        if (Hp, Wp) != (H, W):
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+        into, back = window_order(H, W, ws, shift, x.device)
+        windows = x.reshape(B, Hp * Wp, C).index_select(1, into).view(-1, ws * ws, C)
+        x = self.attn(windows, shift_mask if shift else None, window_size=ws)
+        x = x.view(B, Hp * Wp, C).index_select(1, back)
         x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

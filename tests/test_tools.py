@@ -77,6 +77,11 @@ def test_benchmark_backbone_writes_its_table(tmp_path):
     row = rows[0]
     assert 0 < row["gmacs_ratio"] < 1
     assert row["ms_base"] > 0 and row["ms_expedited"] > 0
+    # one round: the per-round ratio is the ratio of the medians, its interval that one value
+    assert row["latency_ratio"] == pytest.approx(row["ms_expedited"] / row["ms_base"])
+    assert row["latency_ratio_ci95"] == [row["latency_ratio"]] * 2
+    assert row["ratio_gap_ci95"] == [pytest.approx(row["latency_ratio"] - row["gmacs_ratio"])] * 2
+    assert len(row["ms_rounds_base"]) == len(row["ms_rounds_expedited"]) == 1
     assert set(row["cosine"]) == {"res2", "res3", "res4", "res5"}
     assert row["cosine"]["res2"] > 0.999  # before the clustering point
     assert "| swin_large_expedit_coco_panoptic | 256x192 |" in out.with_suffix(".md").read_text()

@@ -13,8 +13,10 @@ built-in ViT case has a setting of every method at roughly the GMACs of its expe
 
 For each case: backbone GMACs of both (fvcore multiply-adds, one image of the stated size, with
 expedit-d2's handles for fused attention and the operators), their ratio; latency of
-both (warm-up, median of repeats, interleaved, synchronised on CUDA) and its ratio; the
-gap between the two ratios; the time spent inside the clustering/reconstruction
+both (warm-up, median of repeats, interleaved, synchronised on CUDA) and the latency ratio
+(the median over rounds of the expedited time over the base time of the same round, with
+its distribution-free 95% confidence interval, as ``tools/benchmark_model.py`` gives it;
+the ratio of the medians beside it); the gap between the latency and GMACs ratios; the time spent inside the clustering/reconstruction
 operators as a share of the base backbone's time (their overhead: the gap also holds
 FLOP-efficiency differences between layers); peak extra memory of one forward (each
 model in a fresh subprocess);
@@ -29,6 +31,7 @@ unreadable file are errors naming the file and the keys, unless ``--allow-partia
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,7 +50,8 @@ from expedit_d2.engine import config_from_file
 from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
 from expedit_d2.flops import backbone_flops
 from expedit_d2.measure import (
-    child_peak_mb, forward_peak_bytes, print_child_peak, sync, time_interleaved, write_report)
+    child_peak_mb, forward_peak_bytes, interleaved_samples, median_interval, print_child_peak,
+    round_ratios, sync, write_report)
 from expedit_d2.ops import TokenClustering, TokenReconstruction
 from expedit_d2.reduction.config import METHOD_KEY, as_opts, point_overrides
 
@@ -210,8 +214,11 @@ def run_case(name, cfg, size, repeats, warmup, log, memory, taps_only=False, all
         gmacs = {k: backbone_flops(m, image).total() / 1e9 for k, m in
                   (("base", base), ("expedited", expedited))}
         log(f"{name}: timing (warm-up {warmup}, {repeats} repeats)")
-        secs = time_interleaved({"base": lambda: base(image), "expedited": lambda: expedited(image)},
-                                device, repeats, warmup)
+        rounds = interleaved_samples(
+            {"base": lambda: base(image), "expedited": lambda: expedited(image)}, device, repeats,
+            warmup)
+        secs = {k: statistics.median(v) for k, v in rounds.items()}
+        ratios = round_ratios(rounds, "base")["expedited"]
         mem = {k: memory(k) for k in ("base", "expedited")}
         op_secs = operator_seconds(expedited, image, device)
         a, b = base(image), expedited(image)
@@ -222,12 +229,17 @@ def run_case(name, cfg, size, repeats, warmup, log, memory, taps_only=False, all
         "gmacs_base": gmacs["base"], "gmacs_expedited": gmacs["expedited"],
         "gmacs_ratio": gmacs["expedited"] / gmacs["base"],
         "ms_base": secs["base"] * 1e3, "ms_expedited": secs["expedited"] * 1e3,
-        "latency_ratio": secs["expedited"] / secs["base"],
+        "ms_rounds_base": [t * 1e3 for t in rounds["base"]],
+        "ms_rounds_expedited": [t * 1e3 for t in rounds["expedited"]],
+        "latency_ratio": statistics.median(ratios),
+        "latency_ratio_ci95": list(median_interval(ratios)),
+        "ratio_of_medians": secs["expedited"] / secs["base"],
         "peak_mb_base": mem["base"],
         "peak_mb_expedited": mem["expedited"],
         "cosine": cos,
     }
     row["ratio_gap"] = row["latency_ratio"] - row["gmacs_ratio"]
+    row["ratio_gap_ci95"] = [v - row["gmacs_ratio"] for v in row["latency_ratio_ci95"]]
     row["operator_share"] = op_secs / secs["base"]
     return row
 
@@ -236,16 +248,22 @@ def format_table(rows, threads) -> str:
     dev = rows[0]["device"] if rows else "?"
     out = [f"Backbone, base vs expedited (same weights); device {dev}, {threads} threads, "
            f"torch {torch.__version__}", "",
+           "latency ratio: median of the per-round ratios [its 95% confidence interval, "
+           "distribution-free]; ratio of medians: ms exp / ms base", "",
            "| case | input WxH | GMACs base | GMACs exp | GMACs ratio | ms base | ms exp "
-           "| latency ratio | gap | operators / base time | peak MB base | peak MB exp | cosine per level |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "| latency ratio [95% CI] | ratio of medians | gap [95% CI] | operators / base time "
+           "| peak MB base | peak MB exp | cosine per level |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         mb = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
         cos = " ".join(f"{k} {v:.3f}" for k, v in r["cosine"].items())
+        (lo, hi), (glo, ghi) = r["latency_ratio_ci95"], r["ratio_gap_ci95"]
         out.append(
             f"| {r['case']} | {r['input'][1]}x{r['input'][0]} | {r['gmacs_base']:.1f} | "
             f"{r['gmacs_expedited']:.1f} | {r['gmacs_ratio']:.3f} | {r['ms_base']:.0f} | "
-            f"{r['ms_expedited']:.0f} | {r['latency_ratio']:.3f} | {r['ratio_gap']:+.3f} | {r['operator_share']:.1%} | "
+            f"{r['ms_expedited']:.0f} | {r['latency_ratio']:.3f} [{lo:.3f}, {hi:.3f}] | "
+            f"{r['ratio_of_medians']:.3f} | {r['ratio_gap']:+.3f} [{glo:+.3f}, {ghi:+.3f}] | "
+            f"{r['operator_share']:.1%} | "
             f"{mb(r['peak_mb_base'])} | {mb(r['peak_mb_expedited'])} | {cos} |")
     return "\n".join(out) + "\n"
 

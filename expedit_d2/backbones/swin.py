@@ -238,7 +238,9 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int,
                 shift_mask: WindowMask | torch.Tensor | None,
-                window_size: int | None = None) -> torch.Tensor:
+                window_size: int | None = None, orders: dict | None = None) -> torch.Tensor:
+        """``orders``: {shift: :func:`window_order` (H, W, ws, shift)}, computed once per
+        stage call by :meth:`SwinStage.run_blocks` (default: computed here)."""
         ws = window_size or self.window_size
         shift = ws // 2 if self.shift_size > 0 else 0
         B, L, C = x.shape
@@ -247,7 +249,9 @@ class SwinBlock(nn.Module):
         Hp, Wp = H + (-H) % ws, W + (-W) % ws
         if (Hp, Wp) != (H, W):
             x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
-        into, back = window_order(H, W, ws, shift, x.device)
+        if orders is None:
+            orders = {shift: window_order(H, W, ws, shift, x.device)}
+        into, back = orders[shift]
         windows = x.reshape(B, Hp * Wp, C).index_select(1, into).view(-1, ws * ws, C)
         x = self.attn(windows, shift_mask if shift else None, window_size=ws)
         x = x.view(B, Hp * Wp, C).index_select(1, back)
@@ -298,8 +302,10 @@ class SwinStage(nn.Module):
         Hp, Wp = H + (-H) % ws, W + (-W) % ws
         shift = ws // 2 if mask_shift is None else mask_shift
         mask = WindowMask.shifted(Hp, Wp, ws, shift, x.device) if len(self.blocks) > 1 else None
+        # the blocks roll by 0 or ws // 2 (whatever the mask's cut): both orders, once
+        orders = {s: window_order(H, W, ws, s, x.device) for s in {0, ws // 2}}
         for blk in self.blocks[start:stop]:
-            x = blk(x, H, W, mask, ws)
+            x = blk(x, H, W, mask, ws, orders)
         return x
 
     def forward_blocks(self, x, H, W):

@@ -72,7 +72,8 @@ def window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tens
     return x.reshape(B, H, W, C)
 
 
-def window_order(H: int, W: int, ws: int, shift: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def window_order(H: int, W: int, ws: int, shift: int,
+                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token orders that fuse a block's roll, window partition, window reverse and crop.
 
     For an H x W map zero-padded to Hp x Wp (multiples of ws) and flattened row-major:
@@ -207,15 +208,19 @@ class WindowAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
                                                  scale=self.scale).transpose(1, 2)
         else:
-            if isinstance(mask, torch.Tensor):
-                mask = WindowMask(mask, ((0, mask.shape[0], True),))
-            nW = mask.values.shape[0]
-            values = mask.values.to(q.dtype).unsqueeze(1)  # (nW, 1, N, N)
+            values = mask if isinstance(mask, torch.Tensor) else mask.values
+            nW = values.shape[0]
+            # On a CPU, one attention call per run of windows saves materialising bias + mask
+            # for all windows (measured there); elsewhere the add is cheap and the extra calls
+            # are not, so every window counts as masked: one call per image.
+            runs = mask.runs if isinstance(mask, WindowMask) and x.device.type == "cpu" \
+                else ((0, nW, True),)
+            values = values.to(q.dtype).unsqueeze(1)  # (nW, 1, N, N)
+            masks = [bias + values[start:stop] if masked else bias for start, stop, masked in runs]
             out = q.new_empty(B_, N, heads, C // heads)
             for first in range(0, B_, nW):  # each image's windows
-                for start, stop, masked in mask.runs:
+                for (start, stop, _), attn_mask in zip(runs, masks):
                     w = slice(first + start, first + stop)
-                    attn_mask = bias + values[start:stop] if masked else bias
                     out[w] = F.scaled_dot_product_attention(
                         q[w], k[w], v[w], attn_mask=attn_mask, dropout_p=dropout,
                         scale=self.scale).transpose(1, 2)

@@ -13,7 +13,7 @@ from detectron2.modeling import build_backbone
 
 from expedit_d2.config import add_expedit_config
 from expedit_d2.backbones.swin import SwinStage, SwinTransformer
-from tests.dense_reference import dense_clustering, dense_reconstruction
+from tests.dense_reference import dense_clustering, dense_reconstruction, sq_dist
 from tests.d2_helpers import run_faster_rcnn_fpn, run_model_zoo_config
 from tests.reference_keys import read_keys
 
@@ -210,7 +210,15 @@ def test_hourglass_stage_matches_the_spec_written_out(shift_mask, s, k):
         rec = dense_reconstruction(cw, X, S, k, 0.03).float()
         rec = rec.view(2, 2, 3, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(2, Hp, Wp, C)
         expect = rec[:, :H, :W].reshape(2, H * W, C)
-    torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
+        # a token whose k-th and (k+1)-th weights tie exactly (equal centres, e.g. of the
+        # zero padding) keeps the ties in float64 and one or the other after float32
+        # rounding, which differs between CPUs (seen on an AVX-512 one): not compared
+        top = torch.exp(-0.03 * sq_dist(X, S).clamp_min(0)).topk(min(k + 1, s * s), dim=-1).values
+        tied = top[..., k - 1] - top[..., -1] <= 1e-6 * top[..., k - 1]
+        tied &= k < s * s  # keeping every centre, nothing is cut
+        tied = tied.view(2, 2, 3, ws, ws).permute(0, 1, 3, 2, 4).reshape(2, Hp, Wp)[:, :H, :W].reshape(2, H * W)
+    assert tied.float().mean() < 0.05, int(tied.sum())  # 19 to 26 of 1200 tokens here
+    torch.testing.assert_close(got[~tied], expect[~tied], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("batch", [1, 2])  # one image: the shift mask is not repeated

@@ -405,3 +405,64 @@ def test_window_order_is_roll_partition_and_back(H, W, ws, shift):
     assert torch.equal(x.reshape(2, Hp * Wp, 3)[:, into].view(-1, ws * ws, 3), windows)
     full = torch.roll(window_reverse(windows, ws, Hp, Wp), (shift, shift), (1, 2))
     assert torch.equal(windows.view(2, Hp * Wp, 3)[:, back], full[:, :H, :W].reshape(2, H * W, 3))
+
+
+@pytest.mark.parametrize("name", ["D2SwinTransformer", "D2HourglassSwinTransformer"])
+def test_cpu_inference_in_blocks_equals_one_call(name, monkeypatch):
+    """CPU inference runs attention in blocks of whole windows of one image and the MLP in
+    blocks of tokens. With tiny blocks (3 windows, cutting the shift mask's runs; 37 tokens,
+    ragged) the maps equal the forward with autograd recording, which makes one call per
+    layer; the expedited stage's resized windows and official mask shift included."""
+    from expedit_d2.backbones import swin
+
+    model = build(tiny_swin_cfg(name))
+    x = torch.randn(2, 3, 200, 296)
+    windows, mlp_rows = [], []
+    attend = swin.WindowAttention._attend
+    monkeypatch.setattr(swin.WindowAttention, "_attend",
+                        lambda self, t, *args: windows.append(t.shape[0]) or attend(self, t, *args))
+    mlp = swin.Mlp.forward
+    monkeypatch.setattr(swin.Mlp, "forward", lambda self, t: mlp_rows.append(t.shape[:-1].numel()) or mlp(self, t))
+    with torch.enable_grad():
+        whole = model(x)
+    assert windows[0] == 2 * 5 * 7 and mlp_rows[0] == 2 * 50 * 74  # stage 1: 50 x 74 tokens, 12 x 12 windows
+    calls = len(windows)
+    windows.clear(), mlp_rows.clear()
+    monkeypatch.setattr(swin, "ATTENTION_BLOCK_TOKENS", 3 * 144)
+    monkeypatch.setattr(swin, "MLP_BLOCK_TOKENS", 37)
+    with torch.no_grad():
+        blocks = model(x)
+    # stage 1, 35 windows per image: the plain block in blocks of 3 of all 70, the shifted
+    # block (its mask is per image) in blocks of 3 of each image's 35
+    assert len(windows) > calls and windows[:24 + 24] == [3] * 23 + [1] + ([3] * 11 + [2]) * 2
+    assert max(mlp_rows) == 37 and mlp_rows[:100].count(37) == 100
+    for k in whole:
+        torch.testing.assert_close(blocks[k], whole[k].detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_window_mask_of_a_block_of_windows():
+    from expedit_d2.backbones.swin import WindowMask, _mask_windows
+
+    mask = WindowMask.shifted(36, 48, 12, 6, "cpu")  # 3 x 4 windows, the last of each row and the last row masked
+    assert mask.runs == ((0, 3, False), (3, 4, True), (4, 7, False), (7, 12, True))
+    part = _mask_windows(mask, 2, 6)
+    assert part.runs == ((0, 1, False), (1, 2, True), (2, 4, False))
+    assert torch.equal(part.values, mask.values[2:6])
+    assert _mask_windows(mask, 10, 13).runs == ((0, 2, True),) and _mask_windows(None, 0, 3) is None
+    assert torch.equal(_mask_windows(mask.values, 1, 3), mask.values[1:3])
+
+
+def test_cpu_inference_in_blocks_under_autocast_keeps_dtype(monkeypatch):
+    """Under bfloat16 autocast the blocks give the one call's dtypes and values."""
+    from expedit_d2.backbones import swin
+
+    model = build(tiny_swin_cfg("D2HourglassSwinTransformer"))
+    x = torch.randn(1, 3, 160, 224)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = model(x)
+        monkeypatch.setattr(swin, "ATTENTION_BLOCK_TOKENS", 2 * 144)
+        monkeypatch.setattr(swin, "MLP_BLOCK_TOKENS", 50)
+        blocks = model(x)
+    for k in whole:
+        assert blocks[k].dtype == whole[k].dtype
+        torch.testing.assert_close(blocks[k], whole[k], rtol=2e-2, atol=2e-2)

@@ -25,10 +25,19 @@ from torch import nn
 
 from detectron2.modeling import BACKBONE_REGISTRY
 
+from ..blocked import map_rows, runs_in_blocks, stack_blocks
 from .base import MultiScaleBackbone
 
 __all__ = ["SwinTransformer", "D2SwinTransformer", "WindowMask", "shifted_window_mask",
            "window_order", "window_partition", "window_reverse"]
+
+#: CPU inference (:mod:`expedit_d2.blocked`): tokens per block of a block's MLP (Swin-L's
+#: stage 1: 2048 x 768 hidden = 6 MB) and per block of whole windows in attention (4096 /
+#: 144 -> 28 windows of 12 x 12). On the CPU machine at 640 x 640 a stage-1 block took
+#: 0.73 of its one-call time and a stage-2 block 0.86 (interleaved, ad hoc); 4096- and
+#: 8192-token MLP blocks were slower, 1024 no faster.
+MLP_BLOCK_TOKENS = 2048
+ATTENTION_BLOCK_TOKENS = 4096
 
 
 class DropPath(nn.Module):
@@ -197,12 +206,25 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: WindowMask | torch.Tensor | None = None,
                 window_size: int | None = None) -> torch.Tensor:
         """x (B*nW, N, C) -> (B*nW, N, C). ``mask``: a :class:`WindowMask`, or its (nW, N, N)
-        values alone (then every window counts as masked), or None."""
+        values alone (then every window counts as masked), or None. On a CPU in inference,
+        in blocks of whole windows of one image (:data:`ATTENTION_BLOCK_TOKENS` tokens)."""
+        B_, N, _ = x.shape
+        bias = self.relative_position_bias(window_size).unsqueeze(0)  # (1, heads, N, N)
+        values = mask if isinstance(mask, torch.Tensor) or mask is None else mask.values
+        nW = B_ if values is None else values.shape[0]
+        step = max(1, ATTENTION_BLOCK_TOKENS // N)
+        if not runs_in_blocks(x, self, B_, step):
+            return self._attend(x, bias, mask)
+        spans = [(first, s, min(s + step, nW)) for first in range(0, B_, nW) for s in range(0, nW, step)]
+        return stack_blocks(((first + s, self._attend(x[first + s:first + e], bias, _mask_windows(mask, s, e)))
+                             for first, s, e in spans), B_)
+
+    def _attend(self, x, bias, mask):
         B_, N, C = x.shape
         heads = self.num_heads
         qkv = self.qkv(x).reshape(B_, N, 3, heads, C // heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B_, heads, N, d)
-        bias = self.relative_position_bias(window_size).to(q.dtype).unsqueeze(0)  # (1, heads, N, N)
+        bias = bias.to(q.dtype)
         dropout = self.attn_drop if self.training else 0.0
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
@@ -225,6 +247,14 @@ class WindowAttention(nn.Module):
                         q[w], k[w], v[w], attn_mask=attn_mask, dropout_p=dropout,
                         scale=self.scale).transpose(1, 2)
         return self.proj_drop(self.proj(out.reshape(B_, N, C)))
+
+
+def _mask_windows(mask: WindowMask | torch.Tensor | None, start: int, stop: int):
+    """The mask of windows start .. stop - 1 of an image (runs cut to them, renumbered)."""
+    if mask is None or isinstance(mask, torch.Tensor):
+        return None if mask is None else mask[start:stop]
+    runs = tuple((max(a, start) - start, min(b, stop) - start, m) for a, b, m in mask.runs if a < stop and b > start)
+    return WindowMask(mask.values[start:stop], runs)
 
 
 class SwinBlock(nn.Module):
@@ -260,8 +290,9 @@ class SwinBlock(nn.Module):
         windows = x.reshape(B, Hp * Wp, C).index_select(1, into).view(-1, ws * ws, C)
         x = self.attn(windows, shift_mask if shift else None, window_size=ws)
         x = x.view(B, Hp * Wp, C).index_select(1, back)
-        x = shortcut + self.drop_path(x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = shortcut + self.drop_path(x)  # a new tensor: the MLP's sums may go into it
+        return map_rows(lambda t: self.drop_path(self.mlp(self.norm2(t))), x, MLP_BLOCK_TOKENS, self,
+                        residual=True)
 
 
 class PatchMerging(nn.Module):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from expedit_d2.blocked import map_rows
 
 __all__ = ["ms_deform_attn", "MSDeformAttn", "PositionEmbeddingSine", "MSDeformAttnPixelDecoder"]
 
@@ -142,18 +143,12 @@ class EncoderLayer(nn.Module):
         return self.norm2(src + self.dropout3(self.ffn(src)))
 
     def ffn(self, src):
-        """linear2(relu(linear1(src))) over (N, S, C) tokens. Without autograd on a CPU, in
-        blocks of :data:`FFN_BLOCK_TOKENS` tokens: each block's (tokens, d_ffn) hidden
-        activations stay in cache instead of one (N * S, d_ffn) buffer (88 MB per layer at
-        1/8 of a 1024 image) written and read back through memory; the same rows are
-        multiplied, so the output is the same."""
-        N, S, C = src.shape
-        if src.device.type != "cpu" or (torch.is_grad_enabled() and (src.requires_grad or any(
-                p.requires_grad for p in self.parameters()))) or N * S <= FFN_BLOCK_TOKENS:
-            return self._ffn_block(src)
-        flat = src.reshape(N * S, C)
-        return torch.cat([self._ffn_block(flat[i:i + FFN_BLOCK_TOKENS])
-                          for i in range(0, N * S, FFN_BLOCK_TOKENS)]).view(N, S, -1)
+        """linear2(relu(linear1(src))) over (N, S, C) tokens; in CPU inference in blocks of
+        :data:`FFN_BLOCK_TOKENS` tokens (:func:`expedit_d2.blocked.map_rows`): each block's
+        (tokens, d_ffn) hidden activations stay in cache instead of one (N * S, d_ffn)
+        buffer (88 MB per layer at 1/8 of a 1024 image) written and read back through
+        memory; the same rows are multiplied, so the output is the same."""
+        return map_rows(self._ffn_block, src, FFN_BLOCK_TOKENS, self)
 
     def _ffn_block(self, x):
         # relu in place: linear1's output is needed by nothing else (autograd included: relu's

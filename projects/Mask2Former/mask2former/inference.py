@@ -137,8 +137,8 @@ class _Semantic:
         # on a CPU in slices of SEMANTIC_COLUMNS pixels, whose probabilities and sums stay in
         # cache (the (K, Q) x (Q, pixels) product of a whole block runs at half the rate)
         step = SEMANTIC_COLUMNS if probs.device.type == "cpu" else b * W
-        for c0 in range(0, b * W, step):
-            out[:, c0:c0 + step] = self.weights @ probs[:, c0:c0 + step]
+        for c0 in range(0, b * W, step):  # straight into the output (rows of stride H * W)
+            torch.mm(self.weights, probs[:, c0:c0 + step], out=out[:, c0:c0 + step])
 
     def result(self):
         return self.out

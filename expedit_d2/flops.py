@@ -51,7 +51,15 @@ def embedding_bag_flop_jit(inputs, outputs) -> int:
     return _numel(get_shape(inputs[1])) * get_shape(inputs[0])[1]
 
 
+def mm_flop_jit(inputs, outputs) -> int:
+    """mm(a (n, k), b (k, m)) or mm(a, b, out=...): n*k*m multiply-adds (fvcore's own
+    handle rejects the out= form, which Mask2Former's semantic inference uses)."""
+    a, b = get_shape(inputs[0]), get_shape(inputs[1])
+    return a[0] * a[1] * b[1]
+
+
 EXTRA_HANDLES = {
+    "aten::mm": mm_flop_jit,
     "aten::embedding_bag": embedding_bag_flop_jit,
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
     "aten::baddbmm": baddbmm_flop_jit,

@@ -243,3 +243,15 @@ def test_postprocess_crops_and_skips_the_identity_resize():
     x = torch.randn(3, 64, 96)
     for size, out in [((60, 90), (60, 90)), ((60, 90), (120, 180)), ((64, 96), (64, 96))]:
         assert torch.equal(postprocess(x, size, *out), sem_seg_postprocess(x, size, *out))
+
+
+def test_whole_model_gmacs_count_the_semantic_product():
+    """fvcore counts the semantic inference's product (K classes x Q queries per pixel,
+    computed with mm(out=...), whose form fvcore's own handle rejects)."""
+    from expedit_d2.flops import model_flops
+
+    torch.manual_seed(0)
+    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
+    with torch.no_grad():
+        counts = model_flops(model, [{"image": torch.rand(3, 96, 128) * 255, "height": 96, "width": 128}]).by_operator()
+    assert counts["mm"] == 4 * 6 * 96 * 128

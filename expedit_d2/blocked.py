@@ -47,12 +47,12 @@ def map_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, block:
     """``fn(x)``, or ``x + fn(x)`` with ``residual``, for a row-wise ``fn`` over x (..., C).
 
     Where :func:`runs_in_blocks` allows, ``fn`` sees blocks of ``block`` rows of x viewed as
-    (rows, C); with ``residual`` the sums are then written into x itself (the caller's own
-    intermediate, never an input it was given), else into a new tensor."""
+    (rows, C); with ``residual`` the sums are then written into x itself when x is contiguous
+    (the caller's own intermediate, never an input it was given), else into a new tensor."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if not runs_in_blocks(x, module, rows, block):
         return x + fn(x) if residual else fn(x)
-    flat = x.view(rows, x.shape[-1]) if x.is_contiguous() else x.reshape(rows, x.shape[-1])
+    flat = x.reshape(rows, x.shape[-1])  # a view of x when x is contiguous
     if residual:
         for i in range(0, rows, block):
             flat[i:i + block] += fn(flat[i:i + block])

@@ -459,6 +459,9 @@ def test_cpu_inference_in_blocks_under_autocast_keeps_dtype(monkeypatch):
     model = build(tiny_swin_cfg("D2HourglassSwinTransformer"))
     x = torch.randn(1, 3, 160, 224)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        # one call per layer (stage 1's 40 x 56 tokens are more than the default MLP block)
+        monkeypatch.setattr(swin, "ATTENTION_BLOCK_TOKENS", 10 ** 9)
+        monkeypatch.setattr(swin, "MLP_BLOCK_TOKENS", 10 ** 9)
         whole = model(x)
         monkeypatch.setattr(swin, "ATTENTION_BLOCK_TOKENS", 2 * 144)
         monkeypatch.setattr(swin, "MLP_BLOCK_TOKENS", 50)

@@ -251,7 +251,7 @@ class WindowAttention(nn.Module):
 
 def _mask_windows(mask: WindowMask | torch.Tensor | None, start: int, stop: int):
     """The mask of windows start .. stop - 1 of an image (runs cut to them, renumbered)."""
-    if mask is None or isinstance(mask, torch.Tensor):
+    if not isinstance(mask, WindowMask):
         return None if mask is None else mask[start:stop]
     runs = tuple((max(a, start) - start, min(b, stop) - start, m) for a, b, m in mask.runs if a < stop and b > start)
     return WindowMask(mask.values[start:stop], runs)

@@ -1,8 +1,8 @@
 """Latency and memory measurement shared by the benchmarks and the sweep.
 
 * :func:`time_interleaved` -- median latency of several callables measured in one run,
-  interleaved repeat by repeat (machine drift hits all alike), after warm-up,
-  synchronised on CUDA; :func:`interleaved_samples` gives every round's times and
+  interleaved repeat by repeat in alternating order (machine drift hits all alike), after
+  warm-up, synchronised on CUDA; :func:`interleaved_samples` gives every round's times and
   :func:`round_ratios` the per-round ratios to one of them.
 * :func:`peak_memory` -- peak extra memory of one call: on CUDA
   ``max_memory_allocated`` over what was allocated before; on CPU the growth of the
@@ -52,7 +52,12 @@ def interleaved_samples(fns: dict[str, Callable[[], object]], device, repeats: i
                         warmup: int = 1) -> dict[str, list[float]]:
     """Seconds of each call of each function: ``warmup`` untimed rounds, then ``repeats``
     rounds, each calling every function once in turn (synchronised on CUDA); returns
-    {name: [seconds of round 0, 1, ...]}."""
+    {name: [seconds of round 0, 1, ...]}.
+
+    The order alternates: forwards in even rounds, backwards in odd ones (a, b, b, a, ...).
+    A function is then as often first as last, so what the call before it leaves behind
+    (freed memory to fault in again, a cooled cache, the previous call's background work)
+    does not always land on the same one, and drift within a pair of rounds cancels."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
@@ -60,8 +65,10 @@ def interleaved_samples(fns: dict[str, Callable[[], object]], device, repeats: i
             fn()
     sync(device)
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn = fns[name]
             sync(device)
             t0 = time.perf_counter()
             fn()

@@ -153,7 +153,7 @@ def test_benchmark_model_parts_of_dpt_include_the_token_taps(tmp_path):
 
 
 def test_part_seconds_interleaves_the_settings_and_unwraps_the_parts():
-    """The instrumented pass alternates the settings round by round (as the timing pass),
+    """The instrumented pass interleaves the settings round by round (as the timing pass),
     counts each part's outermost entry only, and leaves no wrapper on the modules."""
 
     from tools.benchmark_model import part_seconds
@@ -180,12 +180,26 @@ def test_part_seconds_interleaves_the_settings_and_unwraps_the_parts():
     models = {"baseline": Model("baseline"), "other": Model("other")}
     x = torch.ones(1)
     out = part_seconds(models, {k: (lambda m=m: m(x)) for k, m in models.items()}, "cpu", repeats=3)
-    assert calls == ["baseline", "other"] * 3
+    assert calls == ["baseline", "other", "other", "baseline", "baseline", "other"]
     assert set(out["other"]) == {"backbone", "head", "total"}
     # one entry per round, each part's time within its call's
     assert all(len(ts) == 3 for per in out.values() for ts in per.values())
     assert all(0 < b <= t for k in models for b, t in zip(out[k]["backbone"], out[k]["total"]))
     assert all("forward" not in vars(m.backbone) and "forward" not in vars(m.head) for m in models.values())
+
+
+def test_interleaved_samples_alternate_the_order_round_by_round():
+    """Warm-up rounds untimed; then every function once per round, forwards and backwards in
+    turn (each as often first as last); one time per function and round."""
+    from expedit_d2.measure import interleaved_samples
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = interleaved_samples(fns, "cpu", repeats=3, warmup=1)
+    assert "".join(calls) == "abc" + "abc" + "cba" + "abc"
+    assert list(times) == ["a", "b", "c"] and all(len(ts) == 3 and min(ts) >= 0 for ts in times.values())
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        interleaved_samples(fns, "cpu", repeats=0)
 
 
 def test_median_interval_is_the_binomial_order_statistics():

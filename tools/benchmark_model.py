@@ -17,7 +17,7 @@ For each setting, on one image of ``--input-size`` (batch 1, the project's own
 ``model([{"image", "height", "width"}])``: preprocessing and post-processing included):
 
 * latency: warm-up, then ``--repeats`` rounds, each timing every setting once in turn in
-  the same process, synchronised on CUDA; ``ms`` is the median, the latency ratio is the
+  the same process (forwards, then backwards the next round), synchronised on CUDA; ``ms`` is the median, the latency ratio is the
   median over rounds of the setting's time over the baseline's in that round (drift slower
   than a round cancels), shown with its 95% confidence interval (distribution-free: the
   rounds' order statistics; the JSON also holds the rounds' lowest and highest ratio), the

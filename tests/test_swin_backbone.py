@@ -407,6 +407,24 @@ def test_window_order_is_roll_partition_and_back(H, W, ws, shift):
     assert torch.equal(windows.view(2, Hp * Wp, 3)[:, back], full[:, :H, :W].reshape(2, H * W, 3))
 
 
+@pytest.mark.parametrize("H, W, ws, shift", [(20, 30, 12, 6), (24, 36, 12, 0), (7, 5, 4, 2), (13, 9, 6, 0)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_window_gather_reads_the_unpadded_map(H, W, ws, shift, batch):
+    """The blocks' gather from the unpadded map, padding places zeroed, equals window_order's
+    gather from the zero-padded map (one image: rows of the matrix; several: dimension 1)."""
+    from expedit_d2.backbones.swin import gather_tokens, window_gather, window_order
+
+    Hp, Wp = H + (-H) % ws, W + (-W) % ws
+    x = torch.randn(batch, H, W, 3)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+    into, back = window_order(H, W, ws, shift)
+    g = window_gather(H, W, ws, shift)
+    windows = gather_tokens(x.reshape(batch, H * W, 3), g.source).index_fill_(1, g.padding, 0.0)
+    assert torch.equal(windows, padded.reshape(batch, Hp * Wp, 3)[:, into])
+    assert g.padding.numel() == Hp * Wp - H * W and torch.equal(g.back, back)
+    assert torch.equal(gather_tokens(windows, g.back), x.reshape(batch, H * W, 3))  # and back again
+
+
 @pytest.mark.parametrize("name", ["D2SwinTransformer", "D2HourglassSwinTransformer"])
 def test_cpu_inference_in_blocks_equals_one_call(name, monkeypatch):
     """CPU inference runs attention in blocks of whole windows of one image and the MLP in
@@ -469,3 +487,15 @@ def test_cpu_inference_in_blocks_under_autocast_keeps_dtype(monkeypatch):
     for k in whole:
         assert blocks[k].dtype == whole[k].dtype
         torch.testing.assert_close(blocks[k], whole[k], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["D2SwinTransformer", "D2HourglassSwinTransformer"])
+def test_swin_backbones_trace_without_graph_breaks(name):
+    """torch.compile sees one graph: the window orders, shift mask and expedited stage are
+    traced, none of them depends on tensor data (a padded map, as Swin-L's first stage)."""
+    import torch._dynamo as dynamo
+
+    model = build(tiny_swin_cfg(name)).eval()
+    explained = dynamo.explain(model)(torch.randn(1, 3, 200, 296))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
+        [str(b.reason)[:200] for b in explained.break_reasons]

@@ -17,13 +17,13 @@ For each setting, on one image of ``--input-size`` (batch 1, the project's own
 ``model([{"image", "height", "width"}])``: preprocessing and post-processing included):
 
 * latency: warm-up, then ``--repeats`` rounds, each timing every setting once in turn in
-  the same process (forwards, then backwards the next round), synchronised on CUDA; ``ms`` is the median, the latency ratio is the
-  median over rounds of the setting's time over the baseline's in that round (drift slower
-  than a round cancels), shown with its 95% confidence interval (distribution-free: the
-  rounds' order statistics; the JSON also holds the rounds' lowest and highest ratio), the
-  same interval shifted for the gap, and the ratio of
-  the fastest rounds (on a shared machine interference only ever slows a call down, so
-  the fastest round is the least disturbed);
+  the same process (forwards, then backwards the next round), synchronised on CUDA; ``ms``
+  is the median, the latency ratio is the median over rounds of the setting's time over
+  the baseline's in that round (drift slower than a round cancels), shown with its 95%
+  confidence interval (distribution-free: the rounds' order statistics; the JSON also
+  holds the rounds' lowest and highest ratio), the same interval shifted for the gap, and
+  the ratio of the fastest rounds (on a shared machine interference only ever slows a call
+  down, so the fastest round is the least disturbed);
 * a per-part breakdown from a second, instrumented pass, interleaved the same way
   (medians): the backbone, each head part
   (a meta-architecture's ``benchmark_parts()``, else its top-level children: Mask2Former's

@@ -127,7 +127,11 @@ def test_benchmark_model_times_the_whole_model_by_parts(tmp_path):
     parts = set(base["parts_ms"])
     assert parts == {"backbone", "pixel_decoder", "transformer_decoder", "rest"}
     assert all(v > 0 for k, v in base["parts_ms"].items() if k != "rest")  # every part was entered
-    assert base["parts_ratio"] == dict.fromkeys(parts - {"rest"}, 1.0)  # each round over itself
+    assert base["parts_ratio"] == dict.fromkeys(parts, 1.0)  # each round over itself
+    # every part's rounds are kept, and the rest is each round's call less its parts
+    rounds = point["parts_ms_rounds"]
+    assert set(rounds) == parts | {"total"}
+    assert rounds["rest"][0] == pytest.approx(rounds["total"][0] - sum(rounds[k][0] for k in parts - {"rest"}))
     assert point["parts_ratio"]["backbone"] > 0
     assert point["gap"] == pytest.approx(point["latency_ratio"] - point["model_gmacs_ratio"])
     # one round: the interval is that round's ratio, the gap's is shifted by the GMACs ratio
@@ -150,6 +154,17 @@ def test_benchmark_model_parts_of_dpt_include_the_token_taps(tmp_path):
     assert set(base["parts_ms"]) == {"backbone", "reassemble", "scratch", "rest"}
     assert base["parts_ms"]["backbone"] > 0 and point["setting"] == "a1_4x4"
     assert base["outputs"] == {} and "| - |" in out.with_suffix(".md").read_text()  # depth: nothing to count
+
+
+def test_with_rest_subtracts_the_parts_round_by_round():
+    """The rest is the median of the per-round rests, not the median call less the parts'
+    medians: here those would give 9 - 6 - 1 = 2, while every round's rest is 1."""
+    from tools.benchmark_model import with_rest
+
+    per = {"backbone": [8.0, 2.0, 6.0], "head": [1.0, 6.0, 1.0], "total": [10.0, 9.0, 8.0]}
+    out = with_rest(per)
+    assert out["rest"] == pytest.approx([1.0, 1.0, 1.0]) and out["backbone"] is per["backbone"]
+    assert with_rest({"backbone": [3.0], "total": [2.9]})["rest"] == [0.0]  # timer jitter: never negative
 
 
 def test_part_seconds_interleaves_the_settings_and_unwraps_the_parts():

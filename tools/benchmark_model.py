@@ -28,8 +28,9 @@ For each setting, on one image of ``--input-size`` (batch 1, the project's own
   (medians): the backbone, each head part
   (a meta-architecture's ``benchmark_parts()``, else its top-level children: Mask2Former's
   pixel decoder and transformer decoder, DPT's reassemble and scratch), and the rest (pre-
-  and post-processing); each part's ratio to the baseline is the median of its per-round
-  ratios, as the latency ratio;
+  and post-processing: each round's call less its parts); each part's ratio to the baseline
+  (the rest's included) is the median of its per-round ratios, as the latency ratio; the
+  JSON holds every round of every part (``parts_ms_rounds``);
 * backbone and whole-model GMACs (fvcore multiply-adds) and their ratios to the baseline,
   beside the latency ratio (``gap`` = latency ratio - model GMACs ratio);
 * what post-processing produced (Mask2Former: panoptic segments, instances), whose cost
@@ -60,7 +61,7 @@ from expedit_d2.measure import interleaved_samples, median_interval, round_ratio
 from expedit_d2.sweep import (Point, SweepError, SweepSpec, expand_points, parse_grid, parse_point,
                               validate_points)
 
-__all__ = ["model_parts", "timed_parts", "part_seconds", "output_counts", "benchmark", "main"]
+__all__ = ["model_parts", "timed_parts", "part_seconds", "with_rest", "output_counts", "benchmark", "main"]
 
 
 def model_parts(model: nn.Module) -> dict[str, nn.Module]:
@@ -132,6 +133,16 @@ def part_seconds(models: dict[str, nn.Module], runs: dict, device, repeats: int)
         totals = interleaved_samples({pid: counted(pid) for pid in runs}, device, repeats, warmup=0)
     return {pid: {**{name: list(ts) for name, ts in spent[pid].items()}, "total": totals[pid]}
             for pid in models}
+
+
+def with_rest(per_part: dict[str, list[float]]) -> dict[str, list[float]]:
+    """:func:`part_seconds`' rounds of one setting plus ``rest``: each round's call time less
+    the time inside its parts (pre- and post-processing, glue), round by round: the median
+    of the rests, not the median call less the parts' medians (which mixes rounds: the slow
+    backbone of one round against the slow call of another)."""
+    names = [k for k in per_part if k != "total"]
+    rest = [max(total - sum(per_part[k][r] for k in names), 0.0) for r, total in enumerate(per_part["total"])]
+    return {**per_part, "rest": rest}
 
 
 def output_counts(outputs: list[dict]) -> dict[str, int]:
@@ -212,14 +223,12 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
     secs = {pid: statistics.median(ts) for pid, ts in samples.items()}
     ratios = round_ratios(samples, base)
     log("per-part breakdown (instrumented pass, interleaved)")
-    part_rounds = part_seconds(models, runs, device, repeats)
+    part_rounds = {pid: with_rest(per) for pid, per in part_seconds(models, runs, device, repeats).items()}
     parts = {pid: {k: statistics.median(ts) for k, ts in per.items()} for pid, per in part_rounds.items()}
     rows = []
     for p in points:
         pid = p.id
-        part_sum = sum(v for k, v in parts[pid].items() if k != "total")
         breakdown = {k: 1e3 * v for k, v in parts[pid].items() if k != "total"}
-        breakdown["rest"] = 1e3 * max(parts[pid]["total"] - part_sum, 0.0)
         row = {
             "setting": _label(p), "overrides": dict(p.overrides), "opts": cfgs[pid][1],
             "input": [H, W], "device": str(device), "amp": amp, "compile": compile_part,
@@ -232,7 +241,8 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
             "backbone_gmacs": macs[pid]["backbone"], "model_gmacs": macs[pid]["model"],
             "backbone_gmacs_ratio": macs[pid]["backbone"] / macs[base]["backbone"],
             "model_gmacs_ratio": macs[pid]["model"] / macs[base]["model"],
-            "parts_ms": breakdown, "outputs": counts[pid],
+            "parts_ms": breakdown, "parts_ms_rounds": {k: [1e3 * t for t in ts] for k, ts in part_rounds[pid].items()},
+            "outputs": counts[pid],
         }
         row["gap"] = row["latency_ratio"] - row["model_gmacs_ratio"]
         row["gap_ci95"] = [v - row["model_gmacs_ratio"] for v in row["latency_ratio_ci95"]]

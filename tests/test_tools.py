@@ -132,6 +132,12 @@ def test_benchmark_model_times_the_whole_model_by_parts(tmp_path):
     rounds = point["parts_ms_rounds"]
     assert set(rounds) == parts | {"total"}
     assert rounds["rest"][0] == pytest.approx(rounds["total"][0] - sum(rounds[k][0] for k in parts - {"rest"}))
+    # page faults per part and call, counted the same way
+    faults = point["parts_faults_rounds"]
+    assert set(faults) == parts | {"total"} and all(isinstance(n, int) and n >= 0 for ns in faults.values() for n in ns)
+    assert faults["rest"][0] == max(faults["total"][0] - sum(faults[k][0] for k in parts - {"rest"}), 0)
+    assert point["faults"] == faults["total"][0]  # the median of one round
+    assert "page faults (k)" in out.with_suffix(".md").read_text()
     assert point["parts_ratio"]["backbone"] > 0
     assert point["gap"] == pytest.approx(point["latency_ratio"] - point["model_gmacs_ratio"])
     # one round: the interval is that round's ratio, the gap's is shifted by the GMACs ratio
@@ -169,7 +175,8 @@ def test_with_rest_subtracts_the_parts_round_by_round():
 
 def test_part_seconds_interleaves_the_settings_and_unwraps_the_parts():
     """The instrumented pass interleaves the settings round by round (as the timing pass),
-    counts each part's outermost entry only, and leaves no wrapper on the modules."""
+    counts each part's outermost entry only (time and page faults), and leaves no wrapper on
+    the modules."""
 
     from tools.benchmark_model import part_seconds
 
@@ -183,10 +190,15 @@ def test_part_seconds_interleaves_the_settings_and_unwraps_the_parts():
         def forward(self, x, inner=True):
             return self(x, inner=False) if inner else x * self.w  # re-enters its own forward
 
+    class Fresh(Part):
+        def forward(self, x, inner=True):
+            torch.ones(16 << 20)  # 64 MB: glibc maps it in afresh on every call
+            return super().forward(x, inner)
+
     class Model(nn.Module):
         def __init__(self, name):
             super().__init__()
-            self.name, self.backbone, self.head = name, Part(), Part()
+            self.name, self.backbone, self.head = name, Part(), Fresh()
 
         def forward(self, x):
             calls.append(self.name)
@@ -194,12 +206,16 @@ def test_part_seconds_interleaves_the_settings_and_unwraps_the_parts():
 
     models = {"baseline": Model("baseline"), "other": Model("other")}
     x = torch.ones(1)
-    out = part_seconds(models, {k: (lambda m=m: m(x)) for k, m in models.items()}, "cpu", repeats=3)
+    out, faults = part_seconds(models, {k: (lambda m=m: m(x)) for k, m in models.items()}, "cpu", repeats=3)
     assert calls == ["baseline", "other", "other", "baseline", "baseline", "other"]
     assert set(out["other"]) == {"backbone", "head", "total"}
     # one entry per round, each part's time within its call's
     assert all(len(ts) == 3 for per in out.values() for ts in per.values())
     assert all(0 < b <= t for k in models for b, t in zip(out[k]["backbone"], out[k]["total"]))
+    # the part that touches fresh memory faults (once per page, fewer with huge pages), inside its call's count
+    assert set(faults["other"]) == {"backbone", "head", "total"}
+    assert all(len(ns) == 3 for ns in faults["other"].values())
+    assert all(0 < h <= t for k in models for h, t in zip(faults[k]["head"], faults[k]["total"]))
     assert all("forward" not in vars(m.backbone) and "forward" not in vars(m.head) for m in models.values())
 
 

@@ -30,7 +30,10 @@ For each setting, on one image of ``--input-size`` (batch 1, the project's own
   pixel decoder and transformer decoder, DPT's reassemble and scratch), and the rest (pre-
   and post-processing: each round's call less its parts); each part's ratio to the baseline
   (the rest's included) is the median of its per-round ratios, as the latency ratio; the
-  JSON holds every round of every part (``parts_ms_rounds``);
+  JSON holds every round of every part (``parts_ms_rounds``); where the platform counts
+  them, the same pass counts the minor page faults of each part and call (``faults``: the
+  median per call; ``parts_faults`` and ``parts_faults_rounds`` as the times), which tells
+  the cost of touching freshly allocated memory (~1 us per 4 KB page on a CPU) from compute;
 * backbone and whole-model GMACs (fvcore multiply-adds) and their ratios to the baseline,
   beside the latency ratio (``gap`` = latency ratio - model GMACs ratio);
 * what post-processing produced (Mask2Former: panoptic segments, instances), whose cost
@@ -57,7 +60,7 @@ from expedit_d2.cli import (HelpFormatter, add_amp_argument, add_timing_argument
                             autocast, emit_report)
 from expedit_d2.engine import load_project
 from expedit_d2.flops import gmacs
-from expedit_d2.measure import interleaved_samples, median_interval, round_ratios, sync
+from expedit_d2.measure import interleaved_samples, median_interval, minor_page_faults, round_ratios, sync
 from expedit_d2.sweep import (Point, SweepError, SweepSpec, expand_points, parse_grid, parse_point,
                               validate_points)
 
@@ -78,13 +81,15 @@ def model_parts(model: nn.Module) -> dict[str, nn.Module]:
 
 @contextlib.contextmanager
 def timed_parts(model: nn.Module, device):
-    """Within the block, the seconds spent inside each of :func:`model_parts` are added to
-    the last entry of ``spent[name]`` (the caller appends a 0.0 per call); yields ``spent``.
-    A part is entered through ``forward``, or as Detectron2's pixel decoders
-    (``forward_features``) and our ViTs (``forward_taps``) are: each is timed (the
-    outermost entry only), wrapped on the instance for the duration."""
+    """Within the block, the seconds and the minor page faults inside each of
+    :func:`model_parts` are added to the last entries of ``spent[name]`` and ``faults[name]``
+    (the caller appends a 0 to each per call); yields ``(spent, faults)`` (faults stay 0
+    where the platform does not count them). A part is entered through ``forward``, or as
+    Detectron2's pixel decoders (``forward_features``) and our ViTs (``forward_taps``) are:
+    each is timed (the outermost entry only), wrapped on the instance for the duration."""
     parts = model_parts(model)
     spent = {name: [] for name in parts}
+    faults = {name: [] for name in parts}
     depth = dict.fromkeys(parts, 0)
 
     def timed(name, fn):
@@ -92,6 +97,7 @@ def timed_parts(model: nn.Module, device):
             depth[name] += 1
             if depth[name] == 1:
                 sync(device)
+                f0 = minor_page_faults() or 0
                 t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -100,6 +106,7 @@ def timed_parts(model: nn.Module, device):
                 if depth[name] == 0:
                     sync(device)
                     spent[name][-1] += time.perf_counter() - t0
+                    faults[name][-1] += (minor_page_faults() or 0) - f0
         return wrapper
 
     wrapped = []
@@ -109,35 +116,47 @@ def timed_parts(model: nn.Module, device):
                 if callable(getattr(mod, attr, None)):
                     setattr(mod, attr, timed(name, getattr(mod, attr)))
                     wrapped.append((mod, attr))
-        yield spent
+        yield spent, faults
     finally:
         for mod, attr in wrapped:
             delattr(mod, attr)  # the class's method again
 
 
-def part_seconds(models: dict[str, nn.Module], runs: dict, device, repeats: int) -> dict[str, dict[str, list[float]]]:
-    """{setting: {part: [seconds inside it, per round], ..., "total": [seconds of the call, per
-    round]}} over ``repeats`` rounds, each calling every setting's ``runs[setting]()`` once in
-    turn (interleaved as the timing pass, so drift hits every setting alike, and a part's
-    time can be paired with the baseline's in the same round)."""
+Rounds = dict[str, dict[str, list[float]]]
+
+
+def part_seconds(models: dict[str, nn.Module], runs: dict, device, repeats: int) -> tuple[Rounds, Rounds]:
+    """({setting: {part: [seconds inside it, per round], ..., "total": [seconds of the call,
+    per round]}}, the same for minor page faults) over ``repeats`` rounds, each calling every
+    setting's ``runs[setting]()`` once in turn (interleaved as the timing pass, so drift hits
+    every setting alike, and a part's time can be paired with the baseline's in the same
+    round)."""
     with contextlib.ExitStack() as stack:
-        spent = {pid: stack.enter_context(timed_parts(m, device)) for pid, m in models.items()}
+        clocks = {pid: stack.enter_context(timed_parts(m, device)) for pid, m in models.items()}
+        call_faults = {pid: [] for pid in models}
 
         def counted(pid):
             def call():
-                for ts in spent[pid].values():
-                    ts.append(0.0)  # this call's entry
+                for per in clocks[pid]:
+                    for counts in per.values():
+                        counts.append(0)  # this call's entry
+                f0 = minor_page_faults() or 0
                 runs[pid]()
+                call_faults[pid].append((minor_page_faults() or 0) - f0)
             return call
 
         totals = interleaved_samples({pid: counted(pid) for pid in runs}, device, repeats, warmup=0)
-    return {pid: {**{name: list(ts) for name, ts in spent[pid].items()}, "total": totals[pid]}
-            for pid in models}
+    seconds = {pid: {**{name: [float(t) for t in ts] for name, ts in clocks[pid][0].items()}, "total": totals[pid]}
+               for pid in models}
+    faults = {pid: {**{name: list(ns) for name, ns in clocks[pid][1].items()}, "total": call_faults[pid]}
+              for pid in models}
+    return seconds, faults
 
 
 def with_rest(per_part: dict[str, list[float]]) -> dict[str, list[float]]:
-    """:func:`part_seconds`' rounds of one setting plus ``rest``: each round's call time less
-    the time inside its parts (pre- and post-processing, glue), round by round: the median
+    """:func:`part_seconds`' rounds of one setting (times or page faults) plus ``rest``: each
+    round's call less what is inside its parts (pre- and post-processing, glue), round by
+    round: the median
     of the rests, not the median call less the parts' medians (which mixes rounds: the slow
     backbone of one round against the slow call of another)."""
     names = [k for k in per_part if k != "total"]
@@ -223,7 +242,11 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
     secs = {pid: statistics.median(ts) for pid, ts in samples.items()}
     ratios = round_ratios(samples, base)
     log("per-part breakdown (instrumented pass, interleaved)")
-    part_rounds = {pid: with_rest(per) for pid, per in part_seconds(models, runs, device, repeats).items()}
+    part_secs, part_faults = part_seconds(models, runs, device, repeats)
+    part_rounds = {pid: with_rest(per) for pid, per in part_secs.items()}
+    fault_rounds = {pid: {k: [int(n) for n in ns] for k, ns in with_rest(per).items()}
+                    for pid, per in part_faults.items()}
+    count_faults = minor_page_faults() is not None
     parts = {pid: {k: statistics.median(ts) for k, ts in per.items()} for pid, per in part_rounds.items()}
     rows = []
     for p in points:
@@ -244,6 +267,10 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
             "parts_ms": breakdown, "parts_ms_rounds": {k: [1e3 * t for t in ts] for k, ts in part_rounds[pid].items()},
             "outputs": counts[pid],
         }
+        if count_faults:
+            row["faults"] = statistics.median(fault_rounds[pid]["total"])
+            row["parts_faults"] = {k: statistics.median(ns) for k, ns in fault_rounds[pid].items() if k != "total"}
+            row["parts_faults_rounds"] = fault_rounds[pid]
         row["gap"] = row["latency_ratio"] - row["model_gmacs_ratio"]
         row["gap_ci95"] = [v - row["model_gmacs_ratio"] for v in row["latency_ratio_ci95"]]
         # each part's median per-round ratio (paired with the baseline's same round, as above)
@@ -262,13 +289,15 @@ def format_table(rows: list[dict], threads: int) -> str:
             "[its 95% confidence interval, distribution-free, from the rounds' order statistics]; "
             "fastest-round ratio: the setting's fastest round over the baseline's (interference only "
             "slows a call down); GMACs: fvcore multiply-adds; gap = latency ratio - model GMACs ratio; "
-            "backbone latency ratio: median of its per-round ratios in the per-part pass")
+            "backbone latency ratio: median of its per-round ratios in the per-part pass; page faults: "
+            "minor page faults per call in the per-part pass, thousands, median (first touches of fresh "
+            "memory; the JSON has them per part)")
     part_names = list(r0["parts_ms"])
     lines = [head, "",
              "| setting | ms | latency ratio [95% CI] | fastest-round ratio | model GMACs (ratio) | "
              "backbone GMACs (ratio) | gap [95% CI] | backbone latency ratio | "
-             + " | ".join(f"{n} ms" for n in part_names) + " | outputs |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(part_names) + "---|"]
+             + " | ".join(f"{n} ms" for n in part_names) + " | page faults (k) | outputs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(part_names) + "---:|---|"]
     for r in rows:
         lo, hi = r["latency_ratio_ci95"]
         glo, ghi = r["gap_ci95"]
@@ -279,6 +308,7 @@ def format_table(rows: list[dict], threads: int) -> str:
             f"{r['backbone_gmacs']:.1f} ({r['backbone_gmacs_ratio']:.3f}) | {r['gap']:+.3f} [{glo:+.3f}, {ghi:+.3f}] | "
             f"{r['parts_ratio'].get('backbone', float('nan')):.3f} | "
             + " | ".join(f"{r['parts_ms'][n]:.0f}" for n in part_names) + " | "
+            + (f"{r['faults'] / 1e3:.1f}" if "faults" in r else "-") + " | "
             + (", ".join(f"{v} {k}" for k, v in r["outputs"].items()) or "-") + " |")
     return "\n".join(lines) + "\n"
 

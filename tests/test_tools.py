@@ -1,5 +1,6 @@
 """FLOP counting and the measurement tools, on tiny configs."""
 import json
+import mmap
 
 import pytest
 
@@ -192,7 +193,11 @@ def test_part_seconds_interleaves_the_settings_and_unwraps_the_parts():
 
     class Fresh(Part):
         def forward(self, x, inner=True):
-            torch.ones(16 << 20)  # 64 MB: glibc maps it in afresh on every call
+            if inner:  # a new anonymous mapping, touched: its pages fault in (malloc could reuse freed memory)
+                page = mmap.PAGESIZE
+                with mmap.mmap(-1, 64 * page) as fresh:
+                    for i in range(0, 64 * page, page):
+                        fresh[i] = 1
             return super().forward(x, inner)
 
     class Model(nn.Module):

@@ -1,6 +1,7 @@
 """FLOP counting and the measurement tools, on tiny configs."""
 import json
 import mmap
+import statistics
 
 import pytest
 
@@ -286,3 +287,52 @@ def test_benchmark_head_rejects_a_side_off_the_stride_and_a_config_of_another_pr
                              "--sides", "96", "100", "--repeats", "1", "--device", "cpu"])
     with pytest.raises(ValueError, match="not a Mask2Former config"):
         benchmark_head.main(["--config-file", "projects/DPT/configs/demo/tiny_vit_nyuv2.yaml", "--device", "cpu"])
+
+
+def _run_rows(base_ms, exp_ms, gmacs=(10.0, 8.0), size=(64, 64)):
+    """The rows of one benchmark_model run as its JSON holds them (the fields --pool reads)."""
+    rows = []
+    for setting, ms, g in (("baseline", base_ms, gmacs[0]), ("a4_5x5", exp_ms, gmacs[1])):
+        ratios = [t / b for t, b in zip(ms, base_ms)]
+        rows.append({"setting": setting, "overrides": {} if setting == "baseline" else {"K": 5},
+                     "input": list(size), "device": "cpu", "amp": None, "compile": None, "ms_rounds": list(ms),
+                     "model_gmacs": g, "model_gmacs_ratio": g / gmacs[0],
+                     "gap": statistics.median(ratios) - g / gmacs[0]})
+    return rows
+
+
+def test_pool_runs_takes_the_median_over_every_round_of_every_run(tmp_path):
+    """Pooled: each round's ratio to the baseline of the same round, over all runs; the
+    interval is that median's; each run's own gap is kept. Runs of another input or model
+    are refused with the file named."""
+    from tools import benchmark_model
+
+    a = _run_rows([10.0, 10.0, 20.0], [9.0, 8.0, 16.0])  # ratios 0.9, 0.8, 0.8
+    b = _run_rows([10.0, 10.0, 10.0, 10.0], [7.0, 8.5, 9.5, 9.0])  # 0.7, 0.85, 0.95, 0.9
+    paths = []
+    for name, rows in (("a", a), ("b", b)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(rows))
+    out = tmp_path / "pooled"
+    assert benchmark_model.main(["--pool", *map(str, paths), "--output", str(out)]) == 0
+    base, point = json.loads(out.with_suffix(".json").read_text())
+    assert base["latency_ratio"] == 1.0 and point["rounds"] == 7
+    assert point["latency_ratio"] == pytest.approx(0.85)  # median of 0.7 0.8 0.8 0.85 0.9 0.9 0.95
+    assert point["latency_ratio_ci95"] == pytest.approx([0.7, 0.95])  # 7 values: their whole range
+    assert point["gap"] == pytest.approx(0.85 - 0.8) and point["gap_ci95"] == pytest.approx([-0.1, 0.15])
+    assert point["run_gaps"] == pytest.approx([0.0, 0.075]) and point["runs"] == [str(p) for p in paths]
+    assert "| a4_5x5 | 7 | 0.850 [0.700, 0.950] | 0.800 | +0.050 [-0.100, +0.150] | +0.000, +0.075 |" in \
+        out.with_suffix(".md").read_text()
+
+    for bad, what in ((_run_rows([10.0], [9.0], size=(32, 32)), "input"),
+                      (_run_rows([10.0], [9.0], gmacs=(10.0, 7.0)), "GMACs"),
+                      (_run_rows([10.0], [9.0])[:1], "settings")):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(benchmark_model.SweepError, match=rf"bad\.json.*{what}|{what}.*bad\.json"):
+            benchmark_model.main(["--pool", str(paths[0]), str(tmp_path / "bad.json")])
+    (tmp_path / "torn.json").write_text('[{"setting": ')
+    with pytest.raises(benchmark_model.SweepError, match=r"cannot read .*torn\.json"):
+        benchmark_model.main(["--pool", str(paths[0]), str(tmp_path / "torn.json")])
+    (tmp_path / "backbone.json").write_text(json.dumps([{"case": "swin_l_640", "gmacs_ratio": 0.78}]))
+    with pytest.raises(benchmark_model.SweepError, match=r"backbone\.json is not a benchmark_model\.py run"):
+        benchmark_model.main(["--pool", str(tmp_path / "backbone.json")])

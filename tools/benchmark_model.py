@@ -42,11 +42,22 @@ For each setting, on one image of ``--input-size`` (batch 1, the project's own
   ``torch.compile`` (warm-up then includes compilation).
 
 Writes ``<output>.md`` and ``<output>.json`` atomically (``--output``).
+
+On a noisy machine one run's interval can be wide, and runs of the same command can differ
+by more than their intervals say. ``--pool RUN.json ...`` measures nothing: it pools the
+per-round ratios of earlier runs' JSON files (the same settings, input, device and GMACs,
+else an error naming the file) and gives each setting's latency ratio and gap over all
+their rounds, with the 95% interval of that median and each run's own gap::
+
+    python tools/benchmark_model.py --pool results/m2f_1024_a.json results/m2f_1024_b.json \
+        --output results/m2f_1024_pooled
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import math
 import statistics
 import sys
 import time
@@ -64,7 +75,8 @@ from expedit_d2.measure import interleaved_samples, median_interval, minor_page_
 from expedit_d2.sweep import (Point, SweepError, SweepSpec, expand_points, parse_grid, parse_point,
                               validate_points)
 
-__all__ = ["model_parts", "timed_parts", "part_seconds", "with_rest", "output_counts", "benchmark", "main"]
+__all__ = ["model_parts", "timed_parts", "part_seconds", "with_rest", "output_counts", "benchmark", "pool_runs",
+           "main"]
 
 
 def model_parts(model: nn.Module) -> dict[str, nn.Module]:
@@ -281,6 +293,69 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
     return rows
 
 
+#: what must agree between runs pooled together (beside the settings' names)
+POOL_KEYS = ("input", "device", "amp", "compile", "overrides")
+
+
+def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
+    """{file name: the rows of one run's JSON} -> one row per setting: its latency ratio
+    and gap over all the runs' rounds (each round's ratio to the baseline of the same round,
+    as in a single run), the 95% interval of that median, and each run's own gap. Raises
+    ValueError naming the file where a run's settings, input, device, amp, compile or GMACs
+    differ from the first run's."""
+    if not runs:
+        raise ValueError("--pool: no runs given")
+    names = list(runs)
+    first = runs[names[0]]
+    settings = [r["setting"] for r in first]
+    pooled = []
+    for i, setting in enumerate(settings):
+        ratios, gaps = [], []
+        for name in names:
+            rows = runs[name]
+            if [r["setting"] for r in rows] != settings:
+                raise ValueError(f"--pool: {name} has settings {[r['setting'] for r in rows]}, "
+                                 f"{names[0]} has {settings}")
+            row, base, ref = rows[i], rows[0], first[i]
+            for key in POOL_KEYS:
+                if row.get(key) != ref.get(key):
+                    raise ValueError(f"--pool: {name}: {setting} has {key}={row.get(key)!r}, "
+                                     f"{names[0]} has {ref.get(key)!r}")
+            if not math.isclose(row["model_gmacs"], ref["model_gmacs"], rel_tol=1e-6):
+                raise ValueError(f"--pool: {name}: {setting} has {row['model_gmacs']:.3f} model GMACs, "
+                                 f"{names[0]} has {ref['model_gmacs']:.3f} (not the same model)")
+            if len(row["ms_rounds"]) != len(base["ms_rounds"]):
+                raise ValueError(f"--pool: {name}: {setting} has {len(row['ms_rounds'])} rounds, "
+                                 f"its baseline {len(base['ms_rounds'])}")
+            ratios += [t / b for t, b in zip(row["ms_rounds"], base["ms_rounds"])]
+            gaps.append(row["gap"])
+        ratio, gmacs_ratio = statistics.median(ratios), first[i]["model_gmacs_ratio"]
+        lo, hi = median_interval(ratios)
+        pooled.append({"setting": setting, "overrides": first[i].get("overrides", {}), "input": first[i]["input"],
+                       "device": first[i]["device"], "amp": first[i].get("amp"), "compile": first[i].get("compile"),
+                       "runs": names, "rounds": len(ratios), "latency_ratio": ratio,
+                       "latency_ratio_ci95": [lo, hi], "model_gmacs_ratio": gmacs_ratio,
+                       "gap": ratio - gmacs_ratio, "gap_ci95": [lo - gmacs_ratio, hi - gmacs_ratio],
+                       "run_gaps": gaps})
+    return pooled
+
+
+def format_pooled(rows: list[dict]) -> str:
+    r0 = rows[0]
+    lines = [f"Whole model, input {r0['input'][1]}x{r0['input'][0]} (WxH), {r0['device']}, amp {r0['amp'] or 'off'}, "
+             f"compile {r0['compile'] or 'off'}; {len(r0['runs'])} runs pooled ({', '.join(r0['runs'])}): latency "
+             "ratio = median of every round's ratio to the baseline of the same round [its 95% confidence "
+             "interval, distribution-free]; gap = latency ratio - model GMACs ratio", "",
+             "| setting | rounds | latency ratio [95% CI] | model GMACs ratio | gap [95% CI] | each run's gap |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        (lo, hi), (glo, ghi) = r["latency_ratio_ci95"], r["gap_ci95"]
+        lines.append(f"| {r['setting']} | {r['rounds']} | {r['latency_ratio']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                     f"{r['model_gmacs_ratio']:.3f} | {r['gap']:+.3f} [{glo:+.3f}, {ghi:+.3f}] | "
+                     + ", ".join(f"{g:+.3f}" for g in r["run_gaps"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def format_table(rows: list[dict], threads: int) -> str:
     r0 = rows[0]
     head = (f"Whole model, input {r0['input'][1]}x{r0['input'][0]} (WxH), batch 1, {r0['device']}"
@@ -315,9 +390,12 @@ def format_table(rows: list[dict], threads: int) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--config-file", required=True, help="a project config (baseline or expedited)")
+    parser.add_argument("--config-file", help="a project config (baseline or expedited); required unless --pool")
     parser.add_argument("--project", help="project folder (default: found from the config's path)")
-    parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), required=True)
+    parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="required unless --pool")
+    parser.add_argument("--pool", nargs="+", type=Path, metavar="RUN.json",
+                        help="measure nothing: pool the rounds of earlier runs' JSON files (same settings, "
+                             "input and GMACs) into one latency ratio and gap per setting")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=[V, ...]",
                         help="a settings axis, as for the sweep (repeatable; product of the axes)")
     parser.add_argument("--point", action="append", default=[], metavar="KEY=VALUE[;KEY=VALUE]",
@@ -330,6 +408,25 @@ def main(argv=None) -> int:
                         help="with MODEL.WEIGHTS: accept a file that covers only part of the model")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
+    if args.pool:
+        runs = {}
+        for path in args.pool:
+            try:
+                rows = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise SweepError(f"--pool: cannot read {path}: {e}") from e
+            needed = {"setting", "input", "device", "ms_rounds", "model_gmacs", "model_gmacs_ratio", "gap"}
+            if not (isinstance(rows, list) and rows and all(isinstance(r, dict) and needed <= set(r) for r in rows)):
+                raise SweepError(f"--pool: {path} is not a benchmark_model.py run's JSON (rows with {sorted(needed)})")
+            runs[str(path)] = rows
+        try:
+            rows = pool_runs(runs)
+        except ValueError as e:
+            raise SweepError(str(e)) from e
+        emit_report(format_pooled(rows), rows, args.output)
+        return 0
+    if not args.config_file or not args.input_size:
+        parser.error("--config-file and --input-size are required (unless --pool)")
     apply_timing_arguments(args)
     opts = list(args.opts) + ["MODEL.DEVICE", args.device]
     spec = SweepSpec(config_file=args.config_file, input_size=tuple(args.input_size), project=args.project,

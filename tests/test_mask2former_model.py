@@ -235,6 +235,29 @@ def test_inference_upsamples_row_blocks_or_the_whole_output_as_officially(out_si
         _assert_same(g, w["sem_seg"], w["panoptic_seg"], w["instances"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inference_post_processes_half_precision_logits_in_float32(dtype):
+    """A model under autocast (or in half precision) hands over half-precision logits: they
+    are post-processed in float32 with autocast off, so the outputs are those of the same
+    logits given in float32 (not a bfloat16 semantic product, nor tied panoptic owners)."""
+    from detectron2.structures import ImageList
+
+    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
+    model.object_mask_threshold, model.overlap_threshold, model.test_topk_per_image = 0.3, 0.5, 9
+    images = ImageList(torch.zeros(1, 3, 64, 96), [(64, 96)])
+    mask_cls, low = _random_outputs(3, H=16, W=24)
+    mask_cls, low = mask_cls[None].to(dtype), low[None].to(dtype)
+    (want,) = model.inference(mask_cls.float(), low.float(), images, [{}])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (got,) = model.inference(mask_cls, low, images, [{}])
+    assert got["sem_seg"].dtype == torch.float32 and torch.equal(got["sem_seg"], want["sem_seg"])
+    assert torch.equal(got["panoptic_seg"][0], want["panoptic_seg"][0])
+    assert got["panoptic_seg"][1] == want["panoptic_seg"][1]
+    gi, wi = got["instances"], want["instances"]
+    assert torch.equal(gi.pred_masks, wi.pred_masks) and torch.equal(gi.scores, wi.scores)
+    assert gi.scores.dtype == torch.float32
+
+
 def test_postprocess_crops_and_skips_the_identity_resize():
     from detectron2.modeling.postprocessing import sem_seg_postprocess
 

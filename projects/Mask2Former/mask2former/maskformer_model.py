@@ -114,7 +114,18 @@ class MaskFormer(nn.Module):
         to its output ``height`` x ``width``; each image's tasks then visit those pixels one
         row block at a time (:mod:`.inference`). When the output is the image itself at a
         whole multiple of the mask size, the blocks are upsampled straight from the
-        low-resolution logits and the full-resolution logits are never made."""
+        low-resolution logits and the full-resolution logits are never made.
+
+        Under autocast (``--amp``) or with a half-precision model, the post-processing still
+        runs in float32 from the low-resolution logits, as the official evaluation (which
+        runs in float32) does: half-precision probabilities would tie the panoptic owners
+        and coarsen the scores, and on a CPU the half-precision kernels are slower."""
+        mask_cls, mask_pred = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+                               for x in (mask_cls, mask_pred))
+        with torch.autocast(device_type=mask_pred.device.type, enabled=False):
+            return self._inference(mask_cls, mask_pred, images, batched_inputs)
+
+    def _inference(self, mask_cls, mask_pred, images, batched_inputs):
         Hp, Wp = (int(s) for s in images.tensor.shape[-2:])  # (ints when traced, too)
         rules = self.rules()
         results = []

@@ -324,12 +324,18 @@ def test_pool_runs_takes_the_median_over_every_round_of_every_run(tmp_path):
     assert "| a4_5x5 | 7 | 0.850 [0.700, 0.950] | 0.800 | +0.050 [-0.100, +0.150] | +0.000, +0.075 |" in \
         out.with_suffix(".md").read_text()
 
-    for bad, what in ((_run_rows([10.0], [9.0], size=(32, 32)), "input"),
-                      (_run_rows([10.0], [9.0], gmacs=(10.0, 7.0)), "GMACs"),
-                      (_run_rows([10.0], [9.0])[:1], "settings")):
+    threads = _run_rows([10.0], [9.0])
+    for row in threads:
+        row["threads"] = 7
+    (tmp_path / "old.json").write_text(json.dumps(threads))  # the runs above recorded no threads: accepted
+    assert benchmark_model.main(["--pool", str(paths[0]), str(tmp_path / "old.json")]) == 0
+    for ref, bad, what in ((paths[0], _run_rows([10.0], [9.0], size=(32, 32)), "input"),
+                           (tmp_path / "old.json", [dict(r, threads=3) for r in threads], "threads"),
+                           (paths[0], _run_rows([10.0], [9.0], gmacs=(10.0, 7.0)), "GMACs"),
+                           (paths[0], _run_rows([10.0], [9.0])[:1], "settings")):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(benchmark_model.SweepError, match=rf"bad\.json.*{what}|{what}.*bad\.json"):
-            benchmark_model.main(["--pool", str(paths[0]), str(tmp_path / "bad.json")])
+            benchmark_model.main(["--pool", str(ref), str(tmp_path / "bad.json")])
     (tmp_path / "torn.json").write_text('[{"setting": ')
     with pytest.raises(benchmark_model.SweepError, match=r"cannot read .*torn\.json"):
         benchmark_model.main(["--pool", str(paths[0]), str(tmp_path / "torn.json")])

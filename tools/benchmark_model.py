@@ -45,8 +45,8 @@ Writes ``<output>.md`` and ``<output>.json`` atomically (``--output``).
 
 On a noisy machine one run's interval can be wide, and runs of the same command can differ
 by more than their intervals say. ``--pool RUN.json ...`` measures nothing: it pools the
-per-round ratios of earlier runs' JSON files (the same settings, input, device and GMACs,
-else an error naming the file) and gives each setting's latency ratio and gap over all
+per-round ratios of earlier runs' JSON files (the same settings, input, device, threads,
+amp, compile and GMACs, else an error naming the file) and gives each setting's latency ratio and gap over all
 their rounds, with the 95% interval of that median and each run's own gap::
 
     python tools/benchmark_model.py --pool results/m2f_1024_a.json results/m2f_1024_b.json \
@@ -266,7 +266,8 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
         breakdown = {k: 1e3 * v for k, v in parts[pid].items() if k != "total"}
         row = {
             "setting": _label(p), "overrides": dict(p.overrides), "opts": cfgs[pid][1],
-            "input": [H, W], "device": str(device), "amp": amp, "compile": compile_part,
+            "input": [H, W], "device": str(device), "threads": torch.get_num_threads(), "amp": amp,
+            "compile": compile_part,
             "ms": 1e3 * secs[pid], "ms_rounds": [1e3 * t for t in samples[pid]],
             "latency_ratio": statistics.median(ratios[pid]),
             "latency_ratio_range": [min(ratios[pid]), max(ratios[pid])],
@@ -293,16 +294,17 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
     return rows
 
 
-#: what must agree between runs pooled together (beside the settings' names)
-POOL_KEYS = ("input", "device", "amp", "compile", "overrides")
+#: what must agree between runs pooled together (beside the settings' names and GMACs);
+#: ``threads`` only where both runs recorded it (runs before it was recorded pool with any)
+POOL_KEYS = ("input", "device", "amp", "compile", "overrides", "threads")
 
 
 def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
     """{file name: the rows of one run's JSON} -> one row per setting: its latency ratio
     and gap over all the runs' rounds (each round's ratio to the baseline of the same round,
     as in a single run), the 95% interval of that median, and each run's own gap. Raises
-    ValueError naming the file where a run's settings, input, device, amp, compile or GMACs
-    differ from the first run's."""
+    ValueError naming the file where a run's settings, input, device, threads, amp, compile or
+    GMACs differ from the first run's."""
     if not runs:
         raise ValueError("--pool: no runs given")
     names = list(runs)
@@ -318,6 +320,8 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
                                  f"{names[0]} has {settings}")
             row, base, ref = rows[i], rows[0], first[i]
             for key in POOL_KEYS:
+                if key == "threads" and (key not in row or key not in ref):
+                    continue
                 if row.get(key) != ref.get(key):
                     raise ValueError(f"--pool: {name}: {setting} has {key}={row.get(key)!r}, "
                                      f"{names[0]} has {ref.get(key)!r}")

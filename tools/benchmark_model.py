@@ -310,15 +310,13 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
     names = list(runs)
     first = runs[names[0]]
     settings = [r["setting"] for r in first]
-    pooled = []
-    for i, setting in enumerate(settings):
-        ratios, gaps = [], []
-        for name in names:
-            rows = runs[name]
-            if [r["setting"] for r in rows] != settings:
-                raise ValueError(f"--pool: {name} has settings {[r['setting'] for r in rows]}, "
-                                 f"{names[0]} has {settings}")
-            row, base, ref = rows[i], rows[0], first[i]
+    ratios = {setting: [] for setting in settings}
+    for name, rows in runs.items():
+        if [r["setting"] for r in rows] != settings:
+            raise ValueError(f"--pool: {name} has settings {[r['setting'] for r in rows]}, "
+                             f"{names[0]} has {settings}")
+        for row, ref in zip(rows, first):
+            setting = row["setting"]
             for key in POOL_KEYS:
                 if key == "threads" and (key not in row or key not in ref):
                     continue
@@ -328,19 +326,22 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
             if not math.isclose(row["model_gmacs"], ref["model_gmacs"], rel_tol=1e-6):
                 raise ValueError(f"--pool: {name}: {setting} has {row['model_gmacs']:.3f} model GMACs, "
                                  f"{names[0]} has {ref['model_gmacs']:.3f} (not the same model)")
-            if len(row["ms_rounds"]) != len(base["ms_rounds"]):
+            if len(row["ms_rounds"]) != len(rows[0]["ms_rounds"]):
                 raise ValueError(f"--pool: {name}: {setting} has {len(row['ms_rounds'])} rounds, "
-                                 f"its baseline {len(base['ms_rounds'])}")
-            ratios += [t / b for t, b in zip(row["ms_rounds"], base["ms_rounds"])]
-            gaps.append(row["gap"])
-        ratio, gmacs_ratio = statistics.median(ratios), first[i]["model_gmacs_ratio"]
-        lo, hi = median_interval(ratios)
+                                 f"its baseline {len(rows[0]['ms_rounds'])}")
+        per_round = round_ratios({r["setting"]: r["ms_rounds"] for r in rows}, settings[0])
+        for setting in settings:
+            ratios[setting] += per_round[setting]
+    pooled = []
+    for i, setting in enumerate(settings):
+        ratio, gmacs_ratio = statistics.median(ratios[setting]), first[i]["model_gmacs_ratio"]
+        lo, hi = median_interval(ratios[setting])
         pooled.append({"setting": setting, "overrides": first[i].get("overrides", {}), "input": first[i]["input"],
                        "device": first[i]["device"], "amp": first[i].get("amp"), "compile": first[i].get("compile"),
-                       "runs": names, "rounds": len(ratios), "latency_ratio": ratio,
+                       "runs": names, "rounds": len(ratios[setting]), "latency_ratio": ratio,
                        "latency_ratio_ci95": [lo, hi], "model_gmacs_ratio": gmacs_ratio,
                        "gap": ratio - gmacs_ratio, "gap_ci95": [lo - gmacs_ratio, hi - gmacs_ratio],
-                       "run_gaps": gaps})
+                       "run_gaps": [runs[name][i]["gap"] for name in names]})
     return pooled
 
 
@@ -399,7 +400,8 @@ def main(argv=None) -> int:
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="required unless --pool")
     parser.add_argument("--pool", nargs="+", type=Path, metavar="RUN.json",
                         help="measure nothing: pool the rounds of earlier runs' JSON files (same settings, "
-                             "input and GMACs) into one latency ratio and gap per setting")
+                             "input, device, threads, amp, compile and GMACs) into one latency ratio and "
+                             "gap per setting")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=[V, ...]",
                         help="a settings axis, as for the sweep (repeatable; product of the axes)")
     parser.add_argument("--point", action="append", default=[], metavar="KEY=VALUE[;KEY=VALUE]",

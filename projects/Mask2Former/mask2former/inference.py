@@ -239,12 +239,14 @@ class _Instance:
         masks.copy_(binary)
         # per mask and row: the sum of its probabilities inside it (float32 over one row,
         # then float64) and its area (whole numbers, exact in float32)
-        inside = (masks * probs.index_select(0, self.query)).sum(2)  # (n, b)
+        inside = probs.index_select(0, self.query).mul_(masks).sum(2)  # (n, b)
         self.prob_sum += inside.double().sum(1)
         per_row = masks.sum(2)
         self.area += per_row.sum(1).long()
         self.rows_hit[:, r0:r1] = per_row > 0
-        self.cols_hit |= binary.any(1)
+        # any over the rows, as bytes: bool any() over a middle dimension is ~20x slower on a
+        # CPU than uint8 amax() (1024-wide rows: ~70 of the instance masks' ~370 ms per image)
+        self.cols_hit |= binary.to(torch.uint8).amax(1).bool()
 
     def result(self):
         result = Instances(self.size)

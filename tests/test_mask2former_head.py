@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 
 from mask2former.modeling.head import MaskFormerHead
-from mask2former.modeling.pixel_decoder import ms_deform_attn
+from mask2former.modeling.pixel_decoder import MSDeformAttn, ms_deform_attn, softmax_last
 from tests.reference_keys import read_keys
 
 SWIN_L = {"res2": ShapeSpec(channels=192, stride=4), "res3": ShapeSpec(channels=384, stride=8),
@@ -105,6 +105,50 @@ def test_deformable_attention_samples_in_float32_for_half_inputs(dtype):
     # within the inputs' own rounding: coordinates sampled in float32, not off by pixels
     want = ms_deform_attn(value.to(dtype).float(), shapes, loc.to(dtype).float(), w.to(dtype).float())
     torch.testing.assert_close(half.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_deformable_attention_module_equals_the_official_formula():
+    """MSDeformAttn (locations level by level, the CPU softmax over the transposed view)
+    against the official forward written out: softmax(-1) of the attention logits,
+    locations = reference + offsets / (W, H) in one broadcast, then the sampling; outputs and
+    gradients, with reference points that differ between levels."""
+    torch.manual_seed(3)
+    shapes = torch.tensor([[6, 5], [3, 4], [2, 2]])
+    N, C, M, L, P = 2, 16, 4, 3, 2
+    S = int((shapes[:, 0] * shapes[:, 1]).sum())
+    attn = MSDeformAttn(C, L, M, P).double()
+    with torch.no_grad():
+        attn.sampling_offsets.weight.normal_(0, 0.5)
+        attn.attention_weights.weight.normal_(0, 1.0)
+    query = torch.randn(N, S, C, dtype=torch.float64, requires_grad=True)
+    value_in = torch.randn(N, S, C, dtype=torch.float64, requires_grad=True)
+    ref = torch.rand(N, S, L, 2, dtype=torch.float64)
+
+    def official(query, value_in):
+        value = attn.value_proj(value_in).view(N, S, M, C // M)
+        offsets = attn.sampling_offsets(query).view(N, S, M, L, P, 2)
+        weights = attn.attention_weights(query).view(N, S, M, L * P).softmax(-1).view(N, S, M, L, P)
+        loc = ref[:, :, None, :, None, :] + offsets / shapes.flip(-1).to(query)[None, None, None, :, None, :]
+        return attn.output_proj(ms_deform_attn(value, shapes, loc, weights))
+
+    got, want = attn(query, ref, value_in, shapes), official(query, value_in)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (query, value_in), g), torch.autograd.grad(want, (query, value_in), g)):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # float32 too (the CPU softmax: the same up to rounding)
+        attn.float()
+        q32, v32, r32 = query.float(), value_in.float(), ref.float()
+        ref, query = r32, q32
+        torch.testing.assert_close(attn(q32, r32, v32, shapes), official(q32, v32), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (2, 5, 3, 12), (1, 1)])
+def test_softmax_last_equals_softmax(shape):
+    x = torch.randn(*shape, dtype=torch.float64) * 4
+    got = softmax_last(x)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, x.softmax(-1), rtol=1e-14, atol=1e-15)
 
 
 def _tiny_head():

@@ -14,6 +14,7 @@ Multi-scale deformable attention (Zhu et al., Deformable DETR) samples bilinearl
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from expedit_d2.blocked import map_rows
 
-__all__ = ["ms_deform_attn", "MSDeformAttn", "PositionEmbeddingSine", "MSDeformAttnPixelDecoder"]
+__all__ = ["ms_deform_attn", "softmax_last", "MSDeformAttn", "PositionEmbeddingSine", "MSDeformAttnPixelDecoder"]
 
 
 def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
@@ -39,17 +40,31 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     gather-and-sum kernel; no (N*M, D, Lq, L*P) temporary). Differentiable in ``value``,
     the locations (through the bilinear weights) and the attention weights.
     """
+    L, P = sampling_locations.shape[3:5]
+    dtype = _sampling_dtype(value, sampling_locations)
+    # level-major (coordinate, level, bag, point): each level's arithmetic then runs on
+    # (B, P) tensors with its height and width as plain numbers
+    loc = sampling_locations.to(dtype).permute(5, 3, 0, 1, 2, 4).reshape(2, L, -1, P)
+    return _sample(value, spatial_shapes, lambda lvl, h, w: (loc[0, lvl], loc[1, lvl]), attention_weights, dtype)
+
+
+def _sampling_dtype(*tensors):
+    """Sampling in float32 at least (half-precision coordinates would be off by pixels), as
+    autocast runs ``grid_sample``."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _sample(value, spatial_shapes, locations, attention_weights, dtype):
+    """:func:`ms_deform_attn` with the sampling locations given level by level:
+    ``locations(level, h, w) -> (x, y)``, each (N * Lq * M, P) in [0, 1] (``dtype``)."""
     N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
+    _, Lq, _, L, P = attention_weights.shape
     B = N * Lq * M  # one bag per (image, query, head)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     dev = value.device
-    # sampling in float32 at least (half-precision coordinates would be off by pixels), as
-    # autocast runs grid_sample
-    dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), torch.float32)
-    # level-major (coordinate, level, bag, point): each level's arithmetic then runs on
-    # contiguous (B, P) tensors with its height and width as plain numbers
-    loc = sampling_locations.to(dtype).permute(5, 3, 0, 1, 2, 4).reshape(2, L, B, P)
     attn = attention_weights.to(dtype).permute(3, 0, 1, 2, 4).reshape(L, B, P)
     # One table of N * M * S rows (image n, head m, position s at pad + (n * M + m) * S + s)
     # between `pad` zero rows. With x0, y0 clamped to [-1, size - 1], a corner's row is right
@@ -61,8 +76,9 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
                   + torch.arange(M, device=dev, dtype=torch.int32)) * S + pad).expand(N, Lq, M).reshape(B, 1)
     weights, rows, start = [], [], 0
     for lvl, (h, w) in enumerate(shapes):
-        x = loc[0, lvl] * w - 0.5  # (B, P) pixel coordinates
-        y = loc[1, lvl] * h - 0.5
+        loc_x, loc_y = locations(lvl, h, w)
+        x = loc_x * w - 0.5  # (B, P) pixel coordinates
+        y = loc_y * h - 0.5
         x0, y0 = x.floor(), y.floor()
         fx, fy = x - x0, y - y0
         # bilinear weights of the two columns and two rows, 0 where they fall outside the
@@ -78,6 +94,16 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     out = F.embedding_bag(bags, table, per_sample_weights=torch.stack(weights, dim=1).view(B, L * P * 4),
                           mode="sum")  # (B, D)
     return out.view(N, Lq, M * D).to(value.dtype)
+
+
+def softmax_last(x: torch.Tensor) -> torch.Tensor:
+    """``x.softmax(-1)``, the same up to float rounding; on a CPU over the transposed
+    (last dim, rest) view, a short last dimension (the 12 sampling points of a head) being
+    several times slower to reduce than a long contiguous one (1024 x 1024 pixel decoder:
+    ~5 ms against ~16 per layer). The result is then a transposed view."""
+    if x.device.type != "cpu" or x.dim() < 2:
+        return x.softmax(-1)
+    return x.reshape(-1, x.shape[-1]).t().softmax(0).t().view(x.shape)
 
 
 class MSDeformAttn(nn.Module):
@@ -109,15 +135,26 @@ class MSDeformAttn(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, query, reference_points, value_in, spatial_shapes):
-        """query (N, Lq, C); reference_points (N, Lq, L, 2) in [0, 1]; value_in (N, S, C)."""
+        """query (N, Lq, C); reference_points (N, Lq, L, 2) in [0, 1]; value_in (N, S, C).
+
+        The sampling locations are the official ``reference_points + offsets / (W, H)``,
+        worked out level by level as the sampling reaches them (the same numbers, without
+        the (N, Lq, M, L, P, 2) broadcast, which is slow on a CPU for its short inner
+        dimensions)."""
         N, Lq, C = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(value_in).view(N, value_in.shape[1], M, C // M)
         offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
-        weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
-        normalizer = spatial_shapes.flip(-1).to(query.dtype)  # (W, H) per level
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))
+        weights = softmax_last(self.attention_weights(query).view(N, Lq, M, L * P)).view(N, Lq, M, L, P)
+        dtype = _sampling_dtype(value, offsets, reference_points)
+        offsets, ref = offsets.to(dtype), reference_points.to(dtype)
+
+        def locations(lvl, h, w):  # (N * Lq * M, P) each, as ms_deform_attn's per level
+            def coordinate(c, size):
+                return (ref[:, :, lvl, c, None, None] + offsets[:, :, :, lvl, :, c] / size).reshape(-1, P)
+            return coordinate(0, float(w)), coordinate(1, float(h))
+
+        return self.output_proj(_sample(value, spatial_shapes, locations, weights, dtype))
 
 
 #: tokens per block of the encoder's feed-forward network without autograd on a CPU (1024
@@ -260,8 +297,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
         use_bias = norm == ""
         for idx, (name, spec) in enumerate(finer):
             lateral = Conv2d(spec.channels, conv_dim, 1, bias=use_bias, norm=get_norm(norm, conv_dim))
+            # relu in place on the norm's fresh output (which no backward needs): one full-size
+            # stride-4 map fewer to allocate (64 MB at 1024 x 1024)
             output = Conv2d(conv_dim, conv_dim, 3, padding=1, bias=use_bias,
-                            norm=get_norm(norm, conv_dim), activation=F.relu)
+                            norm=get_norm(norm, conv_dim), activation=functools.partial(F.relu, inplace=True))
             for m in (lateral, output):
                 nn.init.kaiming_uniform_(m.weight, a=1)
             self.add_module(f"adapter_{idx + 1}", lateral)
@@ -289,7 +328,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
             x = lateral(features[name].float())
             # the transformer's maps are views of (N, S, C) tokens (channels last); upsampling
             # a contiguous copy is several times faster on a CPU (the same up to float rounding)
-            y = x + F.interpolate(out[-1].contiguous(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            up = F.interpolate(out[-1].contiguous(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            # into the lateral's fresh output (its norm's backward does not read it) when the sum
+            # keeps its dtype
+            y = x.add_(up) if torch.result_type(x, up) == x.dtype else x + up
             out.append(output(y))
         multi_scale = out[: self.maskformer_num_feature_levels]
         return self.mask_features(out[-1]), out[0], multi_scale

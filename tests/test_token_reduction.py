@@ -400,6 +400,27 @@ def test_every_method_family_pair_runs_in_generalized_rcnn_with_fpn(base, method
     assert len(reducers) == 1 and type(reducers[0]).__name__.lower().startswith(method)
 
 
+@pytest.mark.parametrize("base, method", [(b, "none") for b in BASES] + PAIRS)
+def test_every_backbone_and_method_compiles_to_one_graph_in_inference(base, method):
+    """What ``tools/benchmark_model.py --compile backbone`` runs: under inference mode (where
+    the hybrid's convs reuse a cached standardised weight in eager) one graph, no break, no
+    recompilation on the next call, and the eager outputs bitwise."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    keys = {} if method == "none" else (SWIN_METHOD_KEYS if base == "D2SwinTransformer" else METHOD_KEYS)[method]
+    model = build(tiny_cfg(base, method, **keys))
+    x = torch.randn(1, 3, *((200, 296) if base == "D2SwinTransformer" else (96, 128)))
+    dynamo.reset()  # the recompilation limit counts per code object, across the cases of this process
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch.inference_mode():
+        eager, ours, again = model(x), compiled(x), compiled(x)
+    assert counter.frame_count == 1
+    for name in eager:
+        assert torch.equal(ours[name], eager[name]) and torch.equal(again[name], eager[name]), name
+
+
 def test_point_overrides_put_a_method_on_a_plain_backbone():
     cfg = get_cfg()
     add_expedit_config(cfg)

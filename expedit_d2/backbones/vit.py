@@ -58,7 +58,8 @@ class StdConv2dSame(nn.Conv2d):
     Without autograd (inference) the standardised weight is computed once per weight
     version and reused (a cache, not a parameter: any in-place update of the weight, a
     checkpoint load or a move to another device invalidates it); with autograd it is
-    recomputed every call so gradients flow."""
+    recomputed every call so gradients flow, and under ``torch.compile`` it is part of the
+    graph (a cache written during forward would break the graph at every conv)."""
 
     def __init__(self, cin, cout, k, stride=1, eps=1e-8):
         super().__init__(cin, cout, k, stride=stride, padding=0, bias=False)
@@ -72,7 +73,7 @@ class StdConv2dSame(nn.Conv2d):
 
     def standardized_weight(self) -> torch.Tensor:
         w = self.weight
-        if (torch.is_grad_enabled() and w.requires_grad) or w.device.type == "meta":
+        if (torch.is_grad_enabled() and w.requires_grad) or w.device.type == "meta" or torch.compiler.is_compiling():
             return self._standardize(w)
         key = (w._version, w.data_ptr(), w.dtype, w.device)
         if self._standardized is None or self._standardized[0] != key:

@@ -97,6 +97,26 @@ def test_expedit_disabled_is_identical_and_enabled_differs():
     assert c.shape == a.shape and torch.isfinite(c).all() and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("expedit", [False, True])
+def test_depth_network_compiles_to_one_graph_in_inference(expedit):
+    """Backbone (the hybrid's convs included), reassemble and fusion as one graph under
+    inference mode (``tools/benchmark_model.py --compile model``), the eager outputs bitwise."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    cfg = dpt_cfg()
+    if expedit:
+        cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
+    model = build(cfg)
+    x = torch.randn(1, 3, 96, 128)
+    dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model.forward_raw, backend=counter, fullgraph=True)
+    with torch.inference_mode():
+        eager, ours, again = model.forward_raw(x), compiled(x), compiled(x)
+    assert counter.frame_count == 1 and torch.equal(ours, eager) and torch.equal(again, eager)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_input_is_rejected_naming_the_image(bad):
     model = build(dpt_cfg())

@@ -173,6 +173,25 @@ def test_tiny_head_forward_shapes_and_masks():
     assert all(torch.isfinite(v).all() for v in (out["pred_logits"], out["pred_masks"]))
 
 
+def test_head_compiles_to_one_graph_in_inference():
+    """Pixel decoder (deformable attention with the level sizes as Python ints, no tensor to
+    read them from) and masked-attention decoder as one graph under inference mode (what
+    ``tools/benchmark_model.py --compile model`` runs between pre- and post-processing),
+    the eager outputs bitwise."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    head, feats = _tiny_head()
+    dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(head, backend=counter, fullgraph=True)
+    with torch.inference_mode():
+        eager, ours, again = head(feats), compiled(feats), compiled(feats)
+    assert counter.frame_count == 1
+    for key in ("pred_logits", "pred_masks"):
+        assert torch.equal(ours[key], eager[key]) and torch.equal(again[key], eager[key]), key
+
+
 def test_pixel_decoder_feed_forward_in_token_blocks_equals_one_call(monkeypatch):
     """Without autograd on a CPU the encoder's FFN runs in blocks of tokens (here 11, so the
     last block is ragged and every level is split); with autograd it is one call. Same maps."""

@@ -28,7 +28,8 @@ __all__ = ["ms_deform_attn", "softmax_last", "MSDeformAttn", "PositionEmbeddingS
 
 
 def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
-    """value (N, S, M, D) over L levels of sizes ``spatial_shapes`` (L, 2) [(H, W)];
+    """value (N, S, M, D) over L levels of sizes ``spatial_shapes`` (L, 2) [(H, W)] (the
+    official long tensor, or pairs of ints: :func:`level_shapes`);
     sampling_locations (N, Lq, M, L, P, 2) in [0, 1] as (x, y); attention_weights
     (N, Lq, M, L, P) -> (N, Lq, M * D).
 
@@ -57,13 +58,22 @@ def _sampling_dtype(*tensors):
     return dtype
 
 
+def level_shapes(spatial_shapes) -> tuple[tuple[int, int], ...]:
+    """The levels' (H, W) as Python ints, from the official (L, 2) tensor or from pairs of
+    ints (what the pixel decoder passes: sizes known without reading a tensor, so that
+    ``torch.compile`` needs no data-dependent value)."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    return tuple((int(h), int(w)) for h, w in spatial_shapes)
+
+
 def _sample(value, spatial_shapes, locations, attention_weights, dtype):
     """:func:`ms_deform_attn` with the sampling locations given level by level:
     ``locations(level, h, w) -> (x, y)``, each (N * Lq * M, P) in [0, 1] (``dtype``)."""
     N, S, M, D = value.shape
     _, Lq, _, L, P = attention_weights.shape
     B = N * Lq * M  # one bag per (image, query, head)
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    shapes = level_shapes(spatial_shapes)
     dev = value.device
     attn = attention_weights.to(dtype).permute(3, 0, 1, 2, 4).reshape(L, B, P)
     # One table of N * M * S rows (image n, head m, position s at pad + (n * M + m) * S + s)
@@ -202,7 +212,7 @@ class Encoder(nn.Module):
     def reference_points(spatial_shapes, device, dtype):
         """(1, S, L, 2): each pixel centre, normalised, repeated for every level."""
         points = []
-        for h, w in spatial_shapes.tolist():
+        for h, w in level_shapes(spatial_shapes):
             ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=dtype) + 0.5,
                                     torch.arange(w, device=device, dtype=dtype) + 0.5, indexing="ij")
             points.append(torch.stack([xs.reshape(-1) / w, ys.reshape(-1) / h], -1))
@@ -227,8 +237,8 @@ class EncoderOnlyTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
 
     def forward(self, srcs, pos_embeds):
-        """Lists of (N, C, H_l, W_l) -> (N, S, C) memory and the (L, 2) level shapes."""
-        shapes = torch.as_tensor([tuple(s.shape[-2:]) for s in srcs], dtype=torch.long, device=srcs[0].device)
+        """Lists of (N, C, H_l, W_l) -> (N, S, C) memory and the levels' ((H_l, W_l), ...)."""
+        shapes = tuple((int(s.shape[-2]), int(s.shape[-1])) for s in srcs)
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1)
                          for i, p in enumerate(pos_embeds)], 1)
@@ -321,9 +331,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         pos = [self.pe_layer(s) for s in srcs]
         memory, shapes = self.transformer(srcs, pos)
         N = memory.shape[0]
-        sizes = [int(h) * int(w) for h, w in shapes.tolist()]
-        out = [m.transpose(1, 2).reshape(N, -1, int(h), int(w))
-               for m, (h, w) in zip(memory.split(sizes, dim=1), shapes.tolist())]
+        out = [m.transpose(1, 2).reshape(N, -1, h, w)
+               for m, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)]
         for name, lateral, output in zip(self.finer_features, self.lateral_convs, self.output_convs):
             x = lateral(features[name].float())
             # the transformer's maps are views of (N, S, C) tokens (channels last); upsampling
@@ -331,7 +340,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             up = F.interpolate(out[-1].contiguous(), size=x.shape[-2:], mode="bilinear", align_corners=False)
             # into the lateral's fresh output (its norm's backward does not read it) when the sum
             # keeps its dtype
-            y = x.add_(up) if torch.result_type(x, up) == x.dtype else x + up
+            y = x.add_(up) if torch.promote_types(x.dtype, up.dtype) == x.dtype else x + up
             out.append(output(y))
         multi_scale = out[: self.maskformer_num_feature_levels]
         return self.mask_features(out[-1]), out[0], multi_scale

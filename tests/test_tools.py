@@ -164,6 +164,82 @@ def test_benchmark_model_parts_of_dpt_include_the_token_taps(tmp_path):
     assert base["outputs"] == {} and "| - |" in out.with_suffix(".md").read_text()  # depth: nothing to count
 
 
+def test_benchmark_model_compiles_the_backbone_the_head_calls(tmp_path):
+    """``--compile backbone`` on DPT (which enters the backbone through forward_taps): each
+    setting's backbone is compiled by inductor, one graph per model, and the run reports."""
+    from torch._dynamo.utils import counters
+
+    from tools import benchmark_model
+
+    out = tmp_path / "dpt_compiled"
+    graphs = counters["stats"]["unique_graphs"]
+    benchmark_model.main([
+        "--config-file", "projects/DPT/configs/demo/tiny_vit_nyuv2.yaml", "--input-size", "96", "128",
+        "--repeats", "1", "--warmup", "1", "--device", "cpu", "--compile", "backbone", "--output", str(out),
+        "--point", "MODEL.EXPEDIT.CLUSTERING_LOCATION=1;MODEL.EXPEDIT.NUM_CLUSTERS=[4, 4]"])
+    assert counters["stats"]["unique_graphs"] - graphs == 2  # baseline and a1_4x4, no break, no recompile
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["setting"], r["compile"]) for r in rows] == [("baseline", "backbone"), ("a1_4x4", "backbone")]
+    assert all(r["parts_ms"]["backbone"] > 0 for r in rows)
+    assert "compile backbone" in out.with_suffix(".md").read_text()
+
+
+def test_compiled_backbone_covers_the_token_taps_and_survives_the_part_timers():
+    """DPT enters its backbone through forward_taps: compiling the backbone compiles that
+    entry point (a wrapping torch.compile(module) would leave it eager), the outputs stay
+    the same, and the part timers put the compiled entry points back."""
+    from torch._dynamo.testing import CompileCounter
+
+    from expedit_d2.engine import config_from_file
+    from tools.benchmark_model import compile_entry_points, timed_parts
+
+    cfg, project = config_from_file("projects/DPT/configs/demo/tiny_vit_nyuv2.yaml",
+                                    opts=["MODEL.EXPEDIT.CLUSTERING_LOCATION", 1, "MODEL.EXPEDIT.NUM_CLUSTERS", [4, 4]])
+    torch.manual_seed(0)
+    model = project.Trainer.build_model(cfg).eval()
+    x = torch.randn(1, 3, 96, 128)
+    taps = model.backbone.taps
+    with torch.inference_mode():
+        eager, grid, _ = model.backbone.forward_taps(x, taps)
+    counter = CompileCounter()
+    assert compile_entry_points(model.backbone, backend=counter, fullgraph=True) == ["forward", "forward_taps"]
+    compiled = {k: vars(model.backbone)[k] for k in ("forward", "forward_taps")}
+    with torch.inference_mode():
+        ours, grid2, _ = model.backbone.forward_taps(x, taps)
+    assert counter.frame_count == 1 and counter.op_count > 0 and grid2 == grid
+    for a, b in zip(ours, eager, strict=True):
+        torch.testing.assert_close(a, b)
+    with timed_parts(model, "cpu") as (spent, faults):
+        for entries in (*spent.values(), *faults.values()):
+            entries.append(0)  # the call's entry, as part_seconds makes it
+        with torch.inference_mode():
+            model([{"image": x[0] * 255, "height": 96, "width": 128}])
+    assert spent["backbone"][-1] > 0
+    assert {k: vars(model.backbone)[k] for k in compiled} == compiled  # the compiled ones, not the class's
+    assert "forward" not in vars(model.scratch)
+
+
+def test_part_seconds_warm_up_calls_are_not_counted():
+    from tools.benchmark_model import part_seconds
+
+    calls = []
+
+    class Model(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.backbone = name, nn.Linear(1, 1)
+
+        def forward(self, x):
+            calls.append(self.name)
+            return self.backbone(x)
+
+    models = {"baseline": Model("baseline"), "other": Model("other")}
+    out, faults = part_seconds(models, {k: (lambda m=m: m(torch.ones(1))) for k, m in models.items()}, "cpu",
+                               repeats=2, warmup=1)
+    assert calls == ["baseline", "other", "other", "baseline", "baseline", "other"]  # warm-up round first
+    assert all(len(ts) == 2 for per in (*out.values(), *faults.values()) for ts in per.values())
+
+
 def test_with_rest_subtracts_the_parts_round_by_round():
     """The rest is the median of the per-round rests, not the median call less the parts'
     medians: here those would give 9 - 6 - 1 = 2, while every round's rest is 1."""

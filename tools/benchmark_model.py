@@ -38,8 +38,10 @@ For each setting, on one image of ``--input-size`` (batch 1, the project's own
   beside the latency ratio (``gap`` = latency ratio - model GMACs ratio);
 * what post-processing produced (Mask2Former: panoptic segments, instances), whose cost
   depends on it: with random weights the settings' outputs differ, and so may that cost;
-* ``--amp fp16|bf16`` runs under autocast; ``--compile backbone|model`` wraps that part in
-  ``torch.compile`` (warm-up then includes compilation).
+* ``--amp fp16|bf16`` runs under autocast; ``--compile backbone|model`` puts that part
+  through ``torch.compile`` (the backbone: each entry point the head calls, ``forward`` or
+  ``forward_taps``; warm-up then includes compilation, and the instrumented pass, whose
+  timers the compiled model sees, warms up again).
 
 Writes ``<output>.md`` and ``<output>.json`` atomically (``--output``).
 
@@ -75,8 +77,14 @@ from expedit_d2.measure import interleaved_samples, median_interval, minor_page_
 from expedit_d2.sweep import (Point, SweepError, SweepSpec, expand_points, parse_grid, parse_point,
                               validate_points)
 
-__all__ = ["model_parts", "timed_parts", "part_seconds", "with_rest", "output_counts", "benchmark", "pool_runs",
+__all__ = ["ENTRY_POINTS", "model_parts", "compile_entry_points", "timed_parts", "part_seconds", "with_rest", "output_counts", "benchmark", "pool_runs",
            "main"]
+
+
+#: the methods through which a part is entered: ``forward`` (``module(x)``), Detectron2's pixel
+#: decoders' ``forward_features``, and our token-tap backbones' ``forward_taps`` (DPT calls it
+#: directly, not through ``forward``).
+ENTRY_POINTS = ("forward", "forward_features", "forward_taps")
 
 
 def model_parts(model: nn.Module) -> dict[str, nn.Module]:
@@ -91,14 +99,26 @@ def model_parts(model: nn.Module) -> dict[str, nn.Module]:
     return parts
 
 
+def compile_entry_points(module: nn.Module, **compile_kwargs) -> list[str]:
+    """``torch.compile(..., **compile_kwargs)`` each of :data:`ENTRY_POINTS` that ``module``
+    has, in place (as instance attributes over the class's methods), and return their names. Wrapping the
+    module (``torch.compile(module)``) would compile only ``forward``: a DPT head calls its
+    backbone's ``forward_taps``, which such a wrapper hands to the uncompiled module."""
+    names = [attr for attr in ENTRY_POINTS if callable(getattr(module, attr, None))]
+    for attr in names:
+        setattr(module, attr, torch.compile(getattr(module, attr), **compile_kwargs))
+    return names
+
+
 @contextlib.contextmanager
 def timed_parts(model: nn.Module, device):
     """Within the block, the seconds and the minor page faults inside each of
     :func:`model_parts` are added to the last entries of ``spent[name]`` and ``faults[name]``
     (the caller appends a 0 to each per call); yields ``(spent, faults)`` (faults stay 0
     where the platform does not count them). A part is entered through ``forward``, or as
-    Detectron2's pixel decoders (``forward_features``) and our ViTs (``forward_taps``) are:
-    each is timed (the outermost entry only), wrapped on the instance for the duration."""
+    Detectron2's pixel decoders (``forward_features``) and our ViTs (``forward_taps``) are
+    (:data:`ENTRY_POINTS`): each is timed (the outermost entry only), wrapped on the instance
+    for the duration; what the instance held before (a compiled entry point) is put back."""
     parts = model_parts(model)
     spent = {name: [] for name in parts}
     faults = {name: [] for name in parts}
@@ -121,28 +141,34 @@ def timed_parts(model: nn.Module, device):
                     faults[name][-1] += (minor_page_faults() or 0) - f0
         return wrapper
 
+    missing = object()
     wrapped = []
     try:
         for name, mod in parts.items():
-            for attr in ("forward", "forward_features", "forward_taps"):
+            for attr in ENTRY_POINTS:
                 if callable(getattr(mod, attr, None)):
+                    wrapped.append((mod, attr, vars(mod).get(attr, missing)))
                     setattr(mod, attr, timed(name, getattr(mod, attr)))
-                    wrapped.append((mod, attr))
         yield spent, faults
     finally:
-        for mod, attr in wrapped:
-            delattr(mod, attr)  # the class's method again
+        for mod, attr, before in reversed(wrapped):
+            if before is missing:
+                delattr(mod, attr)  # the class's method again
+            else:
+                setattr(mod, attr, before)
 
 
 Rounds = dict[str, dict[str, list[float]]]
 
 
-def part_seconds(models: dict[str, nn.Module], runs: dict, device, repeats: int) -> tuple[Rounds, Rounds]:
+def part_seconds(models: dict[str, nn.Module], runs: dict, device, repeats: int,
+                 warmup: int = 0) -> tuple[Rounds, Rounds]:
     """({setting: {part: [seconds inside it, per round], ..., "total": [seconds of the call,
     per round]}}, the same for minor page faults) over ``repeats`` rounds, each calling every
     setting's ``runs[setting]()`` once in turn (interleaved as the timing pass, so drift hits
     every setting alike, and a part's time can be paired with the baseline's in the same
-    round)."""
+    round). ``warmup`` uncounted calls per setting go first (with ``torch.compile`` the
+    instrumented model is compiled anew)."""
     with contextlib.ExitStack() as stack:
         clocks = {pid: stack.enter_context(timed_parts(m, device)) for pid, m in models.items()}
         call_faults = {pid: [] for pid in models}
@@ -157,11 +183,12 @@ def part_seconds(models: dict[str, nn.Module], runs: dict, device, repeats: int)
                 call_faults[pid].append((minor_page_faults() or 0) - f0)
             return call
 
-        totals = interleaved_samples({pid: counted(pid) for pid in runs}, device, repeats, warmup=0)
-    seconds = {pid: {**{name: [float(t) for t in ts] for name, ts in clocks[pid][0].items()}, "total": totals[pid]}
-               for pid in models}
-    faults = {pid: {**{name: list(ns) for name, ns in clocks[pid][1].items()}, "total": call_faults[pid]}
-              for pid in models}
+        # the warm-up calls go through the timers too (they must see the instrumented model)
+        totals = interleaved_samples({pid: counted(pid) for pid in runs}, device, warmup + repeats, warmup=0)
+    seconds = {pid: {**{name: [float(t) for t in ts[warmup:]] for name, ts in clocks[pid][0].items()},
+                     "total": totals[pid][warmup:]} for pid in models}
+    faults = {pid: {**{name: list(ns[warmup:]) for name, ns in clocks[pid][1].items()},
+                    "total": call_faults[pid][warmup:]} for pid in models}
     return seconds, faults
 
 
@@ -232,13 +259,12 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
 
     log("counting GMACs (fvcore)")
     macs = {pid: gmacs(m, image) for pid, m in models.items()}
+    runners = models
     if compile_part == "model":
         runners = {pid: torch.compile(m) for pid, m in models.items()}
-    else:
-        if compile_part == "backbone":
-            for m in models.values():
-                m.backbone = torch.compile(m.backbone)
-        runners = models
+    elif compile_part == "backbone":
+        for p in points:
+            log(f"{_label(p)}: torch.compile of the backbone's {', '.join(compile_entry_points(models[p.id].backbone))}")
 
     def call(pid):
         def run():
@@ -254,7 +280,7 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
     secs = {pid: statistics.median(ts) for pid, ts in samples.items()}
     ratios = round_ratios(samples, base)
     log("per-part breakdown (instrumented pass, interleaved)")
-    part_secs, part_faults = part_seconds(models, runs, device, repeats)
+    part_secs, part_faults = part_seconds(models, runs, device, repeats, warmup=warmup if compile_part else 0)
     part_rounds = {pid: with_rest(per) for pid, per in part_secs.items()}
     fault_rounds = {pid: {k: [int(n) for n in ns] for k, ns in with_rest(per).items()}
                     for pid, per in part_faults.items()}

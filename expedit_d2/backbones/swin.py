@@ -96,8 +96,10 @@ def window_order(H: int, W: int, ws: int, shift: int,
     rows = (torch.arange(Hp, device=device) + shift) % Hp  # rolled row -> padded row
     cols = (torch.arange(Wp, device=device) + shift) % Wp
     into = rows.view(-1, 1, ws, 1) * Wp + cols.view(1, -1, 1, ws)  # (nWh, nWw, ws, ws)
-    y = (torch.arange(H, device=device) - shift) % Hp  # padded row -> rolled row
-    x = (torch.arange(W, device=device) - shift) % Wp
+    # padded row -> rolled row; the offsets kept non-negative (the same numbers), since
+    # inductor's index arithmetic fails on a remainder of a possibly negative index
+    y = (torch.arange(H, device=device) + (-shift) % Hp) % Hp
+    x = (torch.arange(W, device=device) + (-shift) % Wp) % Wp
     back = ((y // ws) * (Wp // ws) * ws * ws + (y % ws) * ws)[:, None] + \
         ((x // ws) * ws * ws + x % ws)[None, :]
     return into.flatten(), back.flatten()

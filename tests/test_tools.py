@@ -219,6 +219,39 @@ def test_compiled_backbone_covers_the_token_taps_and_survives_the_part_timers():
     assert "forward" not in vars(model.scratch)
 
 
+def test_part_timers_do_not_recompile_a_compiled_model():
+    """Under ``--compile model`` the timers sit inside the compiled call: their own
+    bookkeeping stays out of the graphs (else every call would guard on it and recompile),
+    the parts they call are still compiled, once."""
+    from torch._dynamo.testing import CompileCounter
+
+    from tools.benchmark_model import timed_parts
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.backbone(x).relu())
+
+    torch._dynamo.reset()
+    model, x = Model().eval(), torch.randn(3, 4)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, dynamic=False)
+    with torch.inference_mode():
+        want = model(x)
+        frames = []
+        with timed_parts(model, "cpu") as (spent, faults):
+            for _ in range(4):
+                for entries in (*spent.values(), *faults.values()):
+                    entries.append(0)
+                torch.testing.assert_close(compiled(x), want)
+                frames.append(counter.frame_count)
+    assert frames[0] > 0 and frames == frames[:1] * 4, frames
+    assert all(t > 0 for ts in spent.values() for t in ts)
+
+
 def test_part_seconds_warm_up_calls_are_not_counted():
     from tools.benchmark_model import part_seconds
 

@@ -40,8 +40,11 @@ For each setting, on one image of ``--input-size`` (batch 1, the project's own
   depends on it: with random weights the settings' outputs differ, and so may that cost;
 * ``--amp fp16|bf16`` runs under autocast; ``--compile backbone|model`` puts that part
   through ``torch.compile`` (the backbone: each entry point the head calls, ``forward`` or
-  ``forward_taps``; warm-up then includes compilation, and the instrumented pass, whose
-  timers the compiled model sees, warms up again).
+  ``forward_taps``; static shapes, ``dynamic=False``: the settings share their code, and
+  torch.compile would otherwise give the settings compiled after the first kernels for
+  any size, which a user's one model at one size does not get; warm-up then includes
+  compilation, and the instrumented pass, whose timers the compiled model sees, warms up
+  again).
 
 Writes ``<output>.md`` and ``<output>.json`` atomically (``--output``).
 
@@ -139,7 +142,9 @@ def timed_parts(model: nn.Module, device):
                     sync(device)
                     spent[name][-1] += time.perf_counter() - t0
                     faults[name][-1] += (minor_page_faults() or 0) - f0
-        return wrapper
+        # the timer itself stays out of a compiled model (its list and counter updates would
+        # guard and recompile every call); what it calls is still compiled
+        return torch.compiler.disable(wrapper, recursive=False)
 
     missing = object()
     wrapped = []
@@ -261,10 +266,11 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
     macs = {pid: gmacs(m, image) for pid, m in models.items()}
     runners = models
     if compile_part == "model":
-        runners = {pid: torch.compile(m) for pid, m in models.items()}
+        runners = {pid: torch.compile(m, dynamic=False) for pid, m in models.items()}
     elif compile_part == "backbone":
         for p in points:
-            log(f"{_label(p)}: torch.compile of the backbone's {', '.join(compile_entry_points(models[p.id].backbone))}")
+            names = compile_entry_points(models[p.id].backbone, dynamic=False)
+            log(f"{_label(p)}: torch.compile of the backbone's {', '.join(names)}")
 
     def call(pid):
         def run():

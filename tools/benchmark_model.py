@@ -329,6 +329,8 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
 #: what must agree between runs pooled together (beside the settings' names and GMACs);
 #: ``threads`` only where both runs recorded it (runs before it was recorded pool with any)
 POOL_KEYS = ("input", "device", "amp", "compile", "overrides", "threads")
+#: the fields every row of a run's JSON needs for ``--pool``
+POOL_FIELDS = frozenset({"setting", "input", "device", "ms_rounds", "model_gmacs", "model_gmacs_ratio", "gap"})
 
 
 def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
@@ -453,9 +455,8 @@ def main(argv=None) -> int:
                 rows = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise SweepError(f"--pool: cannot read {path}: {e}") from e
-            needed = {"setting", "input", "device", "ms_rounds", "model_gmacs", "model_gmacs_ratio", "gap"}
-            if not (isinstance(rows, list) and rows and all(isinstance(r, dict) and needed <= set(r) for r in rows)):
-                raise SweepError(f"--pool: {path} is not a benchmark_model.py run's JSON (rows with {sorted(needed)})")
+            if not (isinstance(rows, list) and rows and all(isinstance(r, dict) and POOL_FIELDS <= set(r) for r in rows)):
+                raise SweepError(f"--pool: {path} is not a benchmark_model.py run's JSON (rows with {sorted(POOL_FIELDS)})")
             runs[str(path)] = rows
         try:
             rows = pool_runs(runs)

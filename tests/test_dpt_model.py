@@ -5,6 +5,7 @@ import torch
 from detectron2.config import get_cfg
 
 from dpt import DPTDepth, add_dpt_config, convert_dpt_state_dict, silog_loss
+from tests.compile_check import compiled_in_inference
 from tests.reference_keys import read_keys
 
 
@@ -101,20 +102,12 @@ def test_expedit_disabled_is_identical_and_enabled_differs():
 def test_depth_network_compiles_to_one_graph_in_inference(expedit):
     """Backbone (the hybrid's convs included), reassemble and fusion as one graph under
     inference mode (``tools/benchmark_model.py --compile model``), the eager outputs bitwise."""
-    import torch._dynamo as dynamo
-    from torch._dynamo.testing import CompileCounter
-
     cfg = dpt_cfg()
     if expedit:
         cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
     model = build(cfg)
-    x = torch.randn(1, 3, 96, 128)
-    dynamo.reset()
-    counter = CompileCounter()
-    compiled = torch.compile(model.forward_raw, backend=counter, fullgraph=True)
-    with torch.inference_mode():
-        eager, ours, again = model.forward_raw(x), compiled(x), compiled(x)
-    assert counter.frame_count == 1 and torch.equal(ours, eager) and torch.equal(again, eager)
+    eager, ours, again, frames = compiled_in_inference(model.forward_raw, torch.randn(1, 3, 96, 128))
+    assert frames == 1 and torch.equal(ours, eager) and torch.equal(again, eager)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -7,6 +7,7 @@ from detectron2.layers import ShapeSpec
 
 from mask2former.modeling.head import MaskFormerHead
 from mask2former.modeling.pixel_decoder import MSDeformAttn, ms_deform_attn, softmax_last
+from tests.compile_check import compiled_in_inference
 from tests.reference_keys import read_keys
 
 SWIN_L = {"res2": ShapeSpec(channels=192, stride=4), "res3": ShapeSpec(channels=384, stride=8),
@@ -178,16 +179,9 @@ def test_head_compiles_to_one_graph_in_inference():
     read them from) and masked-attention decoder as one graph under inference mode (what
     ``tools/benchmark_model.py --compile model`` runs between pre- and post-processing),
     the eager outputs bitwise."""
-    import torch._dynamo as dynamo
-    from torch._dynamo.testing import CompileCounter
-
     head, feats = _tiny_head()
-    dynamo.reset()
-    counter = CompileCounter()
-    compiled = torch.compile(head, backend=counter, fullgraph=True)
-    with torch.inference_mode():
-        eager, ours, again = head(feats), compiled(feats), compiled(feats)
-    assert counter.frame_count == 1
+    eager, ours, again, frames = compiled_in_inference(head, feats)
+    assert frames == 1
     for key in ("pred_logits", "pred_masks"):
         assert torch.equal(ours[key], eager[key]) and torch.equal(again[key], eager[key]), key
 

@@ -22,6 +22,7 @@ from expedit_d2.methods import bipartite_soft_matching, evit_keep, evit_restore
 from expedit_d2.methods.tome import merged_positions
 from expedit_d2.reduction import apply_patch, family_of, remove_patch, settings_from_config
 from expedit_d2.reduction.config import point_overrides
+from tests.compile_check import compiled_in_inference
 from tests.d2_helpers import run_faster_rcnn_fpn
 
 METHOD_KEYS = {
@@ -405,18 +406,11 @@ def test_every_backbone_and_method_compiles_to_one_graph_in_inference(base, meth
     """What ``tools/benchmark_model.py --compile backbone`` runs: under inference mode (where
     the hybrid's convs reuse a cached standardised weight in eager) one graph, no break, no
     recompilation on the next call, and the eager outputs bitwise."""
-    import torch._dynamo as dynamo
-    from torch._dynamo.testing import CompileCounter
-
     keys = {} if method == "none" else (SWIN_METHOD_KEYS if base == "D2SwinTransformer" else METHOD_KEYS)[method]
     model = build(tiny_cfg(base, method, **keys))
     x = torch.randn(1, 3, *((200, 296) if base == "D2SwinTransformer" else (96, 128)))
-    dynamo.reset()  # the recompilation limit counts per code object, across the cases of this process
-    counter = CompileCounter()
-    compiled = torch.compile(model, backend=counter, fullgraph=True)
-    with torch.inference_mode():
-        eager, ours, again = model(x), compiled(x), compiled(x)
-    assert counter.frame_count == 1
+    eager, ours, again, frames = compiled_in_inference(model, x)
+    assert frames == 1
     for name in eager:
         assert torch.equal(ours[name], eager[name]) and torch.equal(again[name], eager[name]), name
 

@@ -80,8 +80,8 @@ from expedit_d2.measure import interleaved_samples, median_interval, minor_page_
 from expedit_d2.sweep import (Point, SweepError, SweepSpec, expand_points, parse_grid, parse_point,
                               validate_points)
 
-__all__ = ["ENTRY_POINTS", "model_parts", "compile_entry_points", "timed_parts", "part_seconds", "with_rest", "output_counts", "benchmark", "pool_runs",
-           "main"]
+__all__ = ["ENTRY_POINTS", "model_parts", "compile_entry_points", "timed_parts", "part_seconds", "with_rest",
+           "output_counts", "benchmark", "pool_runs", "main"]
 
 
 #: the methods through which a part is entered: ``forward`` (``module(x)``), Detectron2's pixel
@@ -104,9 +104,10 @@ def model_parts(model: nn.Module) -> dict[str, nn.Module]:
 
 def compile_entry_points(module: nn.Module, **compile_kwargs) -> list[str]:
     """``torch.compile(..., **compile_kwargs)`` each of :data:`ENTRY_POINTS` that ``module``
-    has, in place (as instance attributes over the class's methods), and return their names. Wrapping the
-    module (``torch.compile(module)``) would compile only ``forward``: a DPT head calls its
-    backbone's ``forward_taps``, which such a wrapper hands to the uncompiled module."""
+    has, in place (as instance attributes over the class's methods), and return their names.
+    Wrapping the module (``torch.compile(module)``) would compile only ``forward``: a DPT
+    head calls its backbone's ``forward_taps``, which such a wrapper hands to the uncompiled
+    module."""
     names = [attr for attr in ENTRY_POINTS if callable(getattr(module, attr, None))]
     for attr in names:
         setattr(module, attr, torch.compile(getattr(module, attr), **compile_kwargs))
@@ -455,8 +456,10 @@ def main(argv=None) -> int:
                 rows = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise SweepError(f"--pool: cannot read {path}: {e}") from e
-            if not (isinstance(rows, list) and rows and all(isinstance(r, dict) and POOL_FIELDS <= set(r) for r in rows)):
-                raise SweepError(f"--pool: {path} is not a benchmark_model.py run's JSON (rows with {sorted(POOL_FIELDS)})")
+            if not (isinstance(rows, list) and rows
+                    and all(isinstance(r, dict) and POOL_FIELDS <= set(r) for r in rows)):
+                raise SweepError(f"--pool: {path} is not a benchmark_model.py run's JSON "
+                                 f"(rows with {sorted(POOL_FIELDS)})")
             runs[str(path)] = rows
         try:
             rows = pool_runs(runs)

@@ -73,7 +73,8 @@ class StdConv2dSame(nn.Conv2d):
 
     def standardized_weight(self) -> torch.Tensor:
         w = self.weight
-        if (torch.is_grad_enabled() and w.requires_grad) or w.device.type == "meta" or torch.compiler.is_compiling():
+        if ((torch.is_grad_enabled() and w.requires_grad) or w.device.type == "meta"
+                or torch.compiler.is_compiling()):
             return self._standardize(w)
         key = (w._version, w.data_ptr(), w.dtype, w.device)
         if self._standardized is None or self._standardized[0] != key:

@@ -24,7 +24,7 @@ from torch import nn
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from expedit_d2.blocked import map_rows
 
-__all__ = ["ms_deform_attn", "softmax_last", "MSDeformAttn", "PositionEmbeddingSine", "MSDeformAttnPixelDecoder"]
+__all__ = ["ms_deform_attn", "level_shapes", "softmax_last", "MSDeformAttn", "PositionEmbeddingSine", "MSDeformAttnPixelDecoder"]
 
 
 def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):

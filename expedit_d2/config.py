@@ -53,6 +53,12 @@ def add_expedit_config(cfg) -> None:
         # cap on the operators' temporaries per chunk, in MB
         "MEMORY_LIMIT_MB": 256,
     })
+    # how the projects' models compute nn.Linear on a CPU in float32 inference: "blas"
+    # (F.linear, PyTorch's default) or "onednn" (a 1x1 convolution: about twice as fast where
+    # MKL keeps to AVX2, as on AMD CPUs with AVX-512; float rounding apart the same numbers;
+    # see expedit_d2/cpu_linear.py)
+    if "CPU_LINEAR" not in cfg.MODEL:
+        cfg.MODEL.CPU_LINEAR = "blas"
     add_token_reduction_config(cfg)
     add_solver_config(cfg)
     # bottom-up backbone of build_bottom_up_fpn_backbone (any BACKBONE_REGISTRY name)

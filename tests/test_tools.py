@@ -438,7 +438,13 @@ def test_pool_runs_takes_the_median_over_every_round_of_every_run(tmp_path):
         row["threads"] = 7
     (tmp_path / "old.json").write_text(json.dumps(threads))  # the runs above recorded no threads: accepted
     assert benchmark_model.main(["--pool", str(paths[0]), str(tmp_path / "old.json")]) == 0
-    for ref, bad, what in ((paths[0], _run_rows([10.0], [9.0], size=(32, 32)), "input"),
+    # runs before MODEL.CPU_LINEAR was recorded computed with "blas": they pool with blas runs only
+    blas = [dict(r, cpu_linear="blas") for r in _run_rows([10.0], [9.0])]
+    (tmp_path / "blas.json").write_text(json.dumps(blas))
+    assert benchmark_model.main(["--pool", str(paths[0]), str(tmp_path / "blas.json"), "--output", str(out)]) == 0
+    assert "linear layers blas" in out.with_suffix(".md").read_text()
+    for ref, bad, what in ((paths[0], [dict(r, cpu_linear="onednn") for r in blas], "cpu_linear='onednn'"),
+                           (paths[0], _run_rows([10.0], [9.0], size=(32, 32)), "input"),
                            (tmp_path / "old.json", [dict(r, threads=3) for r in threads], "threads"),
                            (paths[0], _run_rows([10.0], [9.0], gmacs=(10.0, 7.0)), "GMACs"),
                            (paths[0], _run_rows([10.0], [9.0])[:1], "settings")):

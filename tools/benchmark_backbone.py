@@ -48,6 +48,7 @@ from expedit_d2 import add_expedit_config
 from expedit_d2.cli import HelpFormatter, add_timing_arguments, apply_timing_arguments
 from expedit_d2.engine import config_from_file
 from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
+from expedit_d2.cpu_linear import use_cpu_linear
 from expedit_d2.flops import backbone_flops
 from expedit_d2.measure import (
     child_peak_mb, forward_peak_bytes, interleaved_samples, median_interval, print_child_peak,
@@ -140,6 +141,8 @@ def build_pair(cfg, allow_partial: bool = False, checkpointer=DetectionCheckpoin
                      ignore_unexpected=lambda key: not key.startswith("backbone."))
     expedited = build_backbone(exp_cfg)
     expedited.load_state_dict(base.state_dict())
+    for model in (base, expedited):  # as the projects' models do
+        use_cpu_linear(model, cfg.MODEL.CPU_LINEAR)
     device = torch.device(cfg.MODEL.DEVICE)
     return base.to(device).eval(), expedited.to(device).eval()
 

@@ -51,8 +51,8 @@ Writes ``<output>.md`` and ``<output>.json`` atomically (``--output``).
 On a noisy machine one run's interval can be wide, and runs of the same command can differ
 by more than their intervals say. ``--pool RUN.json ...`` measures nothing: it pools the
 per-round ratios of earlier runs' JSON files (the same settings, input, device, threads,
-amp, compile and GMACs, else an error naming the file) and gives each setting's latency ratio and gap over all
-their rounds, with the 95% interval of that median and each run's own gap::
+amp, compile, ``MODEL.CPU_LINEAR`` and GMACs, else an error naming the file) and gives each
+setting's latency ratio and gap over all their rounds, with the 95% interval of that median and each run's own gap::
 
     python tools/benchmark_model.py --pool results/m2f_1024_a.json results/m2f_1024_b.json \
         --output results/m2f_1024_pooled
@@ -300,7 +300,7 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
         row = {
             "setting": _label(p), "overrides": dict(p.overrides), "opts": cfgs[pid][1],
             "input": [H, W], "device": str(device), "threads": torch.get_num_threads(), "amp": amp,
-            "compile": compile_part,
+            "compile": compile_part, "cpu_linear": cfgs[pid][0].MODEL.CPU_LINEAR,
             "ms": 1e3 * secs[pid], "ms_rounds": [1e3 * t for t in samples[pid]],
             "latency_ratio": statistics.median(ratios[pid]),
             "latency_ratio_range": [min(ratios[pid]), max(ratios[pid])],
@@ -329,7 +329,9 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
 
 #: what must agree between runs pooled together (beside the settings' names and GMACs);
 #: ``threads`` only where both runs recorded it (runs before it was recorded pool with any)
-POOL_KEYS = ("input", "device", "amp", "compile", "overrides", "threads")
+POOL_KEYS = ("input", "device", "amp", "compile", "cpu_linear", "overrides", "threads")
+#: what a run recorded before the key was: ``cpu_linear`` (MODEL.CPU_LINEAR) was "blas"
+POOL_DEFAULTS = {"cpu_linear": "blas"}
 #: the fields every row of a run's JSON needs for ``--pool``
 POOL_FIELDS = frozenset({"setting", "input", "device", "ms_rounds", "model_gmacs", "model_gmacs_ratio", "gap"})
 
@@ -355,9 +357,9 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
             for key in POOL_KEYS:
                 if key == "threads" and (key not in row or key not in ref):
                     continue
-                if row.get(key) != ref.get(key):
-                    raise ValueError(f"--pool: {name}: {setting} has {key}={row.get(key)!r}, "
-                                     f"{names[0]} has {ref.get(key)!r}")
+                ours, theirs = (r.get(key, POOL_DEFAULTS.get(key)) for r in (row, ref))
+                if ours != theirs:
+                    raise ValueError(f"--pool: {name}: {setting} has {key}={ours!r}, {names[0]} has {theirs!r}")
             if not math.isclose(row["model_gmacs"], ref["model_gmacs"], rel_tol=1e-6):
                 raise ValueError(f"--pool: {name}: {setting} has {row['model_gmacs']:.3f} model GMACs, "
                                  f"{names[0]} has {ref['model_gmacs']:.3f} (not the same model)")
@@ -373,6 +375,7 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
         lo, hi = median_interval(ratios[setting])
         pooled.append({"setting": setting, "overrides": first[i].get("overrides", {}), "input": first[i]["input"],
                        "device": first[i]["device"], "amp": first[i].get("amp"), "compile": first[i].get("compile"),
+                       "cpu_linear": first[i].get("cpu_linear", POOL_DEFAULTS["cpu_linear"]),
                        "runs": names, "rounds": len(ratios[setting]), "latency_ratio": ratio,
                        "latency_ratio_ci95": [lo, hi], "model_gmacs_ratio": gmacs_ratio,
                        "gap": ratio - gmacs_ratio, "gap_ci95": [lo - gmacs_ratio, hi - gmacs_ratio],
@@ -383,7 +386,8 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
 def format_pooled(rows: list[dict]) -> str:
     r0 = rows[0]
     lines = [f"Whole model, input {r0['input'][1]}x{r0['input'][0]} (WxH), {r0['device']}, amp {r0['amp'] or 'off'}, "
-             f"compile {r0['compile'] or 'off'}; {len(r0['runs'])} runs pooled ({', '.join(r0['runs'])}): latency "
+             f"compile {r0['compile'] or 'off'}, linear layers {r0['cpu_linear']}; "
+             f"{len(r0['runs'])} runs pooled ({', '.join(r0['runs'])}): latency "
              "ratio = median of every round's ratio to the baseline of the same round [its 95% confidence "
              "interval, distribution-free]; gap = latency ratio - model GMACs ratio", "",
              "| setting | rounds | latency ratio [95% CI] | model GMACs ratio | gap [95% CI] | each run's gap |",
@@ -399,7 +403,8 @@ def format_pooled(rows: list[dict]) -> str:
 def format_table(rows: list[dict], threads: int) -> str:
     r0 = rows[0]
     head = (f"Whole model, input {r0['input'][1]}x{r0['input'][0]} (WxH), batch 1, {r0['device']}"
-            f" ({threads} threads), amp {r0['amp'] or 'off'}, compile {r0['compile'] or 'off'}; "
+            f" ({threads} threads), amp {r0['amp'] or 'off'}, compile {r0['compile'] or 'off'}, "
+            f"linear layers {r0['cpu_linear']} (MODEL.CPU_LINEAR); "
             "latency: median, interleaved in one run; latency ratio: median of the per-round ratios "
             "[its 95% confidence interval, distribution-free, from the rounds' order statistics]; "
             "fastest-round ratio: the setting's fastest round over the baseline's (interference only "

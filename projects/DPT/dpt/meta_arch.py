@@ -20,6 +20,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 
+from expedit_d2.cpu_linear import use_cpu_linear
 from expedit_d2.inputs import check_finite_images
 
 from .head import DPTReassemble, DPTScratch
@@ -50,7 +51,7 @@ class DPTDepth(nn.Module):
     @configurable
     def __init__(self, *, backbone: nn.Module, features, fusion_features: int, invert: bool,
                  scale: float, shift: float, min_depth: float, max_depth: float,
-                 pixel_mean, pixel_std):
+                 pixel_mean, pixel_std, cpu_linear: str = "blas"):
         super().__init__()
         missing = [name for name in TOKEN_TAP_PROTOCOL if not hasattr(backbone, name)]
         if missing:
@@ -65,6 +66,7 @@ class DPTDepth(nn.Module):
         self.min_depth, self.max_depth = min_depth, max_depth
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        use_cpu_linear(self, cpu_linear)  # MODEL.CPU_LINEAR
 
     @classmethod
     def from_config(cls, cfg):
@@ -76,6 +78,7 @@ class DPTDepth(nn.Module):
             "invert": d.INVERT, "scale": d.SCALE, "shift": d.SHIFT,
             "min_depth": d.MIN_DEPTH, "max_depth": d.MAX_DEPTH,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
+            "cpu_linear": cfg.MODEL.CPU_LINEAR,
         }
 
     @property

@@ -32,6 +32,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.structures import ImageList
 
+from expedit_d2.cpu_linear import use_cpu_linear
 from expedit_d2.inputs import check_finite_images
 
 from .inference import InferenceRules, full_rows, infer, upsampled_rows
@@ -46,7 +47,7 @@ class MaskFormer(nn.Module):
     def __init__(self, *, backbone, sem_seg_head, criterion, num_queries, object_mask_threshold,
                  overlap_threshold, metadata, size_divisibility, sem_seg_postprocess_before_inference,
                  pixel_mean, pixel_std, semantic_on, panoptic_on, instance_on, test_topk_per_image,
-                 resize_ratio=-1.0, resize_short_edge_length=-1):
+                 resize_ratio=-1.0, resize_short_edge_length=-1, cpu_linear="blas"):
         super().__init__()
         self.backbone, self.sem_seg_head, self.criterion = backbone, sem_seg_head, criterion
         self.num_queries = num_queries
@@ -62,6 +63,7 @@ class MaskFormer(nn.Module):
         self.resize_short_edge_length = resize_short_edge_length  # unused, as officially
         if not (semantic_on or panoptic_on or instance_on):
             raise ValueError("MODEL.MASK_FORMER.TEST: enable at least one of SEMANTIC_ON, PANOPTIC_ON, INSTANCE_ON")
+        use_cpu_linear(self, cpu_linear)  # MODEL.CPU_LINEAR
 
     @classmethod
     def from_config(cls, cfg):
@@ -86,6 +88,7 @@ class MaskFormer(nn.Module):
             "semantic_on": t.SEMANTIC_ON, "panoptic_on": t.PANOPTIC_ON, "instance_on": t.INSTANCE_ON,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "resize_ratio": t.RESIZE_RATIO, "resize_short_edge_length": t.RESIZE_SHORT_EDGE_LENGTH,
+            "cpu_linear": cfg.MODEL.CPU_LINEAR,
         }
 
     @property

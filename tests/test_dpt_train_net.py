@@ -161,3 +161,27 @@ def test_ctrl_c_during_training_says_how_to_resume(nyu_root, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("interrupted: checkpoints saved so far are in OUTPUT_DIR")
+
+
+def test_eval_only_with_onednn_linears_gives_the_same_metrics(nyu_root, official_weights, tmp_path, monkeypatch):
+    """MODEL.CPU_LINEAR onednn through train_net.py: the official-name checkpoint loads into
+    the OneDNNLinear layers and the metrics equal the BLAS run's up to float rounding."""
+    from expedit_d2.cpu_linear import OneDNNLinear
+
+    root, _, _ = nyu_root
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    tn = _train_net()
+    results, built = {}, []
+    build_model = tn.Trainer.build_model.__func__
+    monkeypatch.setattr(tn.Trainer, "build_model", classmethod(lambda cls, cfg: built.append(build_model(cls, cfg))
+                                                               or built[-1]))
+    for mode in ("blas", "onednn"):
+        args = default_argument_parser().parse_args([
+            "--config-file", str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2_expedit_a4_16x16.yaml"),
+            "--eval-only", "MODEL.WEIGHTS", str(official_weights), "OUTPUT_DIR", str(tmp_path / mode), *TINY,
+            "MODEL.EXPEDIT.NUM_CLUSTERS", "[16, 16]", "MODEL.CPU_LINEAR", mode])
+        results[mode] = tn.main(args)["depth"]
+    assert [any(isinstance(m, OneDNNLinear) for m in model.modules()) for model in built] == [False, True]
+    assert results["onednn"].keys() == results["blas"].keys() == METRICS
+    for key, value in results["blas"].items():
+        assert results["onednn"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

@@ -15,8 +15,8 @@ and ViT-L; README, "CPU linear layers").
   CPU float32 inference without autograd computes the product as a 1x1 convolution. The
   result differs from ``F.linear`` by float rounding only (another summation order); the
   parameters, their names and the checkpoints are unchanged. Elsewhere (a GPU, training,
-  another dtype, autocast, ``torch.compile``, which picks its own kernels) it is
-  ``F.linear`` exactly.
+  another dtype, autocast, ``torch.compile``, which picks its own kernels, a PyTorch build
+  without oneDNN) it is ``F.linear`` exactly.
 
 Layers that call ``F.linear`` on a weight themselves (``nn.MultiheadAttention``'s input
 projection) keep the BLAS product.
@@ -36,13 +36,17 @@ CPU_LINEAR_MODES = ("blas", "onednn")
 
 
 def _conv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """CPU, float32, no autograd, no autocast, not under torch.compile, contiguous and not
-    empty: where :func:`linear_as_conv` computes a 1x1 convolution."""
+    """CPU with oneDNN, float32, no autograd, no autocast, not under torch.compile,
+    contiguous and not empty: where :func:`linear_as_conv` computes a 1x1 convolution."""
+    if torch.compiler.is_compiling():  # first: the compiler may not trace the checks below
+        return False
+    if not torch.backends.mkldnn.is_available():  # a build without oneDNN: its convs are slower
+        return False
     if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32) for t in (x, weight, bias)):
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return False
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+    if torch.is_autocast_enabled("cpu"):
         return False
     return x.dim() >= 1 and x.numel() > 0 and x.is_contiguous() and weight.is_contiguous()
 

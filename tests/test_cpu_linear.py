@@ -67,6 +67,14 @@ def test_outside_cpu_float32_inference_it_is_f_linear_exactly(case):
         assert torch.equal(g, h)
 
 
+def test_without_onednn_it_is_f_linear_exactly(monkeypatch):
+    torch.manual_seed(0)
+    layer, x = nn.Linear(8, 4), torch.randn(5, 8)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    with torch.no_grad():
+        assert torch.equal(linear_as_conv(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+
+
 def test_use_cpu_linear_swaps_plain_linears_and_back_without_touching_parameters():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), nn.MultiheadAttention(8, 2))

@@ -157,11 +157,17 @@ def test_benchmark_model_parts_of_dpt_include_the_token_taps(tmp_path):
     benchmark_model.main([
         "--config-file", "projects/DPT/configs/demo/tiny_vit_nyuv2.yaml", "--input-size", "96", "128",
         "--repeats", "1", "--warmup", "0", "--device", "cpu", "--output", str(out),
-        "--point", "MODEL.EXPEDIT.CLUSTERING_LOCATION=1;MODEL.EXPEDIT.NUM_CLUSTERS=[4, 4]"])
-    base, point = json.loads(out.with_suffix(".json").read_text())
+        "--point", "MODEL.EXPEDIT.CLUSTERING_LOCATION=1;MODEL.EXPEDIT.NUM_CLUSTERS=[4, 4]",
+        "--point", "MODEL.EXPEDIT.CLUSTERING_LOCATION=1;MODEL.EXPEDIT.NUM_CLUSTERS=[4, 4];MODEL.CPU_LINEAR=onednn"])
+    base, point, fast = json.loads(out.with_suffix(".json").read_text())
     assert set(base["parts_ms"]) == {"backbone", "reassemble", "scratch", "rest"}
     assert base["parts_ms"]["backbone"] > 0 and point["setting"] == "a1_4x4"
-    assert base["outputs"] == {} and "| - |" in out.with_suffix(".md").read_text()  # depth: nothing to count
+    report = out.with_suffix(".md").read_text()
+    assert base["outputs"] == {} and "| - |" in report  # depth: nothing to count
+    # MODEL.CPU_LINEAR is a setting like any other: recorded per row, named in the header
+    assert [r["cpu_linear"] for r in (base, point, fast)] == ["blas", "blas", "onednn"]
+    assert fast["model_gmacs"] == pytest.approx(point["model_gmacs"])  # the same products, counted as convs
+    assert f"linear layers baseline: blas, a1_4x4: blas, {fast['setting']}: onednn" in report
 
 
 def test_benchmark_model_compiles_the_backbone_the_head_calls(tmp_path):

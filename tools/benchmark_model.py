@@ -400,11 +400,19 @@ def format_pooled(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _linear_layers(rows: list[dict]) -> str:
+    """The rows' MODEL.CPU_LINEAR: the one value, or each setting's where they differ."""
+    modes = [r.get("cpu_linear", POOL_DEFAULTS["cpu_linear"]) for r in rows]
+    if len(set(modes)) == 1:
+        return modes[0]
+    return ", ".join(f"{r['setting']}: {m}" for r, m in zip(rows, modes))
+
+
 def format_table(rows: list[dict], threads: int) -> str:
     r0 = rows[0]
     head = (f"Whole model, input {r0['input'][1]}x{r0['input'][0]} (WxH), batch 1, {r0['device']}"
             f" ({threads} threads), amp {r0['amp'] or 'off'}, compile {r0['compile'] or 'off'}, "
-            f"linear layers {r0['cpu_linear']} (MODEL.CPU_LINEAR); "
+            f"linear layers {_linear_layers(rows)} (MODEL.CPU_LINEAR); "
             "latency: median, interleaved in one run; latency ratio: median of the per-round ratios "
             "[its 95% confidence interval, distribution-free, from the rounds' order statistics]; "
             "fastest-round ratio: the setting's fastest round over the baseline's (interference only "

@@ -444,6 +444,20 @@ def test_pool_runs_takes_the_median_over_every_round_of_every_run(tmp_path):
         row["threads"] = 7
     (tmp_path / "old.json").write_text(json.dumps(threads))  # the runs above recorded no threads: accepted
     assert benchmark_model.main(["--pool", str(paths[0]), str(tmp_path / "old.json")]) == 0
+    assert "backbone_latency_ratio" not in point  # these runs kept no per-part rounds
+    # with the per-part pass's rounds, the backbone's per-round ratios are pooled the same way
+    with_parts = []
+    for rows, backbone in ((a, ([4.0, 4.0, 8.0], [3.0, 3.2, 6.0])), (b, ([5.0] * 4, [4.0, 3.5, 4.5, 5.0]))):
+        rows = [dict(r, backbone_gmacs_ratio=1.0 if i == 0 else 0.75, parts_ms_rounds={"backbone": ms})
+                for i, (r, ms) in enumerate(zip(rows, backbone))]
+        with_parts.append(tmp_path / f"parts_{len(with_parts)}.json")
+        with_parts[-1].write_text(json.dumps(rows))
+    assert benchmark_model.main(["--pool", *map(str, with_parts), "--output", str(out)]) == 0
+    point = json.loads(out.with_suffix(".json").read_text())[1]
+    # ratios 0.75 0.8 0.75 | 0.8 0.7 0.9 1.0: median 0.8, 7 values: their whole range
+    assert point["backbone_latency_ratio"] == pytest.approx(0.8)
+    assert point["backbone_latency_ratio_ci95"] == pytest.approx([0.7, 1.0])
+    assert "| 0.800 [0.700, 1.000] | 0.750 |" in out.with_suffix(".md").read_text()
     # runs before MODEL.CPU_LINEAR was recorded computed with "blas": they pool with blas runs only
     blas = [dict(r, cpu_linear="blas") for r in _run_rows([10.0], [9.0])]
     (tmp_path / "blas.json").write_text(json.dumps(blas))

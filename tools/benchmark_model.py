@@ -52,7 +52,9 @@ On a noisy machine one run's interval can be wide, and runs of the same command 
 by more than their intervals say. ``--pool RUN.json ...`` measures nothing: it pools the
 per-round ratios of earlier runs' JSON files (the same settings, input, device, threads,
 amp, compile, ``MODEL.CPU_LINEAR`` and GMACs, else an error naming the file) and gives each
-setting's latency ratio and gap over all their rounds, with the 95% interval of that median and each run's own gap::
+setting's latency ratio and gap over all their rounds, with the 95% interval of that
+median and each run's own gap, and the backbone's latency ratio pooled the same way from
+the per-part pass's rounds::
 
     python tools/benchmark_model.py --pool results/m2f_1024_a.json results/m2f_1024_b.json \
         --output results/m2f_1024_pooled
@@ -369,6 +371,7 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
         per_round = round_ratios({r["setting"]: r["ms_rounds"] for r in rows}, settings[0])
         for setting in settings:
             ratios[setting] += per_round[setting]
+    backbone = _pooled_part_ratios(runs, settings, "backbone")
     pooled = []
     for i, setting in enumerate(settings):
         ratio, gmacs_ratio = statistics.median(ratios[setting]), first[i]["model_gmacs_ratio"]
@@ -380,6 +383,23 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
                        "latency_ratio_ci95": [lo, hi], "model_gmacs_ratio": gmacs_ratio,
                        "gap": ratio - gmacs_ratio, "gap_ci95": [lo - gmacs_ratio, hi - gmacs_ratio],
                        "run_gaps": [runs[name][i]["gap"] for name in names]})
+        if backbone is not None:
+            pooled[-1]["backbone_latency_ratio"] = statistics.median(backbone[setting])
+            pooled[-1]["backbone_latency_ratio_ci95"] = list(median_interval(backbone[setting]))
+            pooled[-1]["backbone_gmacs_ratio"] = first[i].get("backbone_gmacs_ratio")
+    return pooled
+
+
+def _pooled_part_ratios(runs: dict[str, list[dict]], settings: list[str], part: str) -> dict | None:
+    """{setting: every run's per-round ratios of ``part`` (from ``parts_ms_rounds``) to the
+    baseline's in the same round}, or None when a run did not keep that part's rounds."""
+    pooled = {setting: [] for setting in settings}
+    for rows in runs.values():
+        if not all(part in r.get("parts_ms_rounds", {}) for r in rows):
+            return None
+        per_round = round_ratios({r["setting"]: r["parts_ms_rounds"][part] for r in rows}, settings[0])
+        for setting in settings:
+            pooled[setting] += per_round[setting]
     return pooled
 
 
@@ -390,13 +410,21 @@ def format_pooled(rows: list[dict]) -> str:
              f"{len(r0['runs'])} runs pooled ({', '.join(r0['runs'])}): latency "
              "ratio = median of every round's ratio to the baseline of the same round [its 95% confidence "
              "interval, distribution-free]; gap = latency ratio - model GMACs ratio", "",
-             "| setting | rounds | latency ratio [95% CI] | model GMACs ratio | gap [95% CI] | each run's gap |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| setting | rounds | latency ratio [95% CI] | model GMACs ratio | gap [95% CI] | each run's gap | "
+             "backbone latency ratio [95% CI] (per-part pass) | backbone GMACs ratio |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         (lo, hi), (glo, ghi) = r["latency_ratio_ci95"], r["gap_ci95"]
+        if "backbone_latency_ratio" in r:
+            blo, bhi = r["backbone_latency_ratio_ci95"]
+            bb = f"{r['backbone_latency_ratio']:.3f} [{blo:.3f}, {bhi:.3f}]"
+        else:
+            bb = "-"
+        bg = r.get("backbone_gmacs_ratio")
         lines.append(f"| {r['setting']} | {r['rounds']} | {r['latency_ratio']:.3f} [{lo:.3f}, {hi:.3f}] | "
                      f"{r['model_gmacs_ratio']:.3f} | {r['gap']:+.3f} [{glo:+.3f}, {ghi:+.3f}] | "
-                     + ", ".join(f"{g:+.3f}" for g in r["run_gaps"]) + " |")
+                     + ", ".join(f"{g:+.3f}" for g in r["run_gaps"]) + f" | {bb} | "
+                     + ("-" if bg is None else f"{bg:.3f}") + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -349,7 +349,6 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
     names = list(runs)
     first = runs[names[0]]
     settings = [r["setting"] for r in first]
-    ratios = {setting: [] for setting in settings}
     for name, rows in runs.items():
         if [r["setting"] for r in rows] != settings:
             raise ValueError(f"--pool: {name} has settings {[r['setting'] for r in rows]}, "
@@ -359,7 +358,7 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
             for key in POOL_KEYS:
                 if key == "threads" and (key not in row or key not in ref):
                     continue
-                ours, theirs = (r.get(key, POOL_DEFAULTS.get(key)) for r in (row, ref))
+                ours, theirs = _recorded(row, key), _recorded(ref, key)
                 if ours != theirs:
                     raise ValueError(f"--pool: {name}: {setting} has {key}={ours!r}, {names[0]} has {theirs!r}")
             if not math.isclose(row["model_gmacs"], ref["model_gmacs"], rel_tol=1e-6):
@@ -368,17 +367,15 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
             if len(row["ms_rounds"]) != len(rows[0]["ms_rounds"]):
                 raise ValueError(f"--pool: {name}: {setting} has {len(row['ms_rounds'])} rounds, "
                                  f"its baseline {len(rows[0]['ms_rounds'])}")
-        per_round = round_ratios({r["setting"]: r["ms_rounds"] for r in rows}, settings[0])
-        for setting in settings:
-            ratios[setting] += per_round[setting]
-    backbone = _pooled_part_ratios(runs, settings, "backbone")
+    ratios = _pooled_ratios(runs, settings, lambda r: r["ms_rounds"])
+    backbone = _pooled_ratios(runs, settings, lambda r: r.get("parts_ms_rounds", {}).get("backbone"))
     pooled = []
     for i, setting in enumerate(settings):
         ratio, gmacs_ratio = statistics.median(ratios[setting]), first[i]["model_gmacs_ratio"]
         lo, hi = median_interval(ratios[setting])
         pooled.append({"setting": setting, "overrides": first[i].get("overrides", {}), "input": first[i]["input"],
                        "device": first[i]["device"], "amp": first[i].get("amp"), "compile": first[i].get("compile"),
-                       "cpu_linear": first[i].get("cpu_linear", POOL_DEFAULTS["cpu_linear"]),
+                       "cpu_linear": _recorded(first[i], "cpu_linear"),
                        "runs": names, "rounds": len(ratios[setting]), "latency_ratio": ratio,
                        "latency_ratio_ci95": [lo, hi], "model_gmacs_ratio": gmacs_ratio,
                        "gap": ratio - gmacs_ratio, "gap_ci95": [lo - gmacs_ratio, hi - gmacs_ratio],
@@ -390,14 +387,21 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
     return pooled
 
 
-def _pooled_part_ratios(runs: dict[str, list[dict]], settings: list[str], part: str) -> dict | None:
-    """{setting: every run's per-round ratios of ``part`` (from ``parts_ms_rounds``) to the
-    baseline's in the same round}, or None when a run did not keep that part's rounds."""
+def _recorded(row: dict, key: str):
+    """What a run's row says of ``key``, or what runs recorded before the key was had."""
+    return row.get(key, POOL_DEFAULTS.get(key))
+
+
+def _pooled_ratios(runs: dict[str, list[dict]], settings: list[str], rounds_of) -> dict | None:
+    """{setting: every run's per-round ratios of ``rounds_of(row)`` (a row's times per round)
+    to the baseline's in the same round}, or None when a run's row has no such rounds (runs
+    before the per-part pass kept its rounds)."""
     pooled = {setting: [] for setting in settings}
     for rows in runs.values():
-        if not all(part in r.get("parts_ms_rounds", {}) for r in rows):
+        rounds = {r["setting"]: rounds_of(r) for r in rows}
+        if any(ms is None for ms in rounds.values()):
             return None
-        per_round = round_ratios({r["setting"]: r["parts_ms_rounds"][part] for r in rows}, settings[0])
+        per_round = round_ratios(rounds, settings[0])
         for setting in settings:
             pooled[setting] += per_round[setting]
     return pooled
@@ -430,7 +434,7 @@ def format_pooled(rows: list[dict]) -> str:
 
 def _linear_layers(rows: list[dict]) -> str:
     """The rows' MODEL.CPU_LINEAR: the one value, or each setting's where they differ."""
-    modes = [r.get("cpu_linear", POOL_DEFAULTS["cpu_linear"]) for r in rows]
+    modes = [_recorded(r, "cpu_linear") for r in rows]
     if len(set(modes)) == 1:
         return modes[0]
     return ", ".join(f"{r['setting']}: {m}" for r, m in zip(rows, modes))

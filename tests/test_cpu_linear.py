@@ -29,36 +29,29 @@ def test_conv_route_equals_linear_up_to_rounding(x_shape, out, bias, mode):
     assert (ours.double() - exact).abs().max() <= 4 * (theirs.double() - exact).abs().max() + 1e-6
 
 
-def _fallbacks():
+def _fallback(case):
+    """(layer, the (x, weight, bias) arguments, the context) of one case outside the route."""
     torch.manual_seed(0)
     layer = nn.Linear(8, 4)
-    x = torch.randn(3, 6, 8)
-    return {
-        "autograd": (lambda: linear_as_conv(x, layer.weight, layer.bias), torch.enable_grad),
-        "float64": (lambda: linear_as_conv(x.double(), layer.weight.double(), layer.bias.double()), torch.no_grad),
-        "bfloat16": (lambda: linear_as_conv(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16()),
-                     torch.no_grad),
-        "non-contiguous": (lambda: linear_as_conv(x.transpose(0, 1), layer.weight, layer.bias), torch.no_grad),
-        "empty": (lambda: linear_as_conv(x[:0], layer.weight, layer.bias), torch.no_grad),
-        "autocast": (lambda: linear_as_conv(x, layer.weight, layer.bias),
-                     lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
-    }, layer, x
+    x, w, b = torch.randn(3, 6, 8), layer.weight, layer.bias
+    args, context = {
+        "autograd": ((x, w, b), torch.enable_grad),
+        "float64": ((x.double(), w.double(), b.double()), torch.no_grad),
+        "bfloat16": ((x.bfloat16(), w.bfloat16(), b.bfloat16()), torch.no_grad),
+        "non-contiguous": ((x.transpose(0, 1), w, b), torch.no_grad),
+        "empty": ((x[:0], w, b), torch.no_grad),
+        "autocast": ((x, w, b), lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+    }[case]
+    return layer, args, context
 
 
 @pytest.mark.parametrize("case", ["autograd", "float64", "bfloat16", "non-contiguous", "empty", "autocast"])
 def test_outside_cpu_float32_inference_it_is_f_linear_exactly(case):
     """Training, other dtypes, autocast, strided or empty input: F.linear itself, bitwise
     (and with autograd, its gradients)."""
-    cases, layer, x = _fallbacks()
-    fn, context = cases[case]
+    layer, args, context = _fallback(case)
     with context():
-        ours = fn()
-    args = {"float64": (x.double(), layer.weight.double(), layer.bias.double()),
-            "bfloat16": (x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16()),
-            "non-contiguous": (x.transpose(0, 1), layer.weight, layer.bias),
-            "empty": (x[:0], layer.weight, layer.bias)}.get(case, (x, layer.weight, layer.bias))
-    with context():
-        theirs = F.linear(*args)
+        ours, theirs = linear_as_conv(*args), F.linear(*args)
     assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
     if case == "autograd":
         assert ours.requires_grad

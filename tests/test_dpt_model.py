@@ -5,6 +5,7 @@ import torch
 from detectron2.config import get_cfg
 
 from dpt import DPTDepth, add_dpt_config, convert_dpt_state_dict, silog_loss
+from dpt.head import DPTScratch, FusionBlock, channels_last_here
 from tests.compile_check import compiled_in_inference
 from tests.reference_keys import read_keys
 
@@ -237,3 +238,42 @@ def test_project_defaults_are_the_official_expedit_dpt_settings():
     assert (e.RECONSTRUCTION, e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE) == \
         ("nearest", 5, 5, 1.0, 20, 1.0)
     assert e.CLUSTERING_LOCATION == -1 and list(e.NUM_CLUSTERS) == [16, 16]
+
+
+def test_residual_units_sum_in_place_as_the_formula_bitwise():
+    torch.manual_seed(0)
+    block = FusionBlock(8).eval()
+    x, skip = torch.randn(1, 8, 5, 7), torch.randn(1, 8, 5, 7)
+    x0, skip0 = x.clone(), skip.clone()
+    rcu1, rcu2 = block.resConfUnit1, block.resConfUnit2
+
+    def unit(u, t):  # the official formula, out of place
+        return t + u.conv2(torch.relu(u.conv1(torch.relu(t))))
+
+    with torch.no_grad():
+        assert torch.equal(rcu1(skip), unit(rcu1, skip))
+        fused = unit(rcu2, x + unit(rcu1, skip))
+        want = block.out_conv(torch.nn.functional.interpolate(fused, scale_factor=2, mode="bilinear",
+                                                              align_corners=True))
+        assert torch.equal(block(x, skip), want)
+    assert torch.equal(x, x0) and torch.equal(skip, skip0)  # the inputs are not summed into
+
+
+def test_fusion_head_runs_channels_last_in_cpu_inference_to_rounding():
+    torch.manual_seed(0)
+    scratch = DPTScratch([16, 24, 32, 32], 16).eval()
+    maps = [torch.randn(1, c, 24 // s, 32 // s) for c, s in zip([16, 24, 32, 32], [1, 2, 4, 8])]
+    kept = [m.clone() for m in maps]
+    with torch.inference_mode():
+        assert channels_last_here(maps[0])
+        fast = scratch(maps)
+    graded = [m.clone().requires_grad_() for m in maps]
+    assert not channels_last_here(graded[0])  # training keeps the NCHW maps
+    plain = scratch(graded)
+    plain.sum().backward()
+    assert all(g.grad is not None for g in graded)
+    assert fast.shape == plain.shape == (1, 1, 96, 128)  # twice the stride-4 map, twice again
+    torch.testing.assert_close(fast, plain.detach(), rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(m, k) for m, k in zip(maps, kept))  # the caller's maps untouched
+    with torch.inference_mode():
+        assert not channels_last_here(maps[0].to("meta"))  # a CPU-only choice

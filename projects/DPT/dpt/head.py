@@ -17,7 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DPTReassemble", "DPTScratch"]
+__all__ = ["DPTReassemble", "DPTScratch", "channels_last_here"]
+
+
+def channels_last_here(x: torch.Tensor) -> bool:
+    """Whether the fusion head runs on channels-last maps: on a CPU with nothing recorded for
+    autograd. There oneDNN's convolutions take NCHW maps through a blocked layout, reordering
+    every input and output (the 256- and 128-channel maps at strides 2 and 1 are tens to
+    hundreds of MB, each reorder buffer fresh memory), and take channels-last maps as they
+    are; the results differ by float rounding. On a GPU, and in training, the maps stay
+    NCHW (not measured there)."""
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
 
 
 class ProjectReadout(nn.Module):
@@ -88,7 +98,10 @@ class ResidualConvUnit(nn.Module):
         self.conv2 = nn.Conv2d(features, features, 3, padding=1)
 
     def forward(self, x):
-        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+        # x + conv2(relu(conv1(relu(x)))), the ReLU and the sum in the convolutions' own
+        # fresh outputs (neither convolution's backward reads its output; x + y == y + x)
+        h = F.relu_(self.conv1(F.relu(x)))
+        return self.conv2(h).add_(x)
 
 
 class FusionBlock(nn.Module):
@@ -104,7 +117,7 @@ class FusionBlock(nn.Module):
         if skip is not None:
             if skip.shape[-2:] != x.shape[-2:]:  # odd sizes: match the finer map
                 x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
-            x = x + self.resConfUnit1(skip)
+            x = self.resConfUnit1(skip).add_(x)  # x + unit1(skip), into the unit's fresh output
         x = self.resConfUnit2(x)
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
         return self.out_conv(x)
@@ -123,9 +136,9 @@ class DPTScratch(nn.Module):
             nn.Conv2d(features, features // 2, 3, padding=1),
             _Upsample2x(),
             nn.Conv2d(features // 2, 32, 3, padding=1),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),  # on the convolutions' fresh outputs
             nn.Conv2d(32, 1, 1),
-            nn.ReLU() if non_negative else nn.Identity(),
+            nn.ReLU(inplace=True) if non_negative else nn.Identity(),
         )
         if non_negative:
             # from-scratch training only (checkpoints overwrite it): with the default bias
@@ -134,6 +147,8 @@ class DPTScratch(nn.Module):
             nn.init.constant_(self.output_conv[4].bias, 1.0)
 
     def forward(self, maps):
+        if channels_last_here(maps[0]):
+            maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
         rn = [getattr(self, f"layer{i + 1}_rn")(m) for i, m in enumerate(maps)]
         path = self.refinenet4(rn[3])
         path = self.refinenet3(path, rn[2])

@@ -20,15 +20,21 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["runs_in_blocks", "map_rows", "stack_blocks"]
+__all__ = ["cpu_inference", "runs_in_blocks", "map_rows", "stack_blocks"]
+
+
+def cpu_inference(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether ``module`` applied to x runs on a CPU, in eval mode, with nothing recorded for
+    autograd: where a CPU-only way of computing the same numbers may be chosen."""
+    if x.device.type != "cpu" or module.training:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
 
 
 def runs_in_blocks(x: torch.Tensor, module: nn.Module, total: int, block: int) -> bool:
-    """Whether ``total`` rows of x go through ``module`` in blocks of ``block`` rows: on a
-    CPU, in eval mode, with nothing recorded for autograd, and more rows than one block."""
-    if x.device.type != "cpu" or module.training or total <= block:
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
+    """Whether ``total`` rows of x go through ``module`` in blocks of ``block`` rows: in
+    :func:`cpu_inference`, and more rows than one block."""
+    return total > block and cpu_inference(x, module)
 
 
 def stack_blocks(blocks: Iterable[tuple[int, torch.Tensor]], total: int) -> torch.Tensor:

@@ -10,9 +10,8 @@ lists are empty and pytest reports these tests as skipped.
 import pytest
 import torch
 
-from dpt import DPTDepth
 from mask2former import MaskFormer
-from tests.test_dpt_model import dpt_cfg
+from tests.test_dpt_model import build as build_dpt, dpt_cfg
 from tests.test_mask2former_model import tiny_cfg
 
 ACCELERATORS = ["cuda"] if torch.cuda.is_available() else []
@@ -44,10 +43,6 @@ def _pair(build, cfg, device):
 
 def _m2f(cfg):
     return MaskFormer(**MaskFormer.from_config(cfg))
-
-
-def _dpt(cfg):
-    return DPTDepth(**DPTDepth.from_config(cfg))
 
 
 def _image(seed, size=(3, 90, 120)):
@@ -95,7 +90,7 @@ def test_expedited_mask2former_under_autocast_on_the_accelerator(device, dtype):
 def test_expedited_dpt_hybrid_on_the_accelerator_equals_the_cpu(device):
     cfg = dpt_cfg()
     cfg.MODEL.BACKBONE.NAME, cfg.MODEL.EXPEDIT.ENABLED = "ExpeditBackbone", True
-    cpu, acc = _pair(_dpt, cfg, device)
+    cpu, acc = _pair(build_dpt, cfg, device)
     image = _image(2, (3, 96, 128))
     with torch.inference_mode():
         want = cpu([{"image": image}])[0]["depth"]

@@ -5,7 +5,8 @@ import torch
 from detectron2.config import get_cfg
 
 from dpt import DPTDepth, add_dpt_config, convert_dpt_state_dict, silog_loss
-from dpt.head import DPTScratch, FusionBlock, channels_last_here
+from dpt.head import DPTScratch, FusionBlock
+from expedit_d2.blocked import cpu_inference
 from tests.compile_check import compiled_in_inference
 from tests.reference_keys import read_keys
 
@@ -265,10 +266,10 @@ def test_fusion_head_runs_channels_last_in_cpu_inference_to_rounding():
     maps = [torch.randn(1, c, 24 // s, 32 // s) for c, s in zip([16, 24, 32, 32], [1, 2, 4, 8])]
     kept = [m.clone() for m in maps]
     with torch.inference_mode():
-        assert channels_last_here(maps[0])
+        assert cpu_inference(maps[0], scratch)
         fast = scratch(maps)
     graded = [m.clone().requires_grad_() for m in maps]
-    assert not channels_last_here(graded[0])  # training keeps the NCHW maps
+    assert not cpu_inference(graded[0], scratch)  # training keeps the NCHW maps
     plain = scratch(graded)
     plain.sum().backward()
     assert all(g.grad is not None for g in graded)
@@ -276,4 +277,4 @@ def test_fusion_head_runs_channels_last_in_cpu_inference_to_rounding():
     torch.testing.assert_close(fast, plain.detach(), rtol=1e-5, atol=1e-6)
     assert all(torch.equal(m, k) for m, k in zip(maps, kept))  # the caller's maps untouched
     with torch.inference_mode():
-        assert not channels_last_here(maps[0].to("meta"))  # a CPU-only choice
+        assert not cpu_inference(maps[0].to("meta"), scratch)  # a CPU-only choice

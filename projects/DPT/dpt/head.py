@@ -17,17 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DPTReassemble", "DPTScratch", "channels_last_here"]
+from expedit_d2.blocked import cpu_inference
 
-
-def channels_last_here(x: torch.Tensor) -> bool:
-    """Whether the fusion head runs on channels-last maps: on a CPU with nothing recorded for
-    autograd. There oneDNN's convolutions take NCHW maps through a blocked layout, reordering
-    every input and output (the 256- and 128-channel maps at strides 2 and 1 are tens to
-    hundreds of MB, each reorder buffer fresh memory), and take channels-last maps as they
-    are; the results differ by float rounding. On a GPU, and in training, the maps stay
-    NCHW (not measured there)."""
-    return x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+__all__ = ["DPTReassemble", "DPTScratch"]
 
 
 class ProjectReadout(nn.Module):
@@ -147,7 +139,12 @@ class DPTScratch(nn.Module):
             nn.init.constant_(self.output_conv[4].bias, 1.0)
 
     def forward(self, maps):
-        if channels_last_here(maps[0]):
+        # In CPU inference the maps go channels-last: oneDNN takes NCHW maps through a blocked
+        # layout, reordering every input and output (the 256- and 128-channel maps at strides
+        # 2 and 1 are tens to hundreds of MB, each reorder buffer fresh memory), and takes
+        # channels-last maps as they are; the results differ by float rounding. On a GPU and
+        # in training the maps stay NCHW (not measured there).
+        if cpu_inference(maps[0], self):
             maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
         rn = [getattr(self, f"layer{i + 1}_rn")(m) for i, m in enumerate(maps)]
         path = self.refinenet4(rn[3])

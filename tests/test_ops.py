@@ -10,7 +10,7 @@ from expedit_d2.ops import (
     token_clustering,
     token_reconstruction,
 )
-from expedit_d2.ops import initial_cells
+from expedit_d2.ops import DEFAULT_MEMORY_LIMIT, initial_cells
 from tests.dense_reference import (
     dense_clustering,
     dense_nearest_reconstruction,
@@ -179,6 +179,23 @@ def test_reconstruction_keeps_every_weight_tied_with_the_kth():
     assert ((rows > 0).sum(-1) == 4).all()  # k = 2, but the three tied clusters all stay
     expect = dense_reconstruction(eye, x, centers, 2, 0.01)
     torch.testing.assert_close(rows.double(), expect, atol=1e-6, rtol=1e-5)
+
+
+def test_nearest_mode_gradient_counts_the_copies_of_each_cluster():
+    """Each cluster's gradient is the sum over the tokens that copied it (batch of 3, a
+    prefix token, a batch slice taken by the chunking too)."""
+    torch.manual_seed(11)
+    H, W, h, w = 12, 10, 4, 5
+    x = torch.randn(3, 1 + H * W, 8)
+    _, state = token_clustering(x, (H, W), (h, w), 3, 1.0, 3, num_prefix_tokens=1)
+    for limit in (DEFAULT_MEMORY_LIMIT, 64):
+        later = torch.randn(3, 1 + h * w, 6, requires_grad=True)
+        out = token_reconstruction(later, state, mode="nearest", memory_limit=limit)
+        out.sum().backward()
+        nearest = torch.cdist(x[:, 1:].double(), state.centers.double()).argmin(-1)
+        counts = torch.stack([torch.bincount(n, minlength=h * w) for n in nearest]).float()
+        assert torch.equal(later.grad[:, 1:], counts.unsqueeze(-1).expand(-1, -1, 6))
+        assert torch.equal(later.grad[:, :1], torch.ones(3, 1, 6))
 
 
 def test_nearest_mode_copies_the_cluster_of_the_nearest_final_centre():

@@ -273,3 +273,42 @@ def test_nearest_reconstruction_ignores_recon_k():
     with torch.no_grad():
         out = build(cfg)(torch.randn(1, 3, 160, 224))
     assert all(torch.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 241, 321), (2, 3, 4, 7), (1, 5, 3, 3), (1, 2, 10, 9)])
+def test_stem_max_pool_by_strided_maxima_is_bitwise_max_pool2d(shape):
+    """The CPU-inference pooling of the hybrid stem equals F.max_pool2d(x, 3, 2) bit for bit,
+    -inf padding, ties and NaN included; maps under 3 x 3 are refused with their shape."""
+    import torch.nn.functional as F
+
+    from expedit_d2.backbones.vit import max_pool_3x3_s2
+
+    torch.manual_seed(0)
+    x = torch.randn(shape).round()  # rounding makes ties common
+    x[..., -1, :] = float("-inf")  # the SAME padding's row and column
+    x[..., :, -1] = float("-inf")
+    x.view(-1)[1] = float("nan")
+    got, want = max_pool_3x3_s2(x), F.max_pool2d(x, 3, 2)
+    assert got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    with pytest.raises(ValueError, match=r"at least 3 x 3, got \(1, 1, 2, 5\)"):
+        max_pool_3x3_s2(torch.zeros(1, 1, 2, 5))
+
+
+def test_stem_pools_by_maxima_only_in_cpu_inference():
+    """Eval without autograd takes the strided maxima, training keeps max_pool2d (its
+    gradient goes to one input at ties); both give the same stem output."""
+    from unittest import mock
+
+    from expedit_d2.backbones import vit
+
+    torch.manual_seed(0)
+    stem = vit.Stem(3, 64).eval()
+    x = torch.randn(1, 3, 37, 50)
+    with mock.patch.object(vit, "max_pool_3x3_s2", wraps=vit.max_pool_3x3_s2) as fast:
+        with torch.no_grad():
+            inference = stem(x)
+        assert fast.call_count == 1
+        trained = stem.train()(x)
+        assert fast.call_count == 1 and trained.requires_grad
+    assert torch.equal(inference, trained.detach())

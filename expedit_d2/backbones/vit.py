@@ -32,6 +32,7 @@ from torch import nn
 
 from detectron2.modeling import BACKBONE_REGISTRY
 
+from ..blocked import cpu_inference
 from .base import TokenTapBackbone, run_token_taps
 
 from .swin import DropPath, Mlp
@@ -143,8 +144,25 @@ class Stem(nn.Module):
         self.norm = GroupNormAct(cout)
 
     def forward(self, x):  # conv, norm, 3x3/2 max pool with SAME padding
-        x = self.norm(self.conv(x))
-        return F.max_pool2d(_same_pad(x, 3, 2, value=float("-inf")), 3, 2)
+        x = _same_pad(self.norm(self.conv(x)), 3, 2, value=float("-inf"))
+        return max_pool_3x3_s2(x) if cpu_inference(x, self) else F.max_pool2d(x, 3, 2)
+
+
+def max_pool_3x3_s2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 3, 2)`` (no padding), bitwise: the maxima of three strided row views,
+    then of three strided column views. (..., H, W) -> (..., (H - 1) // 2, (W - 1) // 2).
+
+    On a CPU, PyTorch's NCHW max pooling (which also writes the argmax indices) took 22 ms
+    where this takes 6, at the hybrid stem's 64 x 241 x 321 padded map. For inference only:
+    at ties ``torch.maximum`` splits the gradient, where max pooling gives it to one input.
+    """
+    H, W = x.shape[-2:]
+    if H < 3 or W < 3:
+        raise ValueError(f"3x3 max pooling needs a map of at least 3 x 3, got {tuple(x.shape)}")
+    rows = torch.maximum(x[..., 0:H - 2:2, :], x[..., 1:H - 1:2, :])
+    torch.maximum(rows, x[..., 2:H:2, :], out=rows)
+    out = torch.maximum(rows[..., 0:W - 2:2], rows[..., 1:W - 1:2])
+    return torch.maximum(out, rows[..., 2:W:2], out=out)
 
 
 class ResNetV2(nn.Module):

@@ -100,13 +100,15 @@ def test_expedit_disabled_is_identical_and_enabled_differs():
     assert c.shape == a.shape and torch.isfinite(c).all() and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("expedit", [False, True])
-def test_depth_network_compiles_to_one_graph_in_inference(expedit):
-    """Backbone (the hybrid's convs included), reassemble and fusion as one graph under
-    inference mode (``tools/benchmark_model.py --compile model``), the eager outputs bitwise."""
+@pytest.mark.parametrize("reconstruction", [None, "topk", "nearest"])
+def test_depth_network_compiles_to_one_graph_in_inference(reconstruction):
+    """Backbone (the hybrid's convs and stem pooling included), reassemble and fusion as one
+    graph under inference mode (``tools/benchmark_model.py --compile model``), the eager
+    outputs bitwise; expedited with either reconstruction (None: not expedited)."""
     cfg = dpt_cfg()
-    if expedit:
+    if reconstruction:
         cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
+        cfg.MODEL.EXPEDIT.RECONSTRUCTION = reconstruction
     model = build(cfg)
     eager, ours, again, frames = compiled_in_inference(model.forward_raw, torch.randn(1, 3, 96, 128))
     assert frames == 1 and torch.equal(ours, eager) and torch.equal(again, eager)

@@ -10,7 +10,7 @@ from expedit_d2.ops import (
     token_clustering,
     token_reconstruction,
 )
-from expedit_d2.ops import DEFAULT_MEMORY_LIMIT, initial_cells
+from expedit_d2.ops import DEFAULT_MEMORY_LIMIT, gather_rows, initial_cells
 from tests.dense_reference import (
     dense_clustering,
     dense_nearest_reconstruction,
@@ -179,6 +179,20 @@ def test_reconstruction_keeps_every_weight_tied_with_the_kth():
     assert ((rows > 0).sum(-1) == 4).all()  # k = 2, but the three tied clusters all stay
     expect = dense_reconstruction(eye, x, centers, 2, 0.01)
     torch.testing.assert_close(rows.double(), expect, atol=1e-6, rtol=1e-5)
+
+
+def test_gather_rows_equals_gather_over_the_expanded_index():
+    """The one batched row gather (nearest reconstruction, EViT, ToMe): x[b, index[b]] bitwise,
+    on a non-contiguous view, with repeated rows, and its gradient the copy counts."""
+    torch.manual_seed(12)
+    base = torch.randn(3, 9, 5)
+    x = base[:, 1:].detach().requires_grad_()  # (3, 8, 5), a view like the grid behind a cls token
+    index = torch.randint(0, 8, (3, 11))
+    got = gather_rows(x, index)
+    assert torch.equal(got, x.gather(1, index.unsqueeze(-1).expand(-1, -1, 5)))
+    got.sum().backward()
+    counts = torch.stack([torch.bincount(i, minlength=8) for i in index]).float()
+    assert torch.equal(x.grad, counts.unsqueeze(-1).expand(-1, -1, 5))
 
 
 def test_nearest_mode_gradient_counts_the_copies_of_each_cluster():

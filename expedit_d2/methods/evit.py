@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from ..ops import gather_rows
 from ..reduction.config import check_bool, check_rate
 from ..reduction.core import (
     METHOD_KEY, TokenReducer, check_blocks, check_vit_blocks, patch_token_backbone, register_method, register_patch,
@@ -59,11 +60,6 @@ class KeepInfo:
     def num_out(self) -> int:
         """Patch tokens leaving the step, fused token included: K (+ 1)."""
         return self.kept.shape[1] + int(self.fused)
-
-
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, N, C), index (B, K) -> (B, K, C)."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[2]))
 
 
 def _no_autocast(device: torch.device):
@@ -106,8 +102,8 @@ def evit_keep(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float, fuse: b
     order = cls_attn.argsort(dim=1, descending=True, stable=True)
     kept, dropped = order[:, :K].sort(dim=1).values, order[:, K:].sort(dim=1).values
     patches = x[:, 1:]
-    dropped_values = _gather_tokens(patches, dropped)  # (B, N - K, C)
-    parts = [x[:, :1], _gather_tokens(patches, kept)]
+    dropped_values = gather_rows(patches, dropped)  # (B, N - K, C)
+    parts = [x[:, :1], gather_rows(patches, kept)]
     if fuse:
         with _no_autocast(x.device):
             w = cls_attn.gather(1, dropped).float()  # (B, N - K)

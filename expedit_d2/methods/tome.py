@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..ops import gather_rows
 from ..reduction.config import check_bool, check_int_at_least
 from ..reduction.core import (
     METHOD_KEY, TokenReducer, check_blocks, check_vit_blocks, patch_token_backbone, register_method, register_patch,
@@ -182,8 +183,7 @@ def unmerge_with_source(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != source.shape[0]:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must have shape (B, M, C) with B = {source.shape[0]}, got {shape}")
-    index = source.unsqueeze(-1).expand(-1, -1, x.shape[2])
-    return x.gather(1, index)
+    return gather_rows(x, source)
 
 
 def unmerge(info: MergeInfo, x_merged: torch.Tensor) -> torch.Tensor:

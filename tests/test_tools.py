@@ -86,6 +86,7 @@ def test_benchmark_backbone_writes_its_table(tmp_path):
     assert len(row["ms_rounds_base"]) == len(row["ms_rounds_expedited"]) == 1
     assert set(row["cosine"]) == {"res2", "res3", "res4", "res5"}
     assert row["cosine"]["res2"] > 0.999  # before the clustering point
+    assert row["threads"] == torch.get_num_threads() and row["cpu_linear"] == "blas"  # what --pool checks
     assert "| swin_large_expedit_coco_panoptic | 256x192 |" in out.with_suffix(".md").read_text()
 
 
@@ -477,3 +478,53 @@ def test_pool_runs_takes_the_median_over_every_round_of_every_run(tmp_path):
     (tmp_path / "backbone.json").write_text(json.dumps([{"case": "swin_l_640", "gmacs_ratio": 0.78}]))
     with pytest.raises(benchmark_model.SweepError, match=r"backbone\.json is not a benchmark_model\.py run"):
         benchmark_model.main(["--pool", str(tmp_path / "backbone.json")])
+
+
+def _backbone_rows(base_ms, exp_ms, gmacs=(10.0, 6.0), **extra):
+    """The row of one benchmark_backbone run as its JSON holds it (the fields --pool reads)."""
+    ratios = [e / b for b, e in zip(base_ms, exp_ms)]
+    return [{"case": "vit_hybrid_640x480", "input": [480, 640], "device": "cpu", "gmacs_base": gmacs[0],
+             "gmacs_expedited": gmacs[1], "gmacs_ratio": gmacs[1] / gmacs[0], "ms_rounds_base": list(base_ms),
+             "ms_rounds_expedited": list(exp_ms), "ratio_gap": statistics.median(ratios) - gmacs[1] / gmacs[0],
+             "operator_share": 0.02, **extra}]
+
+
+def test_benchmark_backbone_pools_the_rounds_of_earlier_runs(tmp_path):
+    """--pool: the median of every round's expedited / base time over all runs, its interval,
+    each run's gap; runs of other backbones, inputs, threads or linear layers are refused
+    with the file named, and so is a file that is not a run."""
+    a = _backbone_rows([10.0, 10.0, 20.0], [6.0, 7.0, 14.0])  # ratios 0.6 0.7 0.7
+    b = _backbone_rows([10.0, 10.0, 10.0, 10.0], [6.5, 6.6, 8.0, 9.0], threads=2)  # 0.65 0.66 0.8 0.9
+    paths = []
+    for name, rows in (("a", a), ("b", b)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(rows))
+    out = tmp_path / "pooled"
+    benchmark_backbone.main(["--pool", *map(str, paths), "--output", str(out)])
+    (row,) = json.loads(out.with_suffix(".json").read_text())
+    assert row["rounds"] == 7 and row["runs"] == [str(p) for p in paths]
+    assert row["latency_ratio"] == pytest.approx(0.7)  # median of 0.6 0.65 0.66 0.7 0.7 0.8 0.9
+    assert row["latency_ratio_ci95"] == pytest.approx([0.6, 0.9])  # 7 values: their whole range
+    assert row["ratio_gap"] == pytest.approx(0.1) and row["ratio_gap_ci95"] == pytest.approx([0.0, 0.3])
+    assert row["run_gaps"] == pytest.approx([0.1, 0.13])
+    assert "| vit_hybrid_640x480 | 640x480 | 7 | 0.600 | 0.700 [0.600, 0.900] | +0.100 [+0.000, +0.300] | " \
+        "+0.100, +0.130 | 2.0%, 2.0% |" in out.with_suffix(".md").read_text()
+
+    for bad, what in ((_backbone_rows([10.0], [6.0], gmacs=(10.0, 5.0)), "gmacs_expedited"),
+                      (_backbone_rows([10.0], [6.0], threads=3), "threads=3"),
+                      (_backbone_rows([10.0], [6.0], threads=2, cpu_linear="onednn"), None),
+                      ([dict(_backbone_rows([10.0], [6.0])[0], input=[240, 320])], "input"),
+                      ([dict(_backbone_rows([10.0], [6.0])[0], case="swin_l_640")], "cases"),
+                      (_backbone_rows([10.0, 10.0], [6.0]), "rounds")):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        if what is None:  # b recorded no linear layers: accepted beside a run that did
+            benchmark_backbone.main(["--pool", str(paths[1]), str(tmp_path / "bad.json")])
+            (tmp_path / "ref.json").write_text(json.dumps(_backbone_rows([10.0], [6.0], cpu_linear="blas")))
+            with pytest.raises(ValueError, match=r"bad\.json.*cpu_linear='onednn'"):
+                benchmark_backbone.main(["--pool", str(tmp_path / "ref.json"), str(tmp_path / "bad.json")])
+            continue
+        with pytest.raises(ValueError, match=rf"bad\.json.*{what}"):
+            benchmark_backbone.main(["--pool", str(paths[1]), str(tmp_path / "bad.json")])
+    (tmp_path / "model.json").write_text(json.dumps([{"setting": "baseline", "ms_rounds": [1.0]}]))
+    with pytest.raises(ValueError, match=r"model\.json is not a benchmark_backbone\.py run"):
+        benchmark_backbone.main(["--pool", str(tmp_path / "model.json")])

@@ -22,6 +22,15 @@ FLOP-efficiency differences between layers); peak extra memory of one forward (e
 model in a fresh subprocess);
 and the cosine similarity of each output level, expedited vs base.
 
+``--pool RUN.json ...`` measures nothing: it pools earlier runs of the same cases (same
+input, device, threads, linear layers and GMACs; refused otherwise, naming the file) into one
+latency ratio per case over every run's rounds, each round's expedited time over the base
+time of the same round, with that median's interval and each run's own gap. On a noisy
+machine several short runs pooled pin the ratio better than any one of them:
+
+    python tools/benchmark_backbone.py --pool results/hybrid_a.json results/hybrid_b.json \
+        --output results/hybrid_pooled
+
 Weights are random unless ``MODEL.WEIGHTS`` is given: speed and FLOPs do not depend on
 them, but the cosine similarities are only meaningful with trained weights. Given weights
 load strictly into the backbone (a whole-model file's other keys are ignored): backbone keys
@@ -31,6 +40,8 @@ unreadable file are errors naming the file and the keys, unless ``--allow-partia
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import sys
 import time
@@ -45,7 +56,7 @@ from detectron2.modeling import build_backbone
 from torch import nn
 
 from expedit_d2 import add_expedit_config
-from expedit_d2.cli import HelpFormatter, add_timing_arguments, apply_timing_arguments
+from expedit_d2.cli import HelpFormatter, add_timing_arguments, apply_timing_arguments, emit_report
 from expedit_d2.engine import config_from_file
 from expedit_d2.checkpoint import PARTIAL_FLAG, load_weights
 from expedit_d2.cpu_linear import use_cpu_linear
@@ -240,6 +251,8 @@ def run_case(name, cfg, size, repeats, warmup, log, memory, taps_only=False, all
         "peak_mb_base": mem["base"],
         "peak_mb_expedited": mem["expedited"],
         "cosine": cos,
+        "threads": torch.get_num_threads(),
+        "cpu_linear": cfg.MODEL.get("CPU_LINEAR", "blas"),
     }
     row["ratio_gap"] = row["latency_ratio"] - row["gmacs_ratio"]
     row["ratio_gap_ci95"] = [v - row["gmacs_ratio"] for v in row["latency_ratio_ci95"]]
@@ -271,6 +284,90 @@ def format_table(rows, threads) -> str:
     return "\n".join(out) + "\n"
 
 
+#: what runs pooled together must agree on per case (beside its name and GMACs); ``threads``
+#: and ``cpu_linear`` only where both runs recorded them (runs before that pool with any)
+POOL_KEYS = ("input", "device", "threads", "cpu_linear")
+#: the fields of a run's row that ``--pool`` reads
+POOL_FIELDS = frozenset({"case", "input", "device", "gmacs_base", "gmacs_expedited", "gmacs_ratio",
+                         "ms_rounds_base", "ms_rounds_expedited", "ratio_gap", "operator_share"})
+
+
+def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
+    """{file name: the rows of one run's JSON} -> one row per case: the latency ratio over
+    every run's rounds (each round's expedited over base time), the 95% interval of that
+    median, the gap to the GMACs ratio and each run's own gap and operator share. Raises
+    ValueError naming the file where a run's cases, input, device, threads, linear layers or
+    GMACs differ from the first run's."""
+    if not runs:
+        raise ValueError("--pool: no runs given")
+    names = list(runs)
+    first = runs[names[0]]
+    cases = [r["case"] for r in first]
+    pooled = []
+    for i, case in enumerate(cases):
+        ref, ratios = first[i], []
+        for name in names:
+            rows = runs[name]
+            if [r["case"] for r in rows] != cases:
+                raise ValueError(f"--pool: {name} has cases {[r['case'] for r in rows]}, {names[0]} has {cases}")
+            row = rows[i]
+            for key in POOL_KEYS:
+                if key in row and key in ref and row[key] != ref[key]:
+                    raise ValueError(f"--pool: {name}: {case} has {key}={row[key]!r}, {names[0]} has {ref[key]!r}")
+            for key in ("gmacs_base", "gmacs_expedited"):
+                if not math.isclose(row[key], ref[key], rel_tol=1e-6):
+                    raise ValueError(f"--pool: {name}: {case} has {key}={row[key]:.3f}, {names[0]} has "
+                                     f"{ref[key]:.3f} (not the same backbones)")
+            base, exp = row["ms_rounds_base"], row["ms_rounds_expedited"]
+            if len(base) != len(exp) or not base:
+                raise ValueError(f"--pool: {name}: {case} has {len(base)} base and {len(exp)} expedited rounds")
+            ratios += round_ratios({"base": base, "expedited": exp}, "base")["expedited"]
+        ratio, lo_hi = statistics.median(ratios), median_interval(ratios)
+        pooled.append({
+            "case": case, "input": ref["input"], "device": ref["device"], "threads": ref.get("threads"),
+            "cpu_linear": ref.get("cpu_linear"), "runs": names, "rounds": len(ratios),
+            "gmacs_base": ref["gmacs_base"], "gmacs_expedited": ref["gmacs_expedited"],
+            "gmacs_ratio": ref["gmacs_ratio"], "latency_ratio": ratio, "latency_ratio_ci95": list(lo_hi),
+            "ratio_gap": ratio - ref["gmacs_ratio"], "ratio_gap_ci95": [v - ref["gmacs_ratio"] for v in lo_hi],
+            "run_gaps": [runs[name][i]["ratio_gap"] for name in names],
+            "run_operator_shares": [runs[name][i]["operator_share"] for name in names]})
+    return pooled
+
+
+def format_pooled(rows) -> str:
+    r0 = rows[0]
+    out = [f"Backbone, base vs expedited, {len(r0['runs'])} runs pooled ({', '.join(r0['runs'])}); "
+           f"device {r0['device']}" + (f", {r0['threads']} threads" if r0["threads"] else "")
+           + (f", linear layers {r0['cpu_linear']}" if r0["cpu_linear"] else ""), "",
+           "latency ratio: median of every round's expedited / base time [its 95% confidence interval, "
+           "distribution-free]; gap = latency ratio - GMACs ratio", "",
+           "| case | input WxH | rounds | GMACs ratio | latency ratio [95% CI] | gap [95% CI] | each run's gap "
+           "| each run's operators / base time |",
+           "|---|---|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        (lo, hi), (glo, ghi) = r["latency_ratio_ci95"], r["ratio_gap_ci95"]
+        out.append(f"| {r['case']} | {r['input'][1]}x{r['input'][0]} | {r['rounds']} | {r['gmacs_ratio']:.3f} | "
+                   f"{r['latency_ratio']:.3f} [{lo:.3f}, {hi:.3f}] | {r['ratio_gap']:+.3f} [{glo:+.3f}, {ghi:+.3f}] | "
+                   + ", ".join(f"{g:+.3f}" for g in r["run_gaps"]) + " | "
+                   + ", ".join(f"{s:.1%}" for s in r["run_operator_shares"]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def read_runs(paths) -> dict[str, list[dict]]:
+    """{path: rows} of ``benchmark_backbone.py`` JSON files; ValueError naming a file that
+    cannot be read or is not such a run."""
+    runs = {}
+    for path in paths:
+        try:
+            rows = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--pool: cannot read {path}: {e}") from e
+        if not (isinstance(rows, list) and rows and all(isinstance(r, dict) and POOL_FIELDS <= set(r) for r in rows)):
+            raise ValueError(f"--pool: {path} is not a benchmark_backbone.py run's JSON (rows with {sorted(POOL_FIELDS)})")
+        runs[str(path)] = rows
+    return runs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="built-in cases (default: all)")
@@ -283,6 +380,9 @@ def main(argv=None):
                         "settings of about equal GMACs, see METHOD_SETTINGS; KEY VALUE overrides win)")
     add_timing_arguments(parser, repeats=3, warmup=1)
     parser.add_argument("--output", type=Path, help="also write <output>.md and <output>.json")
+    parser.add_argument("--pool", nargs="+", type=Path, metavar="RUN.json",
+                        help="measure nothing: pool the rounds of earlier runs' JSON files (same cases, "
+                        "input, device, threads, linear layers and GMACs)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--taps-only", action="store_true",
                         help="ViT: measure forward_taps (token taps) instead of forward (maps at strides 4..32)")
@@ -291,6 +391,10 @@ def main(argv=None):
     parser.add_argument("--_memory-child", nargs=2, metavar=("JOB", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
+    if args.pool:
+        rows = pool_runs(read_runs(args.pool))
+        emit_report(format_pooled(rows), rows, args.output)
+        return
     apply_timing_arguments(args)
 
     def log(msg):

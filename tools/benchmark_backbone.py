@@ -40,7 +40,6 @@ unreadable file are errors naming the file and the keys, unless ``--allow-partia
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -63,7 +62,7 @@ from expedit_d2.cpu_linear import use_cpu_linear
 from expedit_d2.flops import backbone_flops
 from expedit_d2.measure import (
     child_peak_mb, forward_peak_bytes, interleaved_samples, median_interval, print_child_peak,
-    round_ratios, sync, write_report)
+    read_runs, round_ratios, sync, write_report)
 from expedit_d2.ops import TokenClustering, TokenReconstruction
 from expedit_d2.reduction.config import METHOD_KEY, as_opts, point_overrides
 
@@ -353,21 +352,6 @@ def format_pooled(rows) -> str:
     return "\n".join(out) + "\n"
 
 
-def read_runs(paths) -> dict[str, list[dict]]:
-    """{path: rows} of ``benchmark_backbone.py`` JSON files; ValueError naming a file that
-    cannot be read or is not such a run."""
-    runs = {}
-    for path in paths:
-        try:
-            rows = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--pool: cannot read {path}: {e}") from e
-        if not (isinstance(rows, list) and rows and all(isinstance(r, dict) and POOL_FIELDS <= set(r) for r in rows)):
-            raise ValueError(f"--pool: {path} is not a benchmark_backbone.py run's JSON (rows with {sorted(POOL_FIELDS)})")
-        runs[str(path)] = rows
-    return runs
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="built-in cases (default: all)")
@@ -392,7 +376,7 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     if args.pool:
-        rows = pool_runs(read_runs(args.pool))
+        rows = pool_runs(read_runs(args.pool, POOL_FIELDS, "benchmark_backbone.py"))
         emit_report(format_pooled(rows), rows, args.output)
         return
     apply_timing_arguments(args)

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import statistics
 import sys
@@ -78,7 +77,8 @@ from expedit_d2.cli import (HelpFormatter, add_amp_argument, add_timing_argument
                             autocast, emit_report)
 from expedit_d2.engine import load_project
 from expedit_d2.flops import gmacs
-from expedit_d2.measure import interleaved_samples, median_interval, minor_page_faults, round_ratios, sync
+from expedit_d2.measure import (interleaved_samples, median_interval, minor_page_faults, read_runs,
+                                round_ratios, sync)
 from expedit_d2.sweep import (Point, SweepError, SweepSpec, expand_points, parse_grid, parse_point,
                               validate_points)
 
@@ -495,19 +495,8 @@ def main(argv=None) -> int:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     if args.pool:
-        runs = {}
-        for path in args.pool:
-            try:
-                rows = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise SweepError(f"--pool: cannot read {path}: {e}") from e
-            if not (isinstance(rows, list) and rows
-                    and all(isinstance(r, dict) and POOL_FIELDS <= set(r) for r in rows)):
-                raise SweepError(f"--pool: {path} is not a benchmark_model.py run's JSON "
-                                 f"(rows with {sorted(POOL_FIELDS)})")
-            runs[str(path)] = rows
         try:
-            rows = pool_runs(runs)
+            rows = pool_runs(read_runs(args.pool, POOL_FIELDS, "benchmark_model.py"))
         except ValueError as e:
             raise SweepError(str(e)) from e
         emit_report(format_pooled(rows), rows, args.output)

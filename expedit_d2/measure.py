@@ -215,6 +215,21 @@ def read_runs(paths, fields: frozenset, tool: str) -> dict[str, list[dict]]:
     return runs
 
 
+def pool_mismatch(row: dict, ref: dict, keys, defaults: dict | None = None, optional=()) -> tuple | None:
+    """For a benchmark's ``--pool``: the first of ``keys`` on which a run's ``row`` differs
+    from the first run's ``ref``, as (key, row's value, ref's value), or None. A key missing
+    from a row has its value in ``defaults`` (what runs recorded before it was); a key in
+    ``optional`` is only compared where both rows recorded it."""
+    defaults = defaults or {}
+    for key in keys:
+        if key in optional and (key not in row or key not in ref):
+            continue
+        ours, theirs = row.get(key, defaults.get(key)), ref.get(key, defaults.get(key))
+        if ours != theirs:
+            return key, ours, theirs
+    return None
+
+
 def write_report(output: Path, table: str, data) -> None:
     """``<output>.md`` (the table) and ``<output>.json`` (the data), each written to a
     temporary name and renamed, so a reader never sees half a file."""

@@ -62,7 +62,7 @@ from expedit_d2.cpu_linear import use_cpu_linear
 from expedit_d2.flops import backbone_flops
 from expedit_d2.measure import (
     child_peak_mb, forward_peak_bytes, interleaved_samples, median_interval, print_child_peak,
-    read_runs, round_ratios, sync, write_report)
+    pool_mismatch, read_runs, round_ratios, sync, write_report)
 from expedit_d2.ops import TokenClustering, TokenReconstruction
 from expedit_d2.reduction.config import METHOD_KEY, as_opts, point_overrides
 
@@ -302,17 +302,18 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
     names = list(runs)
     first = runs[names[0]]
     cases = [r["case"] for r in first]
+    for name, rows in runs.items():
+        if [r["case"] for r in rows] != cases:
+            raise ValueError(f"--pool: {name} has cases {[r['case'] for r in rows]}, {names[0]} has {cases}")
     pooled = []
     for i, case in enumerate(cases):
         ref, ratios = first[i], []
         for name in names:
-            rows = runs[name]
-            if [r["case"] for r in rows] != cases:
-                raise ValueError(f"--pool: {name} has cases {[r['case'] for r in rows]}, {names[0]} has {cases}")
-            row = rows[i]
-            for key in POOL_KEYS:
-                if key in row and key in ref and row[key] != ref[key]:
-                    raise ValueError(f"--pool: {name}: {case} has {key}={row[key]!r}, {names[0]} has {ref[key]!r}")
+            row = runs[name][i]
+            differs = pool_mismatch(row, ref, POOL_KEYS, optional=("threads", "cpu_linear"))
+            if differs:
+                key, ours, theirs = differs
+                raise ValueError(f"--pool: {name}: {case} has {key}={ours!r}, {names[0]} has {theirs!r}")
             for key in ("gmacs_base", "gmacs_expedited"):
                 if not math.isclose(row[key], ref[key], rel_tol=1e-6):
                     raise ValueError(f"--pool: {name}: {case} has {key}={row[key]:.3f}, {names[0]} has "

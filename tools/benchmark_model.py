@@ -77,8 +77,8 @@ from expedit_d2.cli import (HelpFormatter, add_amp_argument, add_timing_argument
                             autocast, emit_report)
 from expedit_d2.engine import load_project
 from expedit_d2.flops import gmacs
-from expedit_d2.measure import (interleaved_samples, median_interval, minor_page_faults, read_runs,
-                                round_ratios, sync)
+from expedit_d2.measure import (interleaved_samples, median_interval, minor_page_faults, pool_mismatch,
+                                read_runs, round_ratios, sync)
 from expedit_d2.sweep import (Point, SweepError, SweepSpec, expand_points, parse_grid, parse_point,
                               validate_points)
 
@@ -355,12 +355,10 @@ def pool_runs(runs: dict[str, list[dict]]) -> list[dict]:
                              f"{names[0]} has {settings}")
         for row, ref in zip(rows, first):
             setting = row["setting"]
-            for key in POOL_KEYS:
-                if key == "threads" and (key not in row or key not in ref):
-                    continue
-                ours, theirs = _recorded(row, key), _recorded(ref, key)
-                if ours != theirs:
-                    raise ValueError(f"--pool: {name}: {setting} has {key}={ours!r}, {names[0]} has {theirs!r}")
+            differs = pool_mismatch(row, ref, POOL_KEYS, POOL_DEFAULTS, optional=("threads",))
+            if differs:
+                key, ours, theirs = differs
+                raise ValueError(f"--pool: {name}: {setting} has {key}={ours!r}, {names[0]} has {theirs!r}")
             if not math.isclose(row["model_gmacs"], ref["model_gmacs"], rel_tol=1e-6):
                 raise ValueError(f"--pool: {name}: {setting} has {row['model_gmacs']:.3f} model GMACs, "
                                  f"{names[0]} has {ref['model_gmacs']:.3f} (not the same model)")

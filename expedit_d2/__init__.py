@@ -3,10 +3,11 @@
 The method (Liang et al., NeurIPS 2022) in two parameter-free operators, see
 :mod:`expedit_d2.ops`: token clustering after layer alpha, token reconstruction
 before features leave the backbone. Importing the package registers the backbones
-(``D2SwinTransformer``, ``D2ViT``, ``D2ViTHybrid``, ``D2TimmViT``, ``ExpeditBackbone``,
-``D2HourglassSwinTransformer``) in Detectron2's ``BACKBONE_REGISTRY`` and the token-reduction
-methods (expedit, tome, evit, pool: :mod:`expedit_d2.methods`, patched onto unmodified
-backbones by :mod:`expedit_d2.reduction`); :func:`add_expedit_config` adds the config keys.
+(``ExpeditD2SwinTransformer``, ``D2ViT``, ``D2ViTHybrid``, ``D2TimmViT``, ``ExpeditBackbone``)
+in Detectron2's ``BACKBONE_REGISTRY``, no name that other Detectron2 projects register, and
+the token-reduction methods (expedit, tome, evit, pool: :mod:`expedit_d2.methods`, patched
+onto unmodified backbones by :mod:`expedit_d2.reduction`, the user's own Swin included);
+:func:`add_expedit_config` adds the config keys.
 """
 import warnings
 

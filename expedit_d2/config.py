@@ -23,7 +23,8 @@ def add_expedit_config(cfg) -> None:
         # build the backbone registered under BASE and patch it with MODEL.TOKEN_REDUCTION.METHOD
         # (expedit: only while ENABLED and CLUSTERING_LOCATION != -1)
         "ENABLED": True,
-        "BASE": "D2SwinTransformer",
+        # any BACKBONE_REGISTRY name: ours, or the user's own (e.g. their D2SwinTransformer)
+        "BASE": "ExpeditD2SwinTransformer",
         # alpha: Swin -- clustering right before global block alpha (blocks counted over
         # all stages); ViT -- clustering right after block alpha (0-based). -1: not
         # expedited (the plain base backbone), as in the official code.

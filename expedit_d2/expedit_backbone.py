@@ -3,8 +3,14 @@
 ``MODEL.BACKBONE.NAME: "ExpeditBackbone"`` (also registered as ``"TokenReductionBackbone"``)
 builds ``MODEL.EXPEDIT.BASE`` from Detectron2's ``BACKBONE_REGISTRY`` and patches it with
 the method of ``MODEL.TOKEN_REDUCTION.METHOD`` (:func:`expedit_d2.reduction.apply_patch`).
-Parameters are untouched, so any checkpoint of the base backbone loads as is.
-``D2HourglassSwinTransformer`` reads the official Expedit Swin config keys.
+``BASE`` may name any registered backbone of a family, the user's own included (the
+``D2SwinTransformer`` of their Mask2Former, OneFormer or MaskDINO project). Parameters are
+untouched, so any checkpoint of the base backbone loads as is.
+
+Importing expedit-d2 registers no name that other projects register. The official names
+that our projects' YAMLs use, ``D2SwinTransformer`` and ``D2HourglassSwinTransformer`` (the
+official Expedit Swin config keys), are registered by
+:func:`register_official_backbone_names`, each only where no one registered it before.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from .methods.expedit import ExpeditSettings, unexpedited_images
 from .reduction.config import WRAPPER_BACKBONES, official_swin_values, settings_from_config
 from .reduction.core import apply_patch
 
-__all__ = ["ExpeditSettings", "expedite", "build_token_reduction_backbone", "unexpedited_images"]
+__all__ = ["ExpeditSettings", "expedite", "build_token_reduction_backbone", "build_hourglass_swin",
+           "register_official_backbone_names", "unexpedited_images"]
 
 
 def expedite(backbone, settings):
@@ -30,7 +37,8 @@ def build_token_reduction_backbone(cfg, input_shape):
     if base in WRAPPER_BACKBONES or base == "D2HourglassSwinTransformer":
         raise ValueError(f"MODEL.EXPEDIT.BASE must name a plain backbone, got {base!r}")
     if base not in BACKBONE_REGISTRY:
-        raise KeyError(f"MODEL.EXPEDIT.BASE {base!r} is not in Detectron2's BACKBONE_REGISTRY")
+        raise KeyError(f"MODEL.EXPEDIT.BASE {base!r} is not in Detectron2's BACKBONE_REGISTRY (import the "
+                       f"project that registers it first; expedit-d2's own Swin is {OUR_SWIN!r})")
     settings = settings_from_config(cfg)  # validated before anything is built
     backbone = BACKBONE_REGISTRY.get(base)(cfg, input_shape)
     if settings is not None:
@@ -44,19 +52,41 @@ for _name in WRAPPER_BACKBONES:
 
 def build_hourglass_swin(cfg, input_shape):
     """``D2HourglassSwinTransformer``: the official Expedit Swin config keys, mapped onto
-    ``ExpeditBackbone`` over ``D2SwinTransformer``. ``MODEL.SWIN.CLUSTERING_LOCATION: -1``
-    (the official default) builds the plain Swin, as the official code never clusters then."""
+    ``ExpeditBackbone`` over the Swin registered as ``D2SwinTransformer`` (ours where no one
+    else registered it). ``MODEL.SWIN.CLUSTERING_LOCATION: -1`` (the official default)
+    builds the plain Swin, as the official code never clusters then."""
     try:
         values = official_swin_values(cfg)
     except ValueError as e:
         raise ValueError(f"{e} (official key of D2HourglassSwinTransformer)") from None
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.MODEL.EXPEDIT.ENABLED, cfg.MODEL.EXPEDIT.BASE = True, "D2SwinTransformer"
+    base = "D2SwinTransformer" if "D2SwinTransformer" in BACKBONE_REGISTRY else OUR_SWIN
+    cfg.MODEL.EXPEDIT.ENABLED, cfg.MODEL.EXPEDIT.BASE = True, base
     cfg.MODEL.TOKEN_REDUCTION.METHOD = "expedit"
     for key, value in values.items():
         cfg.MODEL.EXPEDIT[key.rsplit(".", 1)[-1]] = value
     return build_token_reduction_backbone(cfg, input_shape)
 
 
-BACKBONE_REGISTRY._do_register("D2HourglassSwinTransformer", build_hourglass_swin)
+#: our Swin's own registry name
+OUR_SWIN = "ExpeditD2SwinTransformer"
+
+
+def official_backbone_names() -> dict:
+    """The official registry names our projects' YAMLs use -> what we register under them."""
+    return {"D2SwinTransformer": BACKBONE_REGISTRY.get(OUR_SWIN),
+            "D2HourglassSwinTransformer": build_hourglass_swin}
+
+
+def register_official_backbone_names() -> list[str]:
+    """Register ``D2SwinTransformer`` (our Swin) and ``D2HourglassSwinTransformer`` (the
+    official Expedit keys) in Detectron2's ``BACKBONE_REGISTRY``, each only where the name is
+    free: a project that registered its own keeps it. Called by our Mask2Former project so
+    that the official YAMLs build unchanged; returns the names registered by this call."""
+    done = []
+    for name, obj in official_backbone_names().items():
+        if name not in BACKBONE_REGISTRY:
+            BACKBONE_REGISTRY._do_register(name, obj)
+            done.append(name)
+    return done

@@ -155,8 +155,8 @@ def test_converter_rejects_foreign_keys():
 
 def test_non_vit_backbone_is_rejected():
     cfg = dpt_cfg()
-    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
-    with pytest.raises(TypeError, match=r"DPTDepth needs a token-tap backbone .*D2SwinTransformer lacks \['forward_taps'"):
+    cfg.MODEL.BACKBONE.NAME = "ExpeditD2SwinTransformer"
+    with pytest.raises(TypeError, match=r"DPTDepth needs a token-tap backbone .*ExpeditD2SwinTransformer lacks \['forward_taps'"):
         build(cfg)
 
 

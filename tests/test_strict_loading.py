@@ -340,7 +340,7 @@ def test_benchmark_backbone_weights_are_strict(tmp_path):
                for k, v in src.items())
     shallower = save_pth(tmp_path / "shallower.pth", {f"backbone.{k}": v for k, v in build_backbone(
         cfg("MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]")).state_dict().items()})
-    message = (rf"checkpoint {re.escape(str(shallower))} does not match the model \(backbone: D2SwinTransformer\): "
+    message = (rf"checkpoint {re.escape(str(shallower))} does not match the model \(backbone: ExpeditD2SwinTransformer\): "
                r"\d+ missing keys \(in the model, not in the file\): backbone\.layers\.2\.blocks\.2\.norm1\.weight")
     with pytest.raises(WeightsError, match=message):
         build_pair(cfg("MODEL.WEIGHTS", str(shallower)))

@@ -12,13 +12,17 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 
 from expedit_d2.config import add_expedit_config
+from expedit_d2.expedit_backbone import register_official_backbone_names
 from expedit_d2.backbones.swin import SwinStage, SwinTransformer
 from tests.dense_reference import dense_clustering, dense_reconstruction, sq_dist
 from tests.d2_helpers import run_faster_rcnn_fpn, run_model_zoo_config
 from tests.reference_keys import read_keys
 
 
-def tiny_swin_cfg(name="D2SwinTransformer"):
+register_official_backbone_names()  # D2HourglassSwinTransformer, as our Mask2Former project does
+
+
+def tiny_swin_cfg(name="ExpeditD2SwinTransformer"):
     cfg = get_cfg()
     add_expedit_config(cfg)
     cfg.MODEL.DEVICE = "cpu"
@@ -28,7 +32,7 @@ def tiny_swin_cfg(name="D2SwinTransformer"):
     s.DROP_PATH_RATE = 0.0
     s.CLUSTERING_LOCATION = 6  # official key, read by D2HourglassSwinTransformer
     e = cfg.MODEL.EXPEDIT
-    e.BASE, e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = "D2SwinTransformer", 6, [8, 8]
+    e.BASE, e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = "ExpeditD2SwinTransformer", 6, [8, 8]
     e.ITERS, e.TEMPERATURE, e.WINDOW, e.RECON_K, e.RECON_TEMPERATURE = 5, 0.05, 7, 10, 0.05
     return cfg
 
@@ -38,7 +42,7 @@ def build(cfg, seed=0):
     return build_backbone(cfg).eval()
 
 
-@pytest.mark.parametrize("name", ["D2SwinTransformer", "ExpeditBackbone", "D2HourglassSwinTransformer"])
+@pytest.mark.parametrize("name", ["ExpeditD2SwinTransformer", "ExpeditBackbone", "D2HourglassSwinTransformer"])
 def test_shapes_and_strides_for_odd_input(name):
     model = build(tiny_swin_cfg(name))
     spec = model.output_shape()
@@ -266,7 +270,7 @@ def test_official_format_checkpoint_loads_cleanly(tmp_path):
     weights = {f"backbone.{k}": v.numpy() for k, v in src.state_dict().items()}
     with open(pkl, "wb") as f:
         pickle.dump({"model": weights, "__author__": "official format test"}, f)
-    for name in ["D2SwinTransformer", "D2HourglassSwinTransformer"]:
+    for name in ["ExpeditD2SwinTransformer", "D2HourglassSwinTransformer"]:
         holder = nn.Module()
         holder.backbone = build(tiny_swin_cfg(name), seed=5)
         checkpointer = DetectionCheckpointer(holder)
@@ -289,7 +293,7 @@ def test_checkpoint_loader_reports_nothing_missing(tmp_path, caplog):
 # ----------------------------------------------------------------------------------
 # drop-in: Detectron2's GeneralizedRCNN with FPN
 # ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("bottom_up", ["D2SwinTransformer", "ExpeditBackbone", "D2HourglassSwinTransformer"])
+@pytest.mark.parametrize("bottom_up", ["ExpeditD2SwinTransformer", "ExpeditBackbone", "D2HourglassSwinTransformer"])
 def test_drops_into_generalized_rcnn_with_fpn(bottom_up):
     cfg = tiny_swin_cfg()
     instances = run_faster_rcnn_fpn(cfg, bottom_up, (375, 500))
@@ -444,7 +448,7 @@ def test_window_gather_compiles_with_inductor():
         torch.testing.assert_close(out, block(x, 25, 30, 7, 3))
 
 
-@pytest.mark.parametrize("name", ["D2SwinTransformer", "D2HourglassSwinTransformer"])
+@pytest.mark.parametrize("name", ["ExpeditD2SwinTransformer", "D2HourglassSwinTransformer"])
 def test_cpu_inference_in_blocks_equals_one_call(name, monkeypatch):
     """CPU inference runs attention in blocks of whole windows of one image and the MLP in
     blocks of tokens. With tiny blocks (3 windows, cutting the shift mask's runs; 37 tokens,
@@ -508,7 +512,7 @@ def test_cpu_inference_in_blocks_under_autocast_keeps_dtype(monkeypatch):
         torch.testing.assert_close(blocks[k], whole[k], rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("name", ["D2SwinTransformer", "D2HourglassSwinTransformer"])
+@pytest.mark.parametrize("name", ["ExpeditD2SwinTransformer", "D2HourglassSwinTransformer"])
 def test_swin_backbones_trace_without_graph_breaks(name):
     """torch.compile sees one graph: the window orders, shift mask and expedited stage are
     traced, none of them depends on tensor data (a padded map, as Swin-L's first stage)."""

@@ -35,7 +35,7 @@ SWIN_METHOD_KEYS = {
     "expedit": {"MODEL.EXPEDIT.CLUSTERING_LOCATION": 5, "MODEL.EXPEDIT.NUM_CLUSTERS": [8, 8]},
     "pool": {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 5, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [6, 6]},
 }
-BASES = ["D2ViT", "D2ViTHybrid", "D2TimmViT", "EVA", "D2SwinTransformer"]
+BASES = ["D2ViT", "D2ViTHybrid", "D2TimmViT", "EVA", "ExpeditD2SwinTransformer"]
 #: pseudo-bases: D2TimmViT over timm's Eva (rotary embeddings), one table or one per block
 TIMM_EVA = {"EVA": "eva02_tiny_patch14_224", "EVA-mixed": "vit_small_patch16_rope_mixed_224"}
 
@@ -367,7 +367,7 @@ def test_settings_that_reduce_nothing_give_the_base_bitwise(base, method, values
 
 @pytest.mark.parametrize("base", BASES)
 def test_remove_patch_restores_the_base_and_names_stay(base):
-    keys = (SWIN_METHOD_KEYS if base == "D2SwinTransformer" else METHOD_KEYS)["expedit"]
+    keys = (SWIN_METHOD_KEYS if base == "ExpeditD2SwinTransformer" else METHOD_KEYS)["expedit"]
     x = torch.randn(1, 3, 96, 128)
     a, b, plain, patched = pair(base, "expedit", keys, x)
     assert list(patched.state_dict()) == list(plain.state_dict())
@@ -385,18 +385,18 @@ def test_remove_patch_restores_the_base_and_names_stay(base):
 # --------------------------------------------------------------------------------------
 # every (method, family) from config alone, inside Detectron2's GeneralizedRCNN + FPN
 # --------------------------------------------------------------------------------------
-PAIRS = [(b, m) for b in BASES for m in (SWIN_METHOD_KEYS if b == "D2SwinTransformer" else METHOD_KEYS)]
+PAIRS = [(b, m) for b in BASES for m in (SWIN_METHOD_KEYS if b == "ExpeditD2SwinTransformer" else METHOD_KEYS)]
 
 
 @pytest.mark.parametrize("base, method", PAIRS)
 def test_every_method_family_pair_runs_in_generalized_rcnn_with_fpn(base, method):
-    keys = (SWIN_METHOD_KEYS if base == "D2SwinTransformer" else METHOD_KEYS)[method]
+    keys = (SWIN_METHOD_KEYS if base == "ExpeditD2SwinTransformer" else METHOD_KEYS)[method]
     cfg = tiny_cfg(base, method, **keys)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # random weights: keep every detection
     instances = run_faster_rcnn_fpn(cfg, "ExpeditBackbone", size=(96, 128))
     assert len(instances) > 0 and torch.isfinite(instances.pred_boxes.tensor).all()
     backbone = build_backbone(tiny_cfg(base, method, **keys))
-    assert family_of(backbone) == ("swin" if base == "D2SwinTransformer" else "vit")
+    assert family_of(backbone) == ("swin" if base == "ExpeditD2SwinTransformer" else "vit")
     reducers = [m for m in backbone.modules() if hasattr(m, "token_reduction")]
     assert len(reducers) == 1 and type(reducers[0]).__name__.lower().startswith(method)
 
@@ -406,9 +406,9 @@ def test_every_backbone_and_method_compiles_to_one_graph_in_inference(base, meth
     """What ``tools/benchmark_model.py --compile backbone`` runs: under inference mode (where
     the hybrid's convs reuse a cached standardised weight in eager) one graph, no break, no
     recompilation on the next call, and the eager outputs bitwise."""
-    keys = {} if method == "none" else (SWIN_METHOD_KEYS if base == "D2SwinTransformer" else METHOD_KEYS)[method]
+    keys = {} if method == "none" else (SWIN_METHOD_KEYS if base == "ExpeditD2SwinTransformer" else METHOD_KEYS)[method]
     model = build(tiny_cfg(base, method, **keys))
-    x = torch.randn(1, 3, *((200, 296) if base == "D2SwinTransformer" else (96, 128)))
+    x = torch.randn(1, 3, *((200, 296) if base == "ExpeditD2SwinTransformer" else (96, 128)))
     eager, ours, again, frames = compiled_in_inference(model, x)
     assert frames == 1
     for name in eager:
@@ -442,12 +442,12 @@ def test_point_overrides_put_a_method_on_a_plain_backbone():
      r"MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS=9 is outside this ViT's blocks 0..5"),
     ("D2ViT", "pool", {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 2, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [0, 4]},
      r"MODEL.TOKEN_REDUCTION.POOL.SIZE must be a positive int or a pair"),
-    ("D2SwinTransformer", "pool", {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 5, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [13, 13]},
+    ("ExpeditD2SwinTransformer", "pool", {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 5, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [13, 13]},
      r"MODEL.TOKEN_REDUCTION.POOL.SIZE=\[13, 13\]: Swin pools each 12x12 attention window"),
-    ("D2SwinTransformer", "pool", {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 10},
+    ("ExpeditD2SwinTransformer", "pool", {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 10},
      r"MODEL.TOKEN_REDUCTION.POOL.LOCATION=10 is outside this Swin's blocks 0..9"),
-    ("D2SwinTransformer", "tome", {"MODEL.TOKEN_REDUCTION.TOME.R": 4},
-     r"MODEL.TOKEN_REDUCTION.METHOD='tome' has no patch for the 'swin' family of D2SwinTransformer"),
+    ("ExpeditD2SwinTransformer", "tome", {"MODEL.TOKEN_REDUCTION.TOME.R": 4},
+     r"MODEL.TOKEN_REDUCTION.METHOD='tome' has no patch for the 'swin' family of ExpeditD2SwinTransformer"),
 ])
 def test_bad_settings_name_the_key(base, method, values, message):
     with pytest.raises(ValueError, match=message):

@@ -74,9 +74,9 @@ def swin_l_cfg():
     s = cfg.MODEL.SWIN
     s.EMBED_DIM, s.DEPTHS, s.NUM_HEADS = 192, [2, 2, 18, 2], [6, 12, 24, 48]
     s.WINDOW_SIZE, s.PRETRAIN_IMG_SIZE = 12, 384
-    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
+    cfg.MODEL.BACKBONE.NAME = "ExpeditD2SwinTransformer"
     e = cfg.MODEL.EXPEDIT
-    e.BASE, e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = "D2SwinTransformer", 10, [8, 8]
+    e.BASE, e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = "ExpeditD2SwinTransformer", 10, [8, 8]
     e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE = 5, 7, 0.05, 10, 0.05
     return cfg
 

@@ -1,11 +1,11 @@
 """Detectron2 backbones, one model family per file; token-reduction methods patch them
 (:mod:`expedit_d2.reduction`), the backbones know nothing of any method."""
 from .fpn import build_bottom_up_fpn_backbone, build_bottom_up_retinanet_fpn_backbone
-from .swin import D2SwinTransformer, SwinTransformer
+from .swin import ExpeditD2SwinTransformer, SwinTransformer
 from .timm_vit import D2TimmViT
 from .vit import D2ViT, D2ViTHybrid, VisionTransformer
 
 __all__ = [
-    "D2SwinTransformer", "SwinTransformer", "D2TimmViT", "D2ViT", "D2ViTHybrid", "VisionTransformer",
+    "ExpeditD2SwinTransformer", "SwinTransformer", "D2TimmViT", "D2ViT", "D2ViTHybrid", "VisionTransformer",
     "build_bottom_up_fpn_backbone", "build_bottom_up_retinanet_fpn_backbone",
 ]

@@ -1,7 +1,11 @@
-"""Swin Transformer (Swin-T/S/B/L) as a Detectron2 backbone, ``D2SwinTransformer``.
+"""Swin Transformer (Swin-T/S/B/L) as a Detectron2 backbone, ``ExpeditD2SwinTransformer``.
 
 Parameter names and shapes equal the official Mask2Former Swin backbone, so its
-checkpoints load unchanged. Outputs ``res2..res5`` at strides 4, 8, 16, 32.
+checkpoints load unchanged. Outputs ``res2..res5`` at strides 4, 8, 16, 32. It is
+registered under a name of its own: Mask2Former, OneFormer, MaskDINO and the Expedit forks
+register their own ``D2SwinTransformer``, and importing expedit-d2 next to them must not
+collide. Our Mask2Former project provides the official names for its YAMLs
+(:func:`expedit_d2.expedit_backbone.register_official_backbone_names`).
 
 Structure (timm style)::
 
@@ -17,6 +21,7 @@ blocks on a map with any window size: the seam the token-reduction methods of
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -28,8 +33,9 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from ..blocked import map_rows, runs_in_blocks, stack_blocks
 from .base import MultiScaleBackbone
 
-__all__ = ["SwinTransformer", "D2SwinTransformer", "WindowMask", "WindowGather", "shifted_window_mask",
-           "window_order", "window_gather", "gather_tokens", "window_partition", "window_reverse"]
+__all__ = ["SwinTransformer", "ExpeditD2SwinTransformer", "WindowMask", "WindowGather", "shifted_window_mask",
+           "window_order", "window_gather", "gather_tokens", "window_partition", "window_reverse",
+           "relative_position_index", "resized_bias_table"]
 
 #: CPU inference (:mod:`expedit_d2.blocked`): tokens per block of a block's MLP (Swin-L's
 #: stage 1: 2048 x 768 hidden = 6 MB) and per block of whole windows in attention (4096 /
@@ -146,6 +152,18 @@ def relative_position_index(ws: int, device=None) -> torch.Tensor:
     return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
 
 
+def resized_bias_table(table: torch.Tensor, ws: int) -> torch.Tensor:
+    """A ((2w-1)^2, heads) relative-position bias table trained for windows of w, resized
+    bilinearly (align_corners=False) to ((2ws-1)^2, heads), as the official Expedit hourglass
+    Swin resizes it for its clustered windows. A new tensor: the parameter is untouched."""
+    side = math.isqrt(table.shape[0])
+    if side * side != table.shape[0]:
+        raise ValueError(f"relative_position_bias_table has {table.shape[0]} rows, not (2w-1)^2 of a square window")
+    grid = table.t().reshape(1, table.shape[1], side, side)
+    grid = F.interpolate(grid, size=(2 * ws - 1, 2 * ws - 1), mode="bilinear", align_corners=False)
+    return grid.reshape(table.shape[1], -1).t()
+
+
 def _shift_regions(n: int, ws: int, shift: int) -> list[int]:
     """Region label (0, 1, 2) of each of n rows (or columns), cut by the slices (0, -ws),
     (-ws, -shift), (-shift, None) in that order (a later slice overwrites an earlier one,
@@ -226,11 +244,7 @@ class WindowAttention(nn.Module):
         """(heads, ws*ws, ws*ws) bias for windows of size ws (default: the trained one)."""
         table, index = self.relative_position_bias_table, self.relative_position_index
         if ws is not None and ws != self.window_size:
-            side = 2 * self.window_size - 1
-            grid = table.t().reshape(1, self.num_heads, side, side)
-            grid = F.interpolate(grid, size=(2 * ws - 1, 2 * ws - 1), mode="bilinear",
-                                 align_corners=False)
-            table = grid.reshape(self.num_heads, -1).t()
+            table = resized_bias_table(table, ws)
             index = relative_position_index(ws, table.device)
         n = index.shape[0]
         # contiguous: a permuted bias would make (bias + shift mask) permuted too, and the
@@ -468,7 +482,7 @@ class SwinTransformer(nn.Module):
 
 
 @BACKBONE_REGISTRY.register()
-class D2SwinTransformer(SwinTransformer, MultiScaleBackbone):
+class ExpeditD2SwinTransformer(SwinTransformer, MultiScaleBackbone):
     """Detectron2 backbone from ``MODEL.SWIN.*`` (the official Mask2Former config keys)."""
 
     def __init__(self, cfg, input_shape):

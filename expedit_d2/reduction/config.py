@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 
 from detectron2.config import CfgNode as CN
+from detectron2.modeling import BACKBONE_REGISTRY
 
 from .core import METHOD_KEY, get_method, registered_methods
 
@@ -42,8 +43,9 @@ OFFICIAL_SWIN_ALIASES = {
     "MODEL.SWIN.TOKEN_RECONSTRUCTION_BLOCK.K": "MODEL.EXPEDIT.RECON_K",
     "MODEL.SWIN.TOKEN_RECONSTRUCTION_BLOCK.TEMPERATURE": "MODEL.EXPEDIT.RECON_TEMPERATURE",
 }
-#: backbone entries a method can be put on by config (the wrapper builds them)
-PLAIN_BACKBONES = ("D2SwinTransformer", "D2ViT", "D2ViTHybrid", "D2TimmViT")
+#: our backbone entries a method can be put on by config (the wrapper builds them; any
+#: other registered backbone of a family can be, the user's D2SwinTransformer too)
+PLAIN_BACKBONES = ("ExpeditD2SwinTransformer", "D2ViT", "D2ViTHybrid", "D2TimmViT")
 #: the wrapper entries: build MODEL.EXPEDIT.BASE, then patch it
 WRAPPER_BACKBONES = ("ExpeditBackbone", "TokenReductionBackbone")
 
@@ -203,11 +205,11 @@ def point_overrides(base_cfg, overrides: dict, baseline: bool = False) -> dict:
         if name == "D2HourglassSwinTransformer":  # carry the official keys over, then override
             out.update(official_swin_values(base_cfg))
             out.update({key: "ExpeditBackbone", "MODEL.EXPEDIT.BASE": "D2SwinTransformer"})
-        elif name in PLAIN_BACKBONES:
+        elif name not in WRAPPER_BACKBONES and name not in BOTTOM_UP_FPNS and name in BACKBONE_REGISTRY:
             out.update({key: "ExpeditBackbone", "MODEL.EXPEDIT.BASE": name})
         elif name not in WRAPPER_BACKBONES:
             raise ValueError(f"{key}={name!r}: token-reduction keys need one of {WRAPPER_BACKBONES}, "
-                             f"D2HourglassSwinTransformer or one of {PLAIN_BACKBONES}")
+                             f"D2HourglassSwinTransformer or a registered backbone such as {PLAIN_BACKBONES}")
         method = overrides.get(METHOD_KEY, "expedit")
         out[METHOD_KEY] = method
         if method == "expedit":

@@ -22,7 +22,10 @@ see a valid position for every token.
 
 ``"swin"`` -- Swin stages: ``backbone.layers[i]`` with ``blocks``, ``window_size``,
 ``run_blocks(x, H, W, start, stop, window_size, mask_shift)`` and
-``forward_blocks(x, H, W)`` (all blocks of the stage, before patch merging).
+``forward_blocks(x, H, W)`` (all blocks of the stage, before patch merging); or stages of
+the upstream Swin layout that Mask2Former, OneFormer and MaskDINO copy (``BasicLayer`` /
+``SwinTransformerBlock``, :mod:`expedit_d2.reduction.upstream_swin`), which patching gives
+that seam.
 
 Patching never touches parameters or buffers (checkpoint names stay the same); it attaches
 a parameter-free ``token_reduction`` module and swaps the patched module's class for a
@@ -44,7 +47,7 @@ __all__ = [
     "Method", "register_method", "register_patch", "registered_methods", "get_method",
     "family_of", "apply_patch", "remove_patch", "TokenReducer", "SwinWindowReducer",
     "patch_token_backbone", "patch_swin_stage", "check_blocks", "run_vit_block", "METHOD_KEY",
-    "regrid_inputs", "cell_positions", "check_vit_blocks",
+    "regrid_inputs", "cell_positions", "check_vit_blocks", "has_swin_seam",
 ]
 
 #: the config key that selects the method
@@ -102,29 +105,48 @@ def get_method(name: str) -> Method:
 # --------------------------------------------------------------------------------------
 # families
 # --------------------------------------------------------------------------------------
-def _is_token_tap(backbone) -> bool:
-    return (callable(getattr(backbone, "embed_tokens", None)) and callable(getattr(backbone, "forward_taps", None))
-            and isinstance(getattr(backbone, "blocks", None), (nn.ModuleList, nn.Sequential))
-            and isinstance(getattr(backbone, "num_prefix_tokens", None), int))
+def _token_tap_problem(backbone) -> str | None:
+    for name in ("embed_tokens", "forward_taps"):
+        if not callable(getattr(backbone, name, None)):
+            return f"no method {name!r}"
+    if not isinstance(getattr(backbone, "blocks", None), (nn.ModuleList, nn.Sequential)):
+        return "no 'blocks' (nn.ModuleList)"
+    if not isinstance(getattr(backbone, "num_prefix_tokens", None), int):
+        return "no int 'num_prefix_tokens'"
+    return None
 
 
-def _is_swin(backbone) -> bool:
+def has_swin_seam(stage: nn.Module) -> bool:
+    """Whether a Swin stage has the family's own seam (``run_blocks``, ``forward_blocks``)."""
+    return callable(getattr(stage, "forward_blocks", None)) and callable(getattr(stage, "run_blocks", None))
+
+
+def _swin_problem(backbone) -> str | None:
+    from .upstream_swin import upstream_stage_problem
+
     layers = getattr(backbone, "layers", None)
-    return isinstance(layers, nn.ModuleList) and len(layers) > 0 and all(
-        callable(getattr(s, "forward_blocks", None)) and callable(getattr(s, "run_blocks", None))
-        for s in layers)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        return "no 'layers' (a non-empty nn.ModuleList of stages)"
+    for i, stage in enumerate(layers):
+        problem = None if has_swin_seam(stage) else upstream_stage_problem(stage)
+        if problem:
+            return f"layers[{i}]{problem}"
+    return None
 
 
-#: family name -> protocol check
-FAMILIES: dict[str, Callable[[nn.Module], bool]] = {"vit": _is_token_tap, "swin": _is_swin}
+#: family name -> protocol check: None when the backbone follows it, else what it lacks
+FAMILIES: dict[str, Callable[[nn.Module], str | None]] = {"vit": _token_tap_problem, "swin": _swin_problem}
 
 
 def family_of(backbone: nn.Module) -> str:
-    for name, check in FAMILIES.items():
-        if check(backbone):
+    problems = {}
+    for name, problem_of in FAMILIES.items():
+        problems[name] = problem_of(backbone)
+        if problems[name] is None:
             return name
-    raise ValueError(f"{type(backbone).__name__} follows no token-reduction family protocol "
-                     f"({sorted(FAMILIES)}; see expedit_d2.reduction.core)")
+    why = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
+    raise ValueError(f"{type(backbone).__name__} follows no token-reduction family protocol ({why}; "
+                     "see expedit_d2.reduction.core)")
 
 
 def apply_patch(backbone: nn.Module, settings) -> nn.Module:
@@ -427,8 +449,15 @@ def _reduced_forward_blocks(self, x, H, W):
 
 
 def patch_swin_stage(stage: nn.Module, reducer: SwinWindowReducer, prefix: str) -> None:
+    """Attach ``reducer`` and override the stage's ``forward_blocks``; a stage of the upstream
+    layout also gets the family seam (:func:`~expedit_d2.reduction.upstream_swin.adapt_upstream_stage`)."""
+    from .upstream_swin import adapt_upstream_stage
+
+    overrides = {"forward_blocks": _reduced_forward_blocks}
+    if not has_swin_seam(stage):
+        overrides = adapt_upstream_stage(overrides)
     stage.token_reduction = reducer
-    _swap_class(stage, prefix, {"forward_blocks": _reduced_forward_blocks})
+    _swap_class(stage, prefix, overrides)
 
 
 def swin_stage_at(backbone: nn.Module, location: int, key: str):

@@ -264,3 +264,12 @@ def patch_vit(backbone, settings: EViTSettings) -> None:
                          f"{type(backbone).__name__} has no class token (its prefix tokens are registers)")
     check_vit_blocks(backbone, settings.locations, METHOD_KEY + "='evit'")
     patch_token_backbone(backbone, EViTTokens(settings), "EViT")
+
+
+@register_patch("evit", "windowed")
+def refuse_windowed(backbone, settings: EViTSettings) -> None:
+    """EViT is refused on windowed ViTs, with the reason."""
+    raise ValueError(f"{METHOD_KEY}='evit' does not apply to {type(backbone).__name__}, a windowed ViT: EViT ranks "
+                     "tokens by a class token's attention, which SAM / ViTDet encoders do not have, and the tokens "
+                     "it drops would leave ragged windows that window attention and the decomposed relative "
+                     "positions cannot take; use expedit or pool (per window)")

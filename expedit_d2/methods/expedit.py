@@ -5,6 +5,10 @@ The operators are in :mod:`expedit_d2.ops`; this file says where they go:
 * ``"swin"`` -- per attention window: cluster every ws x ws window to s x s right before
   global block alpha, run the rest of that stage on the cluster map (window s), reconstruct
   every window at the end of the stage (SPEC section 4);
+* ``"windowed"`` -- per window, the official Expedit-SAM arithmetic: cluster every padded
+  ws x ws window to s x s right before block alpha, later window blocks attend in windows of
+  s and global blocks on the stitched grid, top-k reconstruction window by window after the
+  last block (the padding cropped);
 * ``"vit"`` -- global: cluster the grid tokens to h x w right after block alpha (prefix
   tokens pass through), reconstruct every tap after it; a tap at block alpha is the block's
   exact output (taken before clustering), as the official forward hook records it.
@@ -23,8 +27,9 @@ from ..reduction.config import (
 from ..reduction.core import (
     SwinWindowReducer, TokenReducer, cell_positions, check_blocks, patch_swin_stage, patch_token_backbone,
     register_method, register_patch, swin_stage_at)
+from ..reduction.windowed import WindowedReducer, check_location, patch_windowed, window_size_of
 
-__all__ = ["ExpeditSettings", "ExpeditSwinWindows", "ExpeditTokens", "SWIN_SHIFT_MASKS",
+__all__ = ["ExpeditSettings", "ExpeditSwinWindows", "ExpeditTokens", "ExpeditWindows", "SWIN_SHIFT_MASKS",
            "SMALL_INPUT_MODES", "unexpedited_images"]
 
 logger = logging.getLogger(__name__)
@@ -142,6 +147,36 @@ def patch_swin(backbone, settings: ExpeditSettings) -> None:
                          f"window into a square s x s grid with s <= {ws}")
     settings.check_recon_k(" of a window")
     patch_swin_stage(stage, ExpeditSwinWindows(index, settings), "Expedit")
+
+
+# --------------------------------------------------------------------------------------
+# windowed ViTs (SAM, ViTDet): per window, as the official Expedit-SAM encoder
+# --------------------------------------------------------------------------------------
+class ExpeditWindows(WindowedReducer):
+    """Cluster every ws x ws window to s x s (centres: the window's adaptive average pool;
+    zero padding takes part), top-k reconstruction of every window at the end."""
+
+    def __init__(self, settings: ExpeditSettings):
+        super().__init__(settings.clustering_location, settings.num_clusters[0])
+        self.clustering = settings.clustering()
+        self.reconstruction = settings.reconstruction()
+
+    def reduce(self, windows, ws):
+        return self.clustering(windows, (ws, ws))
+
+    def restore(self, windows, state):
+        return self.reconstruction(windows, state)
+
+
+@register_patch("expedit", "windowed")
+def patch_windowed_vit(backbone, settings: ExpeditSettings) -> None:
+    check_location(backbone, settings.clustering_location, _KEY + "CLUSTERING_LOCATION")
+    (h, w), ws = settings.num_clusters, window_size_of(backbone)
+    if h != w or h > ws:
+        raise ValueError(f"{_KEY}NUM_CLUSTERS={[h, w]}: a windowed ViT clusters each {ws}x{ws} window into a "
+                         f"square s x s grid with s <= {ws}")
+    settings.check_recon_k(" of a window")
+    patch_windowed(backbone, ExpeditWindows(settings), "Expedit")
 
 
 # --------------------------------------------------------------------------------------

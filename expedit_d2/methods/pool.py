@@ -21,8 +21,9 @@ from ..reduction.config import check_int_at_least, check_pair
 from ..reduction.core import (
     SwinWindowReducer, TokenReducer, cell_positions, check_blocks, patch_swin_stage, patch_token_backbone,
     register_method, register_patch, swin_stage_at)
+from ..reduction.windowed import WindowedReducer, check_location, patch_windowed, window_size_of
 
-__all__ = ["pool_tokens", "unpool_tokens", "PoolSettings", "PoolTokens", "PoolSwinWindows"]
+__all__ = ["pool_tokens", "unpool_tokens", "PoolSettings", "PoolTokens", "PoolSwinWindows", "PoolWindows"]
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -151,6 +152,27 @@ def patch_swin(backbone, settings: PoolSettings) -> None:
         raise ValueError(f"{_KEY}SIZE={[h, w]}: Swin pools each {ws}x{ws} attention window to a "
                          f"square s x s grid with s <= {ws}")
     patch_swin_stage(stage, PoolSwinWindows(index, h), "Pool")
+
+
+class PoolWindows(WindowedReducer):
+    """Average-pool every ws x ws window of a windowed ViT to s x s right before block
+    ``location``; bilinear unpooling of every window after the last block."""
+
+    def reduce(self, windows, ws):
+        return pool_tokens(windows, (ws, ws), (self.side, self.side)), ws
+
+    def restore(self, windows, ws):
+        return unpool_tokens(windows, (ws, ws), (self.side, self.side))
+
+
+@register_patch("pool", "windowed")
+def patch_windowed_vit(backbone, settings: PoolSettings) -> None:
+    check_location(backbone, settings.location, _KEY + "LOCATION")
+    (h, w), ws = settings.size, window_size_of(backbone)
+    if h != w or h > ws:
+        raise ValueError(f"{_KEY}SIZE={[h, w]}: a windowed ViT pools each {ws}x{ws} window to a square s x s "
+                         f"grid with s <= {ws}")
+    patch_windowed(backbone, PoolWindows(settings.location, h), "Pool")
 
 
 class _Pass:

@@ -1,14 +1,17 @@
-"""Token reduction as patches on unmodified backbones: the registry, the two family
-protocols and the config (see :mod:`.core` and :mod:`.config`). The methods themselves,
+"""Token reduction as patches on unmodified backbones: the registry, the family protocols
+("vit" and "swin" in :mod:`.core`, "windowed" in :mod:`.windowed`) and the config (see
+:mod:`.config`). The methods themselves,
 one file each, are in :mod:`expedit_d2.methods` (importing ``expedit_d2`` registers them)."""
 from .config import add_token_reduction_config, point_overrides, settings_from_config
 from .core import (
     METHOD_KEY, SwinWindowReducer, TokenReducer, apply_patch, cell_positions, check_vit_blocks, family_of,
-    register_method, register_patch, registered_methods, regrid_inputs, remove_patch, run_vit_block)
+    register_family, register_method, register_patch, registered_methods, regrid_inputs, remove_patch,
+    run_vit_block)
+from .windowed import WindowedReducer
 
 __all__ = [
     "METHOD_KEY", "add_token_reduction_config", "apply_patch", "cell_positions", "check_vit_blocks",
-    "family_of", "point_overrides", "register_method", "register_patch", "registered_methods",
+    "family_of", "point_overrides", "register_family", "register_method", "register_patch", "registered_methods",
     "regrid_inputs", "remove_patch", "run_vit_block",
-    "settings_from_config", "SwinWindowReducer", "TokenReducer",
+    "settings_from_config", "SwinWindowReducer", "TokenReducer", "WindowedReducer",
 ]

@@ -27,6 +27,10 @@ the upstream Swin layout that Mask2Former, OneFormer and MaskDINO copy (``BasicL
 ``SwinTransformerBlock``, :mod:`expedit_d2.reduction.upstream_swin`), which patching gives
 that seam.
 
+``"windowed"`` -- ViTs with window and global attention on a (B, H, W, C) grid (SAM's image
+encoder, ViTDet): :mod:`expedit_d2.reduction.windowed`, registered there with
+:func:`register_family`.
+
 Patching never touches parameters or buffers (checkpoint names stay the same); it attaches
 a parameter-free ``token_reduction`` module and swaps the patched module's class for a
 subclass that overrides one method (``forward_taps`` or a stage's ``forward_blocks``).
@@ -47,7 +51,7 @@ __all__ = [
     "Method", "register_method", "register_patch", "registered_methods", "get_method",
     "family_of", "apply_patch", "remove_patch", "TokenReducer", "SwinWindowReducer",
     "patch_token_backbone", "patch_swin_stage", "check_blocks", "run_vit_block", "METHOD_KEY",
-    "regrid_inputs", "cell_positions", "check_vit_blocks", "has_swin_seam",
+    "regrid_inputs", "cell_positions", "check_vit_blocks", "has_swin_seam", "register_family", "swap_class",
 ]
 
 #: the config key that selects the method
@@ -138,6 +142,14 @@ def _swin_problem(backbone) -> str | None:
 FAMILIES: dict[str, Callable[[nn.Module], str | None]] = {"vit": _token_tap_problem, "swin": _swin_problem}
 
 
+def register_family(name: str, problem_of: Callable[[nn.Module], str | None]) -> None:
+    """Register a backbone family: ``problem_of(backbone)`` is None when the backbone follows
+    the family's protocol, else what it lacks (once per name)."""
+    if name in FAMILIES:
+        raise ValueError(f"backbone family {name!r} is registered already")
+    FAMILIES[name] = problem_of
+
+
 def family_of(backbone: nn.Module) -> str:
     problems = {}
     for name, problem_of in FAMILIES.items():
@@ -172,7 +184,7 @@ def remove_patch(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
-def _swap_class(module: nn.Module, prefix: str, overrides: dict) -> None:
+def swap_class(module: nn.Module, prefix: str, overrides: dict) -> None:
     base = type(module)
     module.__class__ = type(f"{prefix}{base.__name__}", (base,),
                             {**overrides, "_unpatched_class": base, "__module__": base.__module__})
@@ -280,7 +292,7 @@ def check_blocks(backbone: nn.Module, indices, key: str) -> None:
 
 def patch_token_backbone(backbone: nn.Module, reducer: TokenReducer, prefix: str) -> None:
     backbone.token_reduction = reducer
-    _swap_class(backbone, prefix, {"forward_taps": _reduced_forward_taps})
+    swap_class(backbone, prefix, {"forward_taps": _reduced_forward_taps})
 
 
 def _prenorm_block_classes() -> tuple[type, ...]:
@@ -457,7 +469,7 @@ def patch_swin_stage(stage: nn.Module, reducer: SwinWindowReducer, prefix: str) 
     if not has_swin_seam(stage):
         overrides = adapt_upstream_stage(overrides)
     stage.token_reduction = reducer
-    _swap_class(stage, prefix, overrides)
+    swap_class(stage, prefix, overrides)
 
 
 def swin_stage_at(backbone: nn.Module, location: int, key: str):

@@ -7,7 +7,7 @@ AVX-512. There a linear layer computed as a 1x1 convolution on channels-last mem
 is the same (tokens, in) x (in, out) product, runs about twice as fast (2 threads of an
 AVX-512 AMD EPYC: 83-93 against 172-200 GMAC/s for the products of Swin-L, its pixel decoder
 and ViT-L; on another EPYC, a Zen 4, 76-96 against 85-105: the gain depends on the chip;
-README, "CPU linear layers").
+docs/cpu.md).
 
 ``MODEL.CPU_LINEAR``:
 

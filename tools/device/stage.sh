@@ -3,7 +3,7 @@
 #
 #   bash tools/install.sh && bash tools/device/stage.sh     # writes .device/ (git-ignored)
 #
-# The lent GPU machines (see the README's "GPU check") hold Python 3.12 with PyTorch, NumPy,
+# The lent GPU machines (see docs/gpu.md) hold Python 3.12 with PyTorch, NumPy,
 # SciPy, Matplotlib, OpenCV, PyYAML, tabulate, portalocker and pytest, but no Detectron2 and
 # no package index. This copies the pure-Python packages Detectron2 and expedit-d2 import
 # (detectron2 as tools/install.sh built it, fvcore, iopath, yacs, omegaconf, antlr4,

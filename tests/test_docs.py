@@ -331,7 +331,7 @@ def test_readme_is_a_short_manual_with_the_two_commands():
     assert "\nbash tools/install.sh && .venv/bin/python -m pytest\n" in readme
     assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("bash tools/install.sh && .venv/bin/python -m pytest")
     section = readme.split("\n## Expedite your own Detectron2 project\n", 1)
-    assert len(section) == 2 and "See [docs/drop-in.md](docs/drop-in.md)." in section[1]
+    assert len(section) == 2 and "[docs/drop-in.md](docs/drop-in.md)" in section[1]
 
 
 def test_commands_name_existing_scripts_and_configs():

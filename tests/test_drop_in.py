@@ -152,3 +152,18 @@ def test_a_swin_of_neither_layout_is_refused_naming_what_it_lacks(with_window, m
                                          r"'embed_tokens'; " + missing):
         apply_patch(model, ExpeditSettings(clustering_location=0, num_clusters=(2, 2), recon_k=2))
     assert not any(hasattr(m, "token_reduction") for m in model.modules())  # nothing half-patched
+
+
+def test_readme_drop_in_lines_are_the_tested_ones():
+    """The README's three additions are lines of docs/drop-in.md's blocks, which
+    test_the_documented_lines_expedite_the_users_project runs on the user's project."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Expedite your own Detectron2 project", 1)[1].split("\n## ", 1)[0]
+    doc = (ROOT / "docs" / "drop-in.md").read_text()
+    tested = {line.strip() for block in re.findall(r"```(?:python|yaml)\n(.*?)```", doc, re.S)
+              for line in block.splitlines()}
+    lines = [line.strip() for block in re.findall(r"```(?:python|yaml)\n(.*?)```", section, re.S)
+             for line in block.splitlines() if line.strip()]
+    assert len(lines) >= 8 and [line for line in lines if line not in tested] == []

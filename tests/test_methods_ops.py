@@ -41,7 +41,8 @@ def tome_oracle(metric, x, size, r, P):
     if r == 0:
         groups = [[t] for t in range(N)]
     else:
-        unit = [metric[t].double() / metric[t].double().norm() for t in range(N)]
+        # F.normalize's rule: a zero vector (a padded token) stays zero, cosine 0 with all
+        unit = [metric[t].double() / metric[t].double().norm().clamp_min(1e-12) for t in range(N)]
         best, match = [], []
         for a in A:
             sims = [float(unit[a] @ unit[b]) for b in Bset]

@@ -13,8 +13,10 @@ from segment_anything.modeling.image_encoder import window_partition, window_unp
 from expedit_d2 import ExpeditSettings, apply_patch, remove_patch
 from expedit_d2.methods.evit import EViTSettings
 from expedit_d2.methods.pool import PoolSettings
+from expedit_d2.methods.tome import ToMeSettings
 from expedit_d2.reduction import family_of
 from tests.dense_reference import dense_clustering, dense_reconstruction
+from tests.test_methods_ops import tome_oracle
 
 #: float32 rounding of two computations of the same arithmetic, relative to the output's scale
 TOLERANCE = 1e-4
@@ -87,6 +89,46 @@ def pooled_reference(enc, images, alpha, s):
     return enc.neck(x.permute(0, 3, 1, 2))
 
 
+def merge_window(tokens, s):
+    """One window's tokens (N, C) merged by ToMe rounds (the oracle, token by token) to s*s,
+    laid out by the position each merged token stands for (its B token's): returns the
+    (s*s, C) grid tokens and, per original token, its place on that grid."""
+    x, size = tokens.double(), torch.ones(tokens.shape[0], dtype=torch.float64)
+    groups = [[t] for t in range(tokens.shape[0])]  # original tokens in each current token
+    anchors = list(range(tokens.shape[0]))  # the position each current token stands for
+    while len(groups) > s * s:
+        x, size, _, merged = tome_oracle(x, x, size, len(groups) - s * s, 0)
+        groups = [sum((groups[t] for t in g), []) for g in merged]
+        anchors = [anchors[g[-1] if len(g) == 1 else g[0]] for g in merged]  # B token first in a merged group
+    order = sorted(range(len(groups)), key=lambda g: anchors[g])
+    place = [None] * tokens.shape[0]
+    for rank, g in enumerate(order):
+        for t in groups[g]:
+            place[t] = rank
+    return x[order].to(tokens.dtype), place
+
+
+def tome_reference(enc, images, alpha, s):
+    """Each window merged to s x s before block alpha (merge_window), unmerged after the
+    last block, written out window by window."""
+    ws = max(b.window_size for b in enc.blocks)
+    x = enc.patch_embed(images) + enc.pos_embed
+    B, H, W, C = x.shape
+    for i, blk in enumerate(enc.blocks):
+        if i == alpha:
+            windows, padded = window_partition(x, ws)
+            merged = [merge_window(w.reshape(ws * ws, C), s) for w in windows]
+            small = torch.stack([m[0] for m in merged]).reshape(-1, s, s, C)
+            h, w = padded[0] // ws * s, padded[1] // ws * s
+            x = window_unpartition(small, s, (h, w), (h, w))
+        x = (at_window(blk, s) if i >= alpha else blk)(x)
+    if x.shape[1:3] != (H, W):
+        windows = window_partition(x, s)[0].reshape(-1, s * s, C)
+        full = torch.stack([windows[n, m[1]] for n, m in enumerate(merged)]).reshape(-1, ws, ws, C)
+        x = window_unpartition(full, ws, padded, (H, W))
+    return enc.neck(x.permute(0, 3, 1, 2))
+
+
 def assert_close_scaled(got, want):
     scale = want.abs().max().item()
     torch.testing.assert_close(got, want, rtol=TOLERANCE, atol=TOLERANCE * scale)
@@ -138,6 +180,19 @@ def test_pool_on_sam_encoder_equals_pooling_per_window_written_out(img_size, alp
     assert_close_scaled(got, want)
 
 
+@pytest.mark.parametrize("img_size, alpha, s", CASES)
+def test_tome_per_window_equals_merging_written_out(img_size, alpha, s):
+    """ToMe on a windowed ViT: every window loses the same r = ws*ws - s*s tokens."""
+    enc = encoder(img_size)
+    images = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        want = tome_reference(enc, images, alpha, s)
+        apply_patch(enc, ToMeSettings(r=25 - s * s, start_block=alpha))
+        got = enc(images)
+    assert type(enc).__name__ == "ToMeImageEncoderViT"
+    assert_close_scaled(got, want)
+
+
 def test_patch_keeps_names_and_comes_off_bitwise():
     enc = encoder()
     images = torch.randn(1, 3, 224, 224)
@@ -166,6 +221,8 @@ def test_evit_is_refused_with_the_reason():
     (ExpeditSettings(clustering_location=2, num_clusters=(3, 3), recon_k=10),
      r"MODEL.EXPEDIT.RECON_K=10 exceeds the 3x3 clusters of a window"),
     (PoolSettings(location=1, size=(2, 3)), r"MODEL.TOKEN_REDUCTION.POOL.SIZE=\[2, 3\]: a windowed ViT pools"),
+    (ToMeSettings(r=10, start_block=1), r"MODEL.TOKEN_REDUCTION.TOME.R=10: a windowed ViT merges R of each window's "
+                                        r"5x5 tokens so that a square s x s remains \(R = 25 - s\*s, e.g. 9 for s = 4\)"),
 ])
 def test_bad_settings_name_the_key(settings, message):
     enc = encoder()

@@ -21,6 +21,7 @@ current ones: ``source = update_source(source, info)`` after every step, then
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +32,12 @@ from ..reduction.config import check_bool, check_int_at_least
 from ..reduction.core import (
     METHOD_KEY, TokenReducer, check_blocks, check_vit_blocks, patch_token_backbone, register_method, register_patch,
     run_vit_block)
+from ..reduction.windowed import WindowedReducer, check_location, patch_windowed, window_size_of
 
 __all__ = [
     "ToMeSettings",
     "ToMeTokens",
+    "ToMeWindows",
     "MergeInfo",
     "bipartite_soft_matching",
     "merge_wavg",
@@ -340,3 +343,54 @@ def patch_vit(backbone, settings: ToMeSettings) -> None:
     check_blocks(backbone, [settings.start_block], _KEY + "START_BLOCK")
     check_vit_blocks(backbone, range(settings.start_block, len(backbone.blocks)), METHOD_KEY + "='tome'")
     patch_token_backbone(backbone, ToMeTokens(settings), "ToMe")
+
+
+# --------------------------------------------------------------------------------------
+# windowed ViTs (SAM, ViTDet): the same merge count in every window, once
+# --------------------------------------------------------------------------------------
+class ToMeWindows(WindowedReducer):
+    """ToMe per window on a windowed ViT, merging the same number of tokens in every window
+    so that the windows stay aligned grids.
+
+    Right before block ``start_block``, each ws x ws window's tokens are merged, by
+    bipartite soft matching on the tokens themselves (cosine) and size-weighted averages,
+    in rounds of at most half the tokens, until s*s = ws*ws - ``r`` remain (``r`` must leave
+    a square). The s*s merged tokens of a window are laid out on an s x s grid in the
+    row-major order of the grid position each stands for (a merged token stands at its B
+    token's, as on plain ViTs), so later window blocks attend within the window at window s
+    and global blocks see the stitched grid. After the last block every original token takes
+    its merged token's value (unmerge). The blocks' own attention runs unchanged, so there
+    is no proportional attention here.
+    """
+
+    def __init__(self, location: int, side: int):
+        super().__init__(location, side)
+
+    def reduce(self, windows, ws):
+        x, size, source = windows, None, None
+        positions = torch.arange(ws * ws, device=x.device).expand(x.shape[0], -1)
+        left = ws * ws - self.side ** 2
+        while left > 0:
+            info = bipartite_soft_matching(x, left, num_protected=0)
+            x, size = merge_wavg(info, x, size)
+            source = update_source(source, info)
+            positions = merged_positions(info, positions)
+            left -= info.r
+        order = positions.argsort(dim=1)  # merged tokens by the grid position they stand for
+        x = gather_rows(x, order)
+        return x, order.argsort(dim=1).gather(1, source)  # original token -> its place on the grid
+
+    def restore(self, windows, source):
+        return unmerge_with_source(windows, source)
+
+
+@register_patch("tome", "windowed")
+def patch_windowed_vit(backbone, settings: ToMeSettings) -> None:
+    check_location(backbone, settings.start_block, _KEY + "START_BLOCK")
+    ws = window_size_of(backbone)
+    side = math.isqrt(max(ws * ws - settings.r, 0))
+    if not 0 < settings.r < ws * ws or side * side != ws * ws - settings.r:
+        raise ValueError(f"{_KEY}R={settings.r}: a windowed ViT merges R of each window's {ws}x{ws} tokens so "
+                         f"that a square s x s remains (R = {ws * ws} - s*s, e.g. {ws * ws - (ws - 1) ** 2} for "
+                         f"s = {ws - 1})")
+    patch_windowed(backbone, ToMeWindows(settings.start_block, side), "ToMe")

@@ -11,9 +11,13 @@ from tests.compile_check import compiled_in_inference
 from tests.reference_keys import read_keys
 
 
+BASE_YAML = __import__("pathlib").Path(__file__).resolve().parents[1] / "projects/DPT/configs/Base-DPT-NYUv2.yaml"
+
+
 def dpt_cfg(hybrid=True, tiny=True):
     cfg = get_cfg()
     add_dpt_config(cfg)
+    cfg.merge_from_file(str(BASE_YAML))  # the project's defaults, as every DPT config has them
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.META_ARCHITECTURE = "DPTDepth"
     cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [127.5] * 3, [127.5] * 3
@@ -237,6 +241,8 @@ def test_every_config_builds_the_official_model(config):
 def test_project_defaults_are_the_official_expedit_dpt_settings():
     cfg = get_cfg()
     add_dpt_config(cfg)
+    assert cfg.MODEL.EXPEDIT.RECONSTRUCTION == "topk"  # the library's default, not overridden in Python
+    cfg.merge_from_file(str(BASE_YAML))  # every DPT config inherits it
     e = cfg.MODEL.EXPEDIT
     assert (e.RECONSTRUCTION, e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE) == \
         ("nearest", 5, 5, 1.0, 20, 1.0)

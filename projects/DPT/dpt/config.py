@@ -5,7 +5,9 @@ from expedit_d2 import add_expedit_config
 
 
 def add_dpt_config(cfg) -> None:
-    """expedit-d2's keys plus ``MODEL.DPT`` (defaults: DPT-Hybrid on NYUv2)."""
+    """expedit-d2's keys plus ``MODEL.DPT`` (defaults: DPT-Hybrid on NYUv2). The project's
+    expediting defaults (the official Expedit-DPT settings) are in configs/Base-DPT-NYUv2.yaml,
+    not here: library defaults are not overridden behind the user's back."""
     add_expedit_config(cfg)
     cfg.MODEL.DPT = CN()
     # output width of act_postprocess{1..4}; DPT-Large [256, 512, 1024, 1024]. For the hybrid
@@ -19,12 +21,3 @@ def add_dpt_config(cfg) -> None:
     # valid ground-truth depth for the training loss, metres
     cfg.MODEL.DPT.MIN_DEPTH = 1e-3
     cfg.MODEL.DPT.MAX_DEPTH = 10.0
-    # Expediting defaults = the official Expedit-DPT release: nearest-centre reconstruction
-    # (what its forward path runs), 5 iterations, lambda 5, one temperature 1.0 for both
-    # layers, k 20 (unused by nearest), the published NYUv2 grid 16x16. CLUSTERING_LOCATION
-    # stays -1 (not expedited) until a config sets it.
-    e = cfg.MODEL.EXPEDIT
-    e.BASE = "D2ViTHybrid"
-    e.RECONSTRUCTION = "nearest"
-    e.NUM_CLUSTERS = [16, 16]
-    e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE = 5, 5, 1.0, 20, 1.0

@@ -21,7 +21,7 @@ with warnings.catch_warnings():
     import detectron2.modeling  # noqa: F401
 
 from .config import add_expedit_config  # noqa: E402
-from .expedit_backbone import ExpeditSettings, expedite  # noqa: E402
+from .expedit_backbone import ExpeditSettings  # noqa: E402
 from .reduction import apply_patch, register_method, register_patch, remove_patch  # noqa: E402
 from .ops import (  # noqa: E402
     ClusteringState,
@@ -41,7 +41,6 @@ __all__ = [
     "token_reconstruction",
     "add_expedit_config",
     "ExpeditSettings",
-    "expedite",
     "apply_patch",
     "remove_patch",
     "register_method",

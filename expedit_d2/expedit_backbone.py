@@ -22,13 +22,8 @@ from .methods.expedit import ExpeditSettings, unexpedited_images
 from .reduction.config import WRAPPER_BACKBONES, official_swin_values, settings_from_config
 from .reduction.core import apply_patch
 
-__all__ = ["ExpeditSettings", "expedite", "build_token_reduction_backbone", "build_hourglass_swin",
+__all__ = ["ExpeditSettings", "build_token_reduction_backbone", "build_hourglass_swin",
            "register_official_backbone_names", "unexpedited_images"]
-
-
-def expedite(backbone, settings):
-    """Patch ``backbone`` in place with ``settings`` (any method's; returns it)."""
-    return apply_patch(backbone, settings)
 
 
 def build_token_reduction_backbone(cfg, input_shape):

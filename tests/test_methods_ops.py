@@ -11,7 +11,6 @@ from expedit_d2.methods import (
     evit_restore,
     merge_wavg,
     pool_tokens,
-    proportional_attention_bias,
     unmerge,
     unmerge_with_source,
     unpool_tokens,
@@ -161,13 +160,7 @@ def test_tome_chained_merges_unmerge():
     assert torch.equal(full[:, 0], x0[:, 0])  # cls never merged
 
 
-def test_tome_proportional_bias_and_dtypes():
-    size = torch.tensor([[[1.0], [2.0], [4.0]]])
-    bias = proportional_attention_bias(size)
-    assert bias.shape == (1, 1, 1, 3)
-    torch.testing.assert_close(bias[0, 0, 0], torch.tensor([0.0, math.log(2), math.log(4)]))
-    logits = _randn(1, 2, 3, 3)
-    assert (logits + bias).shape == (1, 2, 3, 3)
+def test_tome_dtypes():
     # half-precision inputs: matching in float32, outputs in the input dtype
     x = _randn(2, 9, 4).bfloat16()
     info = bipartite_soft_matching(x, 3)
@@ -196,8 +189,6 @@ def test_tome_bad_arguments():
         merge_wavg(info, metric, torch.ones(1, 6))
     with pytest.raises(ValueError, match=r"x_merged has shape \(1, 6, 3\)"):
         unmerge(info, metric)
-    with pytest.raises(ValueError, match=r"size must have shape \(B, N, 1\), got \(1, 6\)"):
-        proportional_attention_bias(torch.ones(1, 6))
     with pytest.raises(ValueError, match=r"source must be a \(B, N0\) long tensor, got \(1, 6\) torch.float32"):
         unmerge_with_source(metric, torch.zeros(1, 6))
     with pytest.raises(ValueError, match=r"source must have shape \(B, N0\) with B = 1, got \(2, 6\)"):

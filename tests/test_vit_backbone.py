@@ -6,7 +6,6 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 
 from expedit_d2 import add_expedit_config, token_clustering, token_reconstruction
-from expedit_d2.checkpoint import dpt_backbone_state_dict, read_state_dict
 from tests.d2_helpers import run_faster_rcnn_fpn
 from tests.reference_keys import read_keys
 
@@ -134,7 +133,10 @@ def test_dpt_checkpoint_names_load_cleanly(tmp_path):
     src = build(tiny_vit_cfg("D2ViTHybrid", hybrid=True))
     path = tmp_path / "dpt_tiny.pt"
     torch.save({f"pretrained.model.{k}": v for k, v in src.state_dict().items()}, path)
-    mapped = dpt_backbone_state_dict(read_state_dict(str(path)))
+    from dpt import convert_dpt_state_dict  # the one map of the official DPT names
+
+    converted = convert_dpt_state_dict(torch.load(path, weights_only=True))
+    mapped = {k[len("backbone."):]: v for k, v in converted.items()}
     for name in ["D2ViTHybrid", "ExpeditBackbone"]:
         cfg = tiny_vit_cfg(name, hybrid=True)
         model = build(cfg, seed=9)
@@ -151,11 +153,11 @@ def test_drops_into_generalized_rcnn_with_fpn(hybrid, bottom_up):
     assert run_faster_rcnn_fpn(cfg, name if bottom_up == "plain" else bottom_up).image_size == (240, 320)
 
 
-def test_checkpoint_helpers_reject_bad_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint file not found: .*missing.pt"):
-        read_state_dict(str(tmp_path / "missing.pt"))
-    with pytest.raises(KeyError, match=r"no 'pretrained.model.\*' keys: not a DPT checkpoint \(keys start: a.b\)"):
-        dpt_backbone_state_dict({"a.b": torch.zeros(1)})
+def test_dpt_key_map_rejects_keys_of_another_model():
+    from dpt import convert_dpt_state_dict
+
+    with pytest.raises(KeyError, match=r"keys that are not part of a DPT checkpoint: \['a.b'\]"):
+        convert_dpt_state_dict({"pretrained.model.cls_token": torch.zeros(1), "a.b": torch.zeros(1)})
 
 
 

@@ -45,7 +45,6 @@ __all__ = [
     "update_source",
     "unmerge_with_source",
     "merged_positions",
-    "proportional_attention_bias",
 ]
 
 
@@ -237,21 +236,6 @@ def merged_positions(info: MergeInfo, positions: torch.Tensor) -> torch.Tensor:
     merged_away = is_a & (dest >= P + (N - P + 1) // 2 - info.r)  # A tokens gone into their B token
     slot = torch.where(merged_away, torch.full_like(dest, M), dest)  # one spare slot, M, takes them
     return positions.new_zeros(B, M + 1).scatter_(1, slot, positions)[:, P:M]
-
-
-def proportional_attention_bias(size: torch.Tensor) -> torch.Tensor:
-    """ToMe's proportional attention: log(size), to add to the attention logits.
-
-    Args:
-        size: (B, N, 1) positive token sizes.
-
-    Returns:
-        (B, 1, 1, N), broadcasting over heads and queries of (B, heads, N, N) logits.
-    """
-    if not isinstance(size, torch.Tensor) or size.dim() != 3 or size.shape[2] != 1:
-        shape = tuple(size.shape) if isinstance(size, torch.Tensor) else type(size).__name__
-        raise ValueError(f"size must have shape (B, N, 1), got {shape}")
-    return size.log()[:, None, None, :, 0]
 
 
 # ======================================================================================

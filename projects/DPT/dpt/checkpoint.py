@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from expedit_d2.checkpoint import DPT_BACKBONE_PREFIX
+__all__ = ["DPT_BACKBONE_PREFIX", "convert_dpt_state_dict", "is_official_dpt", "DPTCheckpointer"]
 
-__all__ = ["convert_dpt_state_dict", "is_official_dpt", "DPTCheckpointer"]
+#: where the official DPT files keep the backbone (timm's ViT / ViT-Hybrid names, which our
+#: D2ViT / D2ViTHybrid parameters equal)
+DPT_BACKBONE_PREFIX = "pretrained.model."
 
 _MAP = ((DPT_BACKBONE_PREFIX, "backbone."), ("pretrained.act_postprocess", "reassemble.act_postprocess"),
         ("scratch.", "scratch."))

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from detectron2.engine import default_argument_parser
-from expedit_d2.engine import SweepProtocol, load_project, sweep_protocol
+from expedit_d2.engine import load_project
+from expedit_d2.sweep.protocol import SweepProtocol, sweep_protocol
 from expedit_d2.sweep import (Point, Row, SweepError, SweepSpec, best_per_method, expand_points, pareto_front,
                               point_opts, read_rows, rows_from_csv, rows_to_csv, write_report)
 from expedit_d2.sweep.measure import primary_metric

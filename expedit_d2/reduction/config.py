@@ -28,7 +28,7 @@ __all__ = [
     "add_token_reduction_config", "settings_from_config", "point_overrides", "canonical_key",
     "OFFICIAL_SWIN_ALIASES", "PLAIN_BACKBONES", "WRAPPER_BACKBONES", "NOT_EXPEDITED",
     "check_pair", "check_positive_int", "check_int_at_least", "check_positive_float",
-    "check_odd", "check_choice", "check_rate", "check_bool", "as_opts",
+    "check_odd", "check_choice", "check_rate", "check_bool", "as_opts", "config_value",
 ]
 
 #: CLUSTERING_LOCATION that means "not expedited" (the official default and meaning).
@@ -149,16 +149,25 @@ def canonical_key(key: str, value):
     return OFFICIAL_SWIN_ALIASES[key], value
 
 
+_REQUIRED = object()
+
+
+def config_value(cfg, key: str, default=_REQUIRED):
+    """The value of a dotted key (``"MODEL.EXPEDIT.BASE"``) in a config; ``default`` where a
+    part is missing, else a KeyError naming the key."""
+    node = cfg
+    for part in key.split("."):
+        if not hasattr(node, "get") or part not in node:
+            if default is _REQUIRED:
+                raise KeyError(f"config key {key} is missing (no {part!r})")
+            return default
+        node = node[part]
+    return node
+
+
 def official_swin_values(cfg) -> dict:
     """The official ``MODEL.SWIN`` Expedit keys of ``cfg`` as ``MODEL.EXPEDIT`` key -> value."""
-    out = {}
-    for official in OFFICIAL_SWIN_ALIASES:
-        node = cfg
-        for part in official.split("."):
-            node = node[part]
-        key, value = canonical_key(official, node)
-        out[key] = value
-    return out
+    return dict(canonical_key(official, config_value(cfg, official)) for official in OFFICIAL_SWIN_ALIASES)
 
 
 #: FPN entries whose bottom-up backbone is named by MODEL.FPN.BOTTOM_UP
@@ -167,13 +176,6 @@ BOTTOM_UP_FPNS = ("build_bottom_up_fpn_backbone", "build_bottom_up_retinanet_fpn
 
 def _backbone_key(cfg) -> str:
     return "MODEL.FPN.BOTTOM_UP" if cfg.MODEL.BACKBONE.NAME in BOTTOM_UP_FPNS else "MODEL.BACKBONE.NAME"
-
-
-def _get(cfg, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 def as_opts(values: dict) -> list[str]:
@@ -191,7 +193,7 @@ def point_overrides(base_cfg, overrides: dict, baseline: bool = False) -> dict:
     carried over first) and switch the method on; the baseline switches it off.
     """
     key = _backbone_key(base_cfg)
-    name = _get(base_cfg, key)
+    name = config_value(base_cfg, key)
     out: dict = {}
     if baseline:
         if name in WRAPPER_BACKBONES:

@@ -20,7 +20,7 @@ un-reduced baseline is always point 0. For every point:
 * the task's metrics from the project's own evaluators: ``train_net.py --eval-only`` runs in a
   subprocess (Detectron2's ``launch`` on ``--num-gpus``) and leaves ``eval_results.json``;
   the primary metric and its direction come from the project's ``SWEEP`` declaration
-  (:class:`expedit_d2.engine.SweepProtocol`) unless ``--metric`` / ``--metric-mode`` say.
+  (:class:`expedit_d2.sweep.protocol.SweepProtocol`) unless ``--metric`` / ``--metric-mode`` say.
 
 Methods: ``MODEL.TOKEN_REDUCTION.METHOD`` (``expedit``, ``tome``, ``evit``, ``pool``,
 ``none``) is a key like any other; a point without it is an expedit point. Since each

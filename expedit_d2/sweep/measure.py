@@ -37,7 +37,7 @@ def flatten_metrics(results: dict, prefix="") -> dict[str, float]:
 
 def primary_metric(spec: SweepSpec, protocol, metrics: dict) -> tuple[str, str]:
     """(name, ``max`` | ``min``) of the sweep's metric: ``spec.metric``, else the first of the
-    project's ``primary_metrics`` (:class:`expedit_d2.engine.SweepProtocol`) in ``metrics``."""
+    project's ``primary_metrics`` (:class:`expedit_d2.sweep.protocol.SweepProtocol`) in ``metrics``."""
     name = spec.metric or next((m for m in protocol.primary_metrics if m in metrics), None)
     if name is None or name not in metrics:
         raise SweepError(f"metric {name!r} is not among the evaluator's results {sorted(metrics)}; "

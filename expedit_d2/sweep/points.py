@@ -58,7 +58,7 @@ def validate_points(project, spec: SweepSpec, points: list[Point]) -> dict:
     {point id: (cfg, opts)}."""
     from detectron2.modeling import build_backbone
 
-    from ..engine import sweep_protocol
+    from .protocol import sweep_protocol
 
     protocol = sweep_protocol(project)
     base_cfg = _base_cfg(project, spec)

@@ -30,7 +30,8 @@ def run_sweep(spec: SweepSpec, out_dir, shard=None, num_gpus: int = 1, show_prog
 def _run_sweep(spec: SweepSpec, out_dir: Path, shard, num_gpus: int, show_progress: bool) -> list[Row]:
     from tqdm import tqdm
 
-    from ..engine import load_project, sweep_protocol
+    from ..engine import load_project
+    from .protocol import sweep_protocol
 
     rows = read_rows(out_dir)
     check_output_dir(out_dir, rows, spec)

@@ -51,7 +51,7 @@ class Trainer(DefaultTrainer):
 
 Checkpointer = DPTCheckpointer
 
-# what the sweep needs to know (expedit_d2.engine.SweepProtocol): DepthEvaluator's RMSE first;
+# what the sweep needs to know (expedit_d2.sweep.protocol.SweepProtocol): DepthEvaluator's RMSE first;
 # its error metrics are lower-is-better (d1..d3, fractions of accurate pixels, are not)
 SWEEP = dict(
     primary_metrics=["depth/rmse", "depth/abs_rel"],

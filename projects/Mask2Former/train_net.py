@@ -69,7 +69,7 @@ class Trainer(DefaultTrainer):
 
 Checkpointer = DetectionCheckpointer
 
-# what the sweep needs to know (expedit_d2.engine.SweepProtocol): the panoptic, instance and
+# what the sweep needs to know (expedit_d2.sweep.protocol.SweepProtocol): the panoptic, instance and
 # semantic evaluators' main metrics; the model pads its input to MASK_FORMER.SIZE_DIVISIBILITY
 SWEEP = dict(
     primary_metrics=["panoptic_seg/PQ", "segm/AP", "sem_seg/mIoU", "bbox/AP"],

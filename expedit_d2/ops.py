@@ -32,11 +32,13 @@ import contextlib
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .checks import check_odd, check_pair, check_positive_float, check_positive_int
 
 __all__ = [
     "ClusteringState",
@@ -81,39 +83,8 @@ class ClusteringState:
 # --------------------------------------------------------------------------------------
 # validation helpers: every error names the offending value
 # --------------------------------------------------------------------------------------
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        pair = (value, value)
-    elif isinstance(value, Sequence) and len(value) == 2:
-        pair = (value[0], value[1])
-    else:
-        raise ValueError(f"{name} must be an int or a pair (h, w) of ints, got {value!r}")
-    for v in pair:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must contain positive ints, got {value!r}")
-    return (int(pair[0]), int(pair[1]))
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _positive_float(value, name: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return v
-
-
 def _window(value, name: str = "clustering window (lambda)") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
-        raise ValueError(f"{name} must be an odd int >= 1, got {value!r}")
-    return value
+    return check_odd(value, name)
 
 
 def _split_tokens(tokens: torch.Tensor, grid_size: tuple[int, int], num_prefix: int, what: str):
@@ -270,15 +241,15 @@ def token_clustering(
         clusters: (B, P + h*w, C) in the input dtype, cluster tokens in row-major order.
         state: :class:`ClusteringState` for :func:`token_reconstruction`.
     """
-    H, W = _pair(grid_size, "grid_size")
-    h, w = _pair(num_clusters, "num_clusters")
+    H, W = check_pair(grid_size, "grid_size")
+    h, w = check_pair(num_clusters, "num_clusters")
     if h > H or w > W:
         raise ValueError(
             f"num_clusters {(h, w)} is larger than the token grid {(H, W)}: "
             "the cluster grid must not exceed the token grid"
         )
-    iters = _positive_int(iters, "iters")
-    tau = _positive_float(temperature, "clustering temperature")
+    iters = check_positive_int(iters, "iters")
+    tau = check_positive_float(temperature, "clustering temperature")
     radius = _window(window) // 2
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
         raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
@@ -408,10 +379,10 @@ def token_reconstruction(
     H, W = state.grid_size
     h, w = state.num_clusters
     M = h * w
-    k = _positive_int(k, "reconstruction k")
+    k = check_positive_int(k, "reconstruction k")
     if mode == "topk" and k > M:
         raise ValueError(f"reconstruction k={k} exceeds the number of clusters {M} ({h}x{w})")
-    tau = _positive_float(temperature, "reconstruction temperature")
+    tau = check_positive_float(temperature, "reconstruction temperature")
     prefix, merged = _split_tokens(clusters, (h, w), state.num_prefix_tokens, "clusters")
     B, N, _ = state.tokens.shape
     if merged.shape[0] != B or state.centers.shape[:2] != (B, M):
@@ -460,11 +431,11 @@ class TokenClustering(nn.Module):
     def __init__(self, num_clusters, iters: int = 5, temperature: float = 0.05,
                  window: int = 5, memory_limit: int = DEFAULT_MEMORY_LIMIT):
         super().__init__()
-        self.num_clusters = _pair(num_clusters, "num_clusters")
-        self.iters = _positive_int(iters, "iters")
-        self.temperature = _positive_float(temperature, "clustering temperature")
+        self.num_clusters = check_pair(num_clusters, "num_clusters")
+        self.iters = check_positive_int(iters, "iters")
+        self.temperature = check_positive_float(temperature, "clustering temperature")
         self.window = _window(window)
-        self.memory_limit = _positive_int(memory_limit, "memory_limit")
+        self.memory_limit = check_positive_int(memory_limit, "memory_limit")
 
     def forward(self, tokens: torch.Tensor, grid_size, num_prefix_tokens: int = 0):
         return token_clustering(tokens, grid_size, self.num_clusters, self.iters,
@@ -483,9 +454,9 @@ class TokenReconstruction(nn.Module):
                  memory_limit: int = DEFAULT_MEMORY_LIMIT, mode: str = "topk",
                  subtract_min_distance: bool = False):
         super().__init__()
-        self.k = _positive_int(k, "reconstruction k")
-        self.temperature = _positive_float(temperature, "reconstruction temperature")
-        self.memory_limit = _positive_int(memory_limit, "memory_limit")
+        self.k = check_positive_int(k, "reconstruction k")
+        self.temperature = check_positive_float(temperature, "reconstruction temperature")
+        self.memory_limit = check_positive_int(memory_limit, "memory_limit")
         if mode not in RECONSTRUCTION_MODES:
             raise ValueError(f"reconstruction mode must be one of {RECONSTRUCTION_MODES}, got {mode!r}")
         self.mode = mode

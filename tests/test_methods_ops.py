@@ -392,10 +392,10 @@ def test_pool_bad_arguments():
         pool_tokens(x[:, 1:], (3, 4), (2, 2), 1)
     with pytest.raises(ValueError, match=r"size \(4, 2\) must not exceed grid_size \(3, 4\)"):
         pool_tokens(x, (3, 4), (4, 2), 1)
-    with pytest.raises(ValueError, match=r"size must be a pair \(h, w\) of ints >= 1, got \(0, 2\)"):
+    with pytest.raises(ValueError, match=r"size must be a positive int or a pair \[h, w\] of positive ints, got \(0, 2\)"):
         pool_tokens(x, (3, 4), (0, 2), 1)
-    with pytest.raises(ValueError, match=r"grid_size must be a pair .* got 3"):
-        unpool_tokens(x, 3, (2, 2), 1)
+    with pytest.raises(ValueError, match=r"grid_size must be a positive int or a pair .* got \(3,\)"):
+        unpool_tokens(x, (3,), (2, 2), 1)
     with pytest.raises(ValueError, match="num_prefix_tokens must be an int >= 0, got -1"):
         unpool_tokens(x, (3, 4), (2, 2), -1)
     bad = r"x must have shape \(B, 1 \+ 2\*2, C\) = \(B, 5, C\), got \(1, 13, 2\)"

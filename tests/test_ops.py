@@ -317,7 +317,7 @@ def test_modules_hold_settings_and_no_parameters():
     [
         (dict(num_clusters=(13, 4)), r"num_clusters \(13, 4\) is larger than the token grid \(12, 10\)"),
         (dict(num_clusters=(4, 11)), r"num_clusters \(4, 11\) is larger"),
-        (dict(num_clusters=0), r"num_clusters must contain positive ints, got 0"),
+        (dict(num_clusters=0), r"num_clusters must be a positive int or a pair \[h, w\] of positive ints, got 0"),
         (dict(window=4), r"window \(lambda\) must be an odd int >= 1, got 4"),
         (dict(window=0), r"got 0"),
         (dict(window=-3), r"got -3"),

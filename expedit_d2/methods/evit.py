@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from ..checks import shape_of
 from ..ops import gather_rows
 from ..reduction.config import check_bool, check_rate
 from ..reduction.core import (
@@ -85,11 +86,11 @@ def evit_keep(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float, fuse: b
         info: :class:`KeepInfo` for :func:`evit_restore`.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] < 2:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        shape = shape_of(x)
         raise ValueError(f"x must have shape (B, 1 + N, C) with N >= 1, got {shape}")
     B, N, C = x.shape[0], x.shape[1] - 1, x.shape[2]
     if not isinstance(cls_attn, torch.Tensor) or tuple(cls_attn.shape) != (B, N):
-        shape = tuple(cls_attn.shape) if isinstance(cls_attn, torch.Tensor) else type(cls_attn).__name__
+        shape = shape_of(cls_attn)
         raise ValueError(
             f"cls_attn must have shape (B, N) = {(B, N)} for x of shape {tuple(x.shape)}, got {shape}"
         )
@@ -138,7 +139,7 @@ def evit_restore(infos: Sequence[KeepInfo], current: torch.Tensor) -> torch.Tens
     n_now = infos[-1].num_out
     ok = isinstance(current, torch.Tensor) and current.dim() == 3
     if not ok or tuple(current.shape[:2]) != (B, 1 + n_now):
-        shape = tuple(current.shape) if isinstance(current, torch.Tensor) else type(current).__name__
+        shape = shape_of(current)
         raise ValueError(f"current must have shape (B, 1 + N_now, C) = ({B}, {1 + n_now}, C), got {shape}")
 
     C = current.shape[2]

@@ -12,27 +12,17 @@ Both keep the input dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..reduction.config import check_int_at_least, check_pair
+from ..checks import check_int_at_least, check_pair, shape_of
 from ..reduction.core import (
     SwinWindowReducer, TokenReducer, cell_positions, check_blocks, patch_swin_stage, patch_token_backbone,
     register_method, register_patch, swin_stage_at)
 from ..reduction.windowed import WindowedReducer, check_location, patch_windowed, window_size_of
 
 __all__ = ["pool_tokens", "unpool_tokens", "PoolSettings", "PoolTokens", "PoolSwinWindows", "PoolWindows"]
-
-
-def _pair(value, name: str) -> tuple[int, int]:
-    ok = isinstance(value, Sequence) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
-    )
-    if not ok:
-        raise ValueError(f"{name} must be a pair (h, w) of ints >= 1, got {value!r}")
-    return int(value[0]), int(value[1])
 
 
 def _grid(x: torch.Tensor, grid, num_prefix_tokens: int, name: str) -> torch.Tensor:
@@ -42,7 +32,7 @@ def _grid(x: torch.Tensor, grid, num_prefix_tokens: int, name: str) -> torch.Ten
         raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
     P = num_prefix_tokens
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != P + H * W:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        shape = shape_of(x)
         raise ValueError(f"{name} must have shape (B, {P} + {H}*{W}, C) = (B, {P + H * W}, C), got {shape}")
     B, _, C = x.shape
     return x[:, P:].transpose(1, 2).reshape(B, C, H, W)
@@ -55,8 +45,8 @@ def _tokens(prefix: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 def _sizes(grid_size, size):
     """Validated ((H, W), (h, w)) with the pooled grid inside the full one."""
-    H, W = _pair(grid_size, "grid_size")
-    h, w = _pair(size, "size")
+    H, W = check_pair(grid_size, "grid_size")
+    h, w = check_pair(size, "size")
     if h > H or w > W:
         raise ValueError(f"size {(h, w)} must not exceed grid_size {(H, W)}")
     return (H, W), (h, w)

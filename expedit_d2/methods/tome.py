@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import shape_of
 from ..ops import gather_rows
 from ..reduction.config import check_bool, check_int_at_least
 from ..reduction.core import (
@@ -73,7 +74,7 @@ class MergeInfo:
 
 def _check_tokens(x: torch.Tensor, name: str, batch: int, tokens: int, what: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        shape = shape_of(x)
         raise ValueError(f"{name} must have shape (B, N, C), got {shape}")
     if x.shape[0] != batch or x.shape[1] != tokens:
         raise ValueError(
@@ -100,7 +101,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
         :class:`MergeInfo` for :func:`merge_wavg` / :func:`unmerge`.
     """
     if not isinstance(metric, torch.Tensor) or metric.dim() != 3:
-        shape = tuple(metric.shape) if isinstance(metric, torch.Tensor) else type(metric).__name__
+        shape = shape_of(metric)
         raise ValueError(f"metric must have shape (B, N, C), got {shape}")
     if not metric.is_floating_point():
         raise ValueError(f"metric must be a floating-point tensor, got {metric.dtype}")
@@ -153,7 +154,7 @@ def merge_wavg(info: MergeInfo, x: torch.Tensor, size: torch.Tensor | None = Non
     if size is None:
         size = torch.ones(B, N, 1, device=x.device)
     elif not isinstance(size, torch.Tensor) or tuple(size.shape) != (B, N, 1):
-        shape = tuple(size.shape) if isinstance(size, torch.Tensor) else type(size).__name__
+        shape = shape_of(size)
         raise ValueError(f"size must have shape (B, N, 1) = {(B, N, 1)}, got {shape}")
     if info.r == 0:
         return x, size
@@ -183,7 +184,7 @@ def unmerge_with_source(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         desc = f"{tuple(source.shape)} {source.dtype}" if is_tensor else type(source).__name__
         raise ValueError(f"source must be a (B, N0) long tensor, got {desc}")
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != source.shape[0]:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        shape = shape_of(x)
         raise ValueError(f"x must have shape (B, M, C) with B = {source.shape[0]}, got {shape}")
     return gather_rows(x, source)
 
@@ -209,7 +210,7 @@ def update_source(source: torch.Tensor | None, info: MergeInfo) -> torch.Tensor:
     if source is None:
         return info.dest
     if not isinstance(source, torch.Tensor) or source.dim() != 2 or source.shape[0] != info.dest.shape[0]:
-        shape = tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
+        shape = shape_of(source)
         raise ValueError(f"source must have shape (B, N0) with B = {info.dest.shape[0]}, got {shape}")
     return info.dest.gather(1, source)
 

@@ -17,11 +17,13 @@ base config, whatever backbone entry the base config names.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 from detectron2.config import CfgNode as CN
 from detectron2.modeling import BACKBONE_REGISTRY
 
+from ..checks import (  # noqa: F401  (the config's checks, from their one home)
+    check_bool, check_choice, check_int_at_least, check_odd, check_pair, check_positive_float, check_positive_int,
+    check_rate)
 from .core import METHOD_KEY, get_method, registered_methods
 
 __all__ = [
@@ -48,65 +50,6 @@ OFFICIAL_SWIN_ALIASES = {
 PLAIN_BACKBONES = ("ExpeditD2SwinTransformer", "D2ViT", "D2ViTHybrid", "D2TimmViT")
 #: the wrapper entries: build MODEL.EXPEDIT.BASE, then patch it
 WRAPPER_BACKBONES = ("ExpeditBackbone", "TokenReductionBackbone")
-
-
-# --------------------------------------------------------------------------------------
-# checks: every error names the key and the value
-# --------------------------------------------------------------------------------------
-def check_pair(value, key: str) -> tuple[int, int]:
-    """An int n (-> (n, n)) or a pair of positive ints."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-    if not ok:
-        raise ValueError(f"{key} must be a positive int or a pair [h, w] of positive ints, got {value!r}")
-    return int(value[0]), int(value[1])
-
-
-def check_int_at_least(value, key: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
-def check_positive_int(value, key: str) -> int:
-    return check_int_at_least(value, key, 1)
-
-
-def check_positive_float(value, key: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be a positive number, got {value!r}") from None
-    if isinstance(value, bool) or not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"{key} must be a positive finite number, got {value!r}")
-    return v
-
-
-def check_rate(value, key: str) -> float:
-    """A number in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{key} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def check_odd(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
-        raise ValueError(f"{key} must be an odd int >= 1, got {value!r}")
-    return value
-
-
-def check_bool(value, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key} must be True or False, got {value!r}")
-    return value
-
-
-def check_choice(value, key: str, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------------------------

@@ -113,6 +113,33 @@ def add_expedit_config(cfg) -> None:
     })
     if "KWARGS" not in cfg.MODEL.TIMM_VIT:  # extra timm.create_model arguments, any keys
         cfg.MODEL.TIMM_VIT.KWARGS = CN(new_allowed=True)
+    # ViTDet's ViT and simple feature pyramid (ExpeditD2ViTDet, expedit_d2/backbones/vitdet.py);
+    # defaults: ViT-B of the model zoo's mask_rcnn_vitdet_b_100ep
+    _add_defaults(cfg.MODEL, "VITDET", {
+        "IMG_SIZE": 1024,  # sizes the global blocks' relative positions ((1024/16)*2 - 1 rows)
+        "PATCH_SIZE": 16,
+        "EMBED_DIM": 768,
+        "DEPTH": 12,
+        "NUM_HEADS": 12,
+        "MLP_RATIO": 4.0,
+        "QKV_BIAS": True,
+        "DROP_PATH_RATE": 0.1,
+        "NORM_EPS": 1e-6,  # the blocks' LayerNorm
+        "USE_ABS_POS": True,
+        "USE_REL_POS": True,
+        "WINDOW_SIZE": 14,
+        # blocks attending in windows; the others (2, 5, 8, 11) attend globally
+        "WINDOW_BLOCK_INDEXES": [0, 1, 3, 4, 6, 7, 9, 10],
+        "RESIDUAL_BLOCK_INDEXES": [],  # blocks followed by a convolutional residual block
+        "PRETRAIN_IMG_SIZE": 224,  # the position embedding's grid: (224/16)^2 (+ 1 cls row)
+        "PRETRAIN_USE_CLS_TOKEN": True,
+        # the pyramid: p2..p5 from these scales of the stride-16 map, p6 by max-pooling p5
+        "SCALE_FACTORS": [4.0, 2.0, 1.0, 0.5],
+        "OUT_CHANNELS": 256,
+        "NORM": "LN",  # of the pyramid's convs: "LN" (channel LayerNorm) or a Detectron2 norm ("" none)
+        # images padded to this square (0: to multiples of 32); see backbones/vitdet.py
+        "SQUARE_PAD": 1024,
+    })
     _add_defaults(cfg.MODEL.SWIN, "TOKEN_CLUSTERING_BLOCK", {
         "NUM_SPIXELS": 64,  # clusters per attention window (a square: 64 -> 8x8)
         "N_ITERS": 5,

@@ -4,8 +4,12 @@
 builds ``MODEL.EXPEDIT.BASE`` from Detectron2's ``BACKBONE_REGISTRY`` and patches it with
 the method of ``MODEL.TOKEN_REDUCTION.METHOD`` (:func:`expedit_d2.reduction.apply_patch`).
 ``BASE`` may name any registered backbone of a family, the user's own included (the
-``D2SwinTransformer`` of their Mask2Former, OneFormer or MaskDINO project). Parameters are
-untouched, so any checkpoint of the base backbone loads as is.
+``D2SwinTransformer`` of their Mask2Former, OneFormer or MaskDINO project). A base that
+follows no family itself but wraps a ViT that does as ``net`` -- ViTDet's simple feature
+pyramid, ours (``ExpeditD2ViTDet``) or a newer Detectron2's -- keeps its pyramid and has its
+``net`` patched (:func:`reduction_target`): the entry a Detectron2 user names is the whole
+backbone, and the reduction goes where the tokens are. Parameters are untouched, so any
+checkpoint of the base backbone loads as is.
 
 Importing expedit-d2 registers no name that other projects register. The official names
 that our projects' YAMLs use, ``D2SwinTransformer`` and ``D2HourglassSwinTransformer`` (the
@@ -15,15 +19,34 @@ official Expedit Swin config keys), are registered by
 from __future__ import annotations
 
 from detectron2.modeling import BACKBONE_REGISTRY
+from torch import nn
 
 from . import backbones  # noqa: F401  (registers the plain backbones)
 
 from .methods.expedit import ExpeditSettings, unexpedited_images
 from .reduction.config import WRAPPER_BACKBONES, official_swin_values, settings_from_config
-from .reduction.core import apply_patch
+from .reduction.core import apply_patch, family_of
 
 __all__ = ["ExpeditSettings", "build_token_reduction_backbone", "build_hourglass_swin",
-           "register_official_backbone_names", "unexpedited_images"]
+           "reduction_target", "register_official_backbone_names", "unexpedited_images"]
+
+
+def _follows_a_family(module) -> bool:
+    try:
+        family_of(module)
+    except ValueError:
+        return False
+    return True
+
+
+def reduction_target(backbone):
+    """The module of ``backbone`` that a method patches: the backbone itself where it follows
+    a family; else its ``net`` where that one does (ViTDet's ``SimpleFeaturePyramid`` around
+    its ViT); else the backbone, which :func:`apply_patch` then refuses, naming what it lacks."""
+    if _follows_a_family(backbone):
+        return backbone
+    net = getattr(backbone, "net", None)
+    return net if isinstance(net, nn.Module) and _follows_a_family(net) else backbone
 
 
 def build_token_reduction_backbone(cfg, input_shape):
@@ -37,7 +60,7 @@ def build_token_reduction_backbone(cfg, input_shape):
     settings = settings_from_config(cfg)  # validated before anything is built
     backbone = BACKBONE_REGISTRY.get(base)(cfg, input_shape)
     if settings is not None:
-        apply_patch(backbone, settings)
+        apply_patch(reduction_target(backbone), settings)
     return backbone
 
 

@@ -107,7 +107,7 @@ def test_importing_expedit_d2_registers_only_its_own_names():
     added = json.loads([x for x in out.splitlines() if x.startswith("ADDED ")][-1][len("ADDED "):])
     assert added == {
         "backbone": ["D2TimmViT", "D2ViT", "D2ViTHybrid", "ExpeditBackbone", "ExpeditD2SwinTransformer",
-                     "TokenReductionBackbone", "build_bottom_up_fpn_backbone",
+                     "ExpeditD2ViTDet", "TokenReductionBackbone", "build_bottom_up_fpn_backbone",
                      "build_bottom_up_retinanet_fpn_backbone"],
         "meta_arch": [], "sem_seg_head": [], "roi_heads": [], "proposal": [], "datasets": []}
 

@@ -47,7 +47,7 @@ OFFICIAL_SWIN_ALIASES = {
 }
 #: our backbone entries a method can be put on by config (the wrapper builds them; any
 #: other registered backbone of a family can be, the user's D2SwinTransformer too)
-PLAIN_BACKBONES = ("ExpeditD2SwinTransformer", "D2ViT", "D2ViTHybrid", "D2TimmViT")
+PLAIN_BACKBONES = ("ExpeditD2SwinTransformer", "D2ViT", "D2ViTHybrid", "D2TimmViT", "ExpeditD2ViTDet")
 #: the wrapper entries: build MODEL.EXPEDIT.BASE, then patch it
 WRAPPER_BACKBONES = ("ExpeditBackbone", "TokenReductionBackbone")
 

@@ -55,10 +55,27 @@ def _sam_head(self, x):
     return self.neck(x.permute(0, 3, 1, 2))
 
 
+def _vitdet_embed(self, images):
+    from ..backbones.vitdet import get_abs_pos
+
+    x = self.patch_embed(images)
+    if self.pos_embed is None:
+        return x
+    return x + get_abs_pos(self.pos_embed, self.pretrain_use_cls_token, x.shape[1:3])
+
+
+def _vitdet_head(self, x):
+    return {self._out_features[0]: x.permute(0, 3, 1, 2)}
+
+
 #: layout name -> Layout; the first whose attributes the backbone has is used
 LAYOUTS: dict[str, Layout] = {
     # segment-anything's ImageEncoderViT: patch_embed, pos_embed added as is, blocks, neck
     "sam": Layout(("patch_embed", "pos_embed", "neck"), _sam_embed, _sam_head),
+    # ViTDet's ViT (ours, Detectron2's own): pos_embed resized to the grid (cls row dropped),
+    # blocks, {out_feature: (B, C, H, W)}
+    "vitdet": Layout(("patch_embed", "pos_embed", "pretrain_use_cls_token", "_out_features"),
+                     _vitdet_embed, _vitdet_head),
 }
 
 

@@ -77,6 +77,7 @@ def small_cfg(method="none"):
     e.CLUSTERING_LOCATION, e.NUM_CLUSTERS, e.RECON_K = 2, [3, 3], 5
     cfg.MODEL.TOKEN_REDUCTION.METHOD = method
     cfg.MODEL.TOKEN_REDUCTION.POOL.LOCATION, cfg.MODEL.TOKEN_REDUCTION.POOL.SIZE = 2, [3, 3]
+    cfg.MODEL.TOKEN_REDUCTION.TOME.START_BLOCK, cfg.MODEL.TOKEN_REDUCTION.TOME.R = 2, 25 - 9  # 5x5 -> 3x3
     cfg.MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS = [2]
     # small heads: the CPU runs a whole Mask R-CNN
     cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 200, 50
@@ -206,7 +207,8 @@ def test_whole_mask_rcnn_pth_saved_by_detectron2_loads_strictly_across_methods(t
 # --------------------------------------------------------------------------------------
 # Mask R-CNN from YAML, every method of the family
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method, patched", [("none", "ViT"), ("expedit", "ExpeditViT"), ("pool", "PoolViT")])
+@pytest.mark.parametrize("method, patched", [("none", "ViT"), ("expedit", "ExpeditViT"), ("pool", "PoolViT"),
+                                             ("tome", "ToMeViT")])
 def test_mask_rcnn_from_yaml_runs_with_every_method_of_the_family(method, patched):
     model = small_model(method)
     assert type(model.backbone).__name__ == "SimpleFeaturePyramid" and type(model.backbone.net).__name__ == patched

@@ -1,7 +1,9 @@
 """Token reduction as patches on unmodified backbones: the registry, the two family
-protocols and the config (see :mod:`.core` and :mod:`.config`). The methods themselves,
+protocols and the config (see :mod:`.core` and :mod:`.config`), and the token groups a
+patched backbone formed in a pass (:mod:`.groups`). The methods themselves,
 one file each, are in :mod:`expedit_d2.methods` (importing ``expedit_d2`` registers them)."""
 from .config import add_token_reduction_config, point_overrides, settings_from_config
+from .groups import TokenGroups, record_token_groups, token_groups
 from .core import (
     METHOD_KEY, SwinWindowReducer, TokenReducer, apply_patch, cell_positions, check_vit_blocks, family_of,
     register_method, register_patch, registered_methods, regrid_inputs, remove_patch, run_vit_block)
@@ -10,5 +12,6 @@ __all__ = [
     "METHOD_KEY", "add_token_reduction_config", "apply_patch", "cell_positions", "check_vit_blocks",
     "family_of", "point_overrides", "register_method", "register_patch", "registered_methods",
     "regrid_inputs", "remove_patch", "run_vit_block",
-    "settings_from_config", "SwinWindowReducer", "TokenReducer",
+    "settings_from_config", "SwinWindowReducer", "TokenReducer", "TokenGroups", "record_token_groups",
+    "token_groups",
 ]

@@ -9,13 +9,14 @@ iterations (every project's ``train_net.py`` registers it, see
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 
 from detectron2.engine import HookBase
 
-__all__ = ["is_terminal", "progress_bar", "TrainingProgress"]
+__all__ = ["is_terminal", "progress_bar", "logs_above", "TrainingProgress"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,29 @@ def progress_bar(iterable=None, *, total=None, desc: str = "", unit: str = "it",
                 mininterval=MIN_INTERVAL, dynamic_ncols=True)
 
 
+def _console_loggers() -> list[logging.Logger]:
+    """The loggers (root included) with a handler that prints to stdout or stderr."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    return [lg for lg in loggers if any(isinstance(h, logging.StreamHandler)
+                                        and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
+                                        for h in lg.handlers)]
+
+
+@contextlib.contextmanager
+def logs_above(bar):
+    """While ``bar`` is drawn, every logger that prints to the terminal prints above the bar
+    (through ``tqdm.write``, which lifts the bar and redraws it) instead of into its line; the
+    loggers' handlers are given back on leaving. A bar that is not drawn changes nothing."""
+    if bar.disable:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers=_console_loggers(), tqdm_class=type(bar)):
+        yield
+
+
 class TrainingProgress(HookBase):
     """A bar over the training iterations (from the resumed one to ``SOLVER.MAX_ITER``) with
     the ETA and the latest total loss, on stderr when it is a terminal; in any case one log
@@ -55,6 +79,7 @@ class TrainingProgress(HookBase):
     def __init__(self, stream=None, enabled: bool | None = None):
         self._stream, self._enabled = stream, enabled
         self._bar, self._t0, self._t1 = None, 0.0, 0.0
+        self._logs = contextlib.ExitStack()  # the loggers printing above the bar, while it is drawn
 
     def before_train(self):
         t = self.trainer
@@ -62,6 +87,7 @@ class TrainingProgress(HookBase):
         self._t0 = self._t1 = time.perf_counter()
         self._bar = progress_bar(total=t.max_iter, initial=t.start_iter, desc="train", unit="it",
                                  stream=self._stream, enabled=self._enabled)
+        self._logs.enter_context(logs_above(self._bar))
 
     def after_step(self):
         if self._bar is None:
@@ -78,6 +104,7 @@ class TrainingProgress(HookBase):
     def after_train(self):
         if self._bar is None:
             return
+        self._logs.close()
         self._bar.close()
         self._bar = None
         t = self.trainer

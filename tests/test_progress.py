@@ -2,13 +2,14 @@
 start/end lines in the log either way; the training hook on Detectron2's own trainer."""
 import io
 import logging
+import sys
 
 import pytest
 import torch
 from detectron2.engine import SimpleTrainer
 from torch import nn
 
-from expedit_d2.progress import TrainingProgress, is_terminal, progress_bar
+from expedit_d2.progress import TrainingProgress, is_terminal, logs_above, progress_bar
 
 
 class _Terminal(io.StringIO):
@@ -94,3 +95,30 @@ def test_progress_bar_draws_on_a_terminal_only():
     forced = io.StringIO()
     list(progress_bar(range(2), desc="x", stream=forced, enabled=True))
     assert "2/2" in forced.getvalue()
+
+
+def test_log_lines_print_above_a_drawn_bar_not_into_it(log_lines):
+    """A logger printing to the terminal goes through tqdm.write while a bar is drawn (the bar
+    is lifted and redrawn), its own handler again afterwards; nothing changes without a bar."""
+    logger = logging.getLogger("expedit_d2.test_console")
+    console = logging.StreamHandler(sys.stdout)
+    logger.addHandler(console)
+    seen = []
+    try:
+        bar = progress_bar(total=2, stream=_Terminal())
+        with bar, logs_above(bar):
+            assert [type(h).__name__ for h in logger.handlers] == ["_TqdmLoggingHandler"]
+        assert logger.handlers == [console]
+        quiet = progress_bar(total=2, stream=io.StringIO())
+        with quiet, logs_above(quiet):
+            assert logger.handlers == [console]
+
+        class Look(TrainingProgress):  # the handlers during the training steps
+            def after_step(self):
+                seen.append([type(h).__name__ for h in logger.handlers])
+                super().after_step()
+
+        _train(Look(stream=_Terminal()), max_iter=2)
+        assert seen == [["_TqdmLoggingHandler"]] * 2 and logger.handlers == [console]
+    finally:
+        logger.removeHandler(console)

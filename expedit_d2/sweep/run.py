@@ -32,7 +32,7 @@ def run_sweep(spec: SweepSpec, out_dir, shard=None, num_gpus: int = 1, show_prog
 
 def _run_sweep(spec: SweepSpec, out_dir: Path, shard, num_gpus: int, show_progress: bool) -> list[Row]:
     from ..engine import load_project, sweep_protocol
-    from ..progress import progress_bar
+    from ..progress import logs_above, progress_bar
 
     rows = read_rows(out_dir)
     check_output_dir(out_dir, rows, spec)
@@ -58,7 +58,8 @@ def _run_sweep(spec: SweepSpec, out_dir: Path, shard, num_gpus: int, show_progre
     if not spec.timing and not any(p.baseline for p in todo):
         baseline_model = None  # neither timed against nor measured
     written = []
-    with progress_bar(total=len(todo), desc="sweep", unit="point", enabled=None if show_progress else False) as bar:
+    bar = progress_bar(total=len(todo), desc="sweep", unit="point", enabled=None if show_progress else False)
+    with bar, logs_above(bar):  # the per-point log lines print above the bar, not into it
 
         def stage(point, what):
             bar.set_postfix_str(f"{point.label}: {what}")

@@ -468,7 +468,8 @@ def main(argv=None) -> int:
     parser.add_argument("--allow-partial-weights", action="store_true",
                         help="accept MODEL.WEIGHTS that cover only part of the model")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
-                        help="config overrides (also accepted after the other arguments)")
+                        help="config overrides, last on the line (they may also simply follow the "
+                             "other arguments, as train_net.py takes them)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     images, trailing = _split_inputs(args.input)

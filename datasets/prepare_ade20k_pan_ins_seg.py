@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image
-from tqdm import tqdm
+from expedit_d2.progress import progress_bar  # a bar on a terminal only
 
 from expedit_d2.evaluation.panoptic import id2rgb, mask_bbox
 from expedit_d2.fileio import atomic_write
@@ -134,7 +134,7 @@ def convert_split(root: Path, split: str, folder: str, mapping: dict[int, int]) 
             done[rec["image"]["id"]] = rec
     files = sorted(images_dir.glob("*.jpg"))
     with open(partial, "a") as log:
-        for f in tqdm(files, desc=f"ade20k {split}", unit="img"):
+        for f in progress_bar(files, desc=f"ade20k {split}", unit="img"):
             stem = f.stem
             if stem in done:
                 continue

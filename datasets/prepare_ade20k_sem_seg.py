@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from expedit_d2.progress import progress_bar  # a bar on a terminal only
 
 from expedit_d2.fileio import atomic_write
 from expedit_d2.cli import HelpFormatter  # noqa: E402
@@ -37,7 +37,7 @@ def convert_split(root: Path, split: str) -> int:
         raise FileNotFoundError(f"ADE20K annotations not found: {src} (unpack ADEChallengeData2016.zip there)")
     dst.mkdir(parents=True, exist_ok=True)
     files = sorted(src.glob("*.png"))
-    for f in tqdm(files, desc=f"ade20k {split}", unit="img"):
+    for f in progress_bar(files, desc=f"ade20k {split}", unit="img"):
         target = dst / f.name
         if target.exists():
             continue

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from expedit_d2.progress import progress_bar  # a bar on a terminal only
 
 from expedit_d2.evaluation.panoptic import rgb2id
 from expedit_d2.fileio import atomic_write
@@ -35,7 +35,7 @@ def convert(panoptic_json: Path, panoptic_root: Path, out: Path) -> int:
         raise ValueError(f"{panoptic_json}: {len(contiguous)} categories do not fit a uint8 PNG with 255 as void")
     out.mkdir(parents=True, exist_ok=True)
     done = 0
-    for ann in tqdm(data["annotations"], desc=f"semantic from {panoptic_json.name}", unit="img"):
+    for ann in progress_bar(data["annotations"], desc=f"semantic from {panoptic_json.name}", unit="img"):
         target = out / (Path(ann["file_name"]).stem + ".png")
         if target.exists():
             done += 1

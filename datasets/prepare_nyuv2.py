@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from expedit_d2.progress import progress_bar  # a bar on a terminal only
 
 from expedit_d2.fileio import atomic_write
 from expedit_d2.cli import HelpFormatter  # noqa: E402
@@ -73,7 +73,7 @@ def prepare(labeled: Path, splits_file: Path, root: Path) -> dict[str, int]:
             (out_root / split / "rgb").mkdir(parents=True, exist_ok=True)
             (out_root / split / "depth").mkdir(parents=True, exist_ok=True)
             records = []
-            for idx in tqdm(indices, desc=f"nyuv2 {split}", unit="img"):
+            for idx in progress_bar(indices, desc=f"nyuv2 {split}", unit="img"):
                 name = f"{idx:05d}"
                 rgb_path = out_root / split / "rgb" / f"{name}.png"
                 depth_path = out_root / split / "depth" / f"{name}.npy"

@@ -42,6 +42,7 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import PARTIAL_FLAG, load_weights
 from .expedit_backbone import unexpedited_images
 from .fileio import atomic_write
+from .progress import TrainingProgress
 
 __all__ = ["build_cfg", "argument_parser", "setup_project", "train_or_evaluate", "launch_main", "load_project",
            "find_project", "config_from_file", "EVAL_RESULTS"]
@@ -79,7 +80,8 @@ def train_or_evaluate(cfg, args, trainer_cls, checkpointer_cls=DetectionCheckpoi
     """``--eval-only``: load ``MODEL.WEIGHTS`` (or, with ``--resume``, the last checkpoint in
     ``OUTPUT_DIR``) with ``checkpointer_cls`` through :func:`~expedit_d2.checkpoint.load_weights`
     (strict unless ``args.allow_partial_weights``), run the trainer's evaluators and write
-    ``OUTPUT_DIR/eval_results.json``; otherwise train (resuming with ``--resume``)."""
+    ``OUTPUT_DIR/eval_results.json``; otherwise train (resuming with ``--resume``), with a
+    progress bar over the iterations on a terminal (:class:`~expedit_d2.progress.TrainingProgress`)."""
     if args.eval_only:
         model = trainer_cls.build_model(cfg)
         checkpointer = checkpointer_cls(model, save_dir=cfg.OUTPUT_DIR)
@@ -101,6 +103,8 @@ def train_or_evaluate(cfg, args, trainer_cls, checkpointer_cls=DetectionCheckpoi
         return res
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if comm.is_main_process():  # a bar over the iterations on a terminal, start/end lines in the log
+        trainer.register_hooks([TrainingProgress()])
     return trainer.train()
 
 

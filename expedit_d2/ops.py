@@ -50,6 +50,7 @@ __all__ = [
     "gather_rows",
     "RECONSTRUCTION_MODES",
     "initial_cells",
+    "nearest_clusters",
 ]
 
 #: Default cap, in bytes, on the temporaries (distance/assignment matrices) of one chunk.
@@ -420,6 +421,23 @@ def token_reconstruction(
                 mixed = torch.bmm(weight, values[bs])
             out[bs, P + t0 : P + t1] = mixed
     return out
+
+
+def nearest_clusters(state: ClusteringState) -> torch.Tensor:
+    """(B, H*W) long: for each grid token, the cluster (0 .. h*w - 1, row-major) whose final
+    centre is nearest -- the cluster that nearest-centre reconstruction copies to it and the
+    heaviest of its top-k mix. Computed by :func:`token_reconstruction` itself
+    (``mode="nearest"``) on one-hot cluster tokens, so it is the operator's own choice,
+    ties included (the first cluster)."""
+    if not isinstance(state, ClusteringState):
+        raise TypeError(f"state must be the ClusteringState returned by token_clustering, got {type(state)}")
+    B, M = state.centers.shape[:2]
+    P = state.num_prefix_tokens
+    with _no_autocast(state.centers.device):
+        onehot = torch.eye(M, device=state.centers.device).expand(B, M, M)
+        clusters = torch.cat([onehot.new_zeros(B, P, M), onehot], dim=1)
+        copied = token_reconstruction(clusters, state, mode="nearest")
+    return copied[:, P:].argmax(dim=-1)
 
 
 # --------------------------------------------------------------------------------------

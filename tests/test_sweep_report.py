@@ -22,15 +22,17 @@ TOME = {"MODEL.TOKEN_REDUCTION.METHOD": "tome", "MODEL.TOKEN_REDUCTION.TOME.R": 
         "MODEL.TOKEN_REDUCTION.TOME.START_BLOCK": 0}
 
 
-def row(order, method, gmacs, value, speedup, label=None, **kw):
-    """A synthetic row of a depth sweep (RMSE: lower is better)."""
+def row(order, method, gmacs, value, speedup, label=None, base_ms=100.0, **kw):
+    """A synthetic row of a depth sweep (RMSE: lower is better), timed against a baseline that
+    took ``base_ms`` in the point's run (as the sweep records it: speed-up = base_ms / point ms)."""
     baseline = method == "baseline"
     overrides = {} if baseline or method == "expedit" else {"MODEL.TOKEN_REDUCTION.METHOD": method}
     return Row(point_id="baseline" if baseline else f"{method}{order}", order=order,
                label=label or (method if baseline else f"{method}_{order}"), baseline=baseline,
                overrides=overrides, metric="depth/rmse", metric_mode="min", metric_value=value,
                metrics={"depth/rmse": value}, backbone_gmacs=gmacs, model_gmacs=gmacs + 50.0, input_size=[480, 640],
-               latency_ms=100.0 / speedup, fps=speedup * 10, speedup_vs_baseline=speedup, device="cpu (test)",
+               latency_ms=base_ms / speedup, fps=speedup * 1000 / base_ms, speedup_vs_baseline=speedup,
+               baseline_latency_ms_same_run=base_ms, device="cpu (test)",
                config_file="projects/DPT/configs/dpt_hybrid_nyuv2.yaml", fingerprint="f" * 12, **kw)
 
 
@@ -127,6 +129,90 @@ def test_report_has_a_row_per_method_and_the_best_of_each(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as im:
         assert im.size == (1320, 504)  # 11 x 4.2 in at 120 dpi
+
+
+def _table_rows(table: str, header: str) -> list[dict]:
+    """The rows of the markdown table under ``header``'s first column as {column: cell}."""
+    lines = table.splitlines()
+    head = next(i for i, x in enumerate(lines) if x.startswith(f"| {header} |"))
+    names = [c.strip() for c in lines[head].strip("|").split("|")]
+    out = []
+    for line in lines[head + 2:]:
+        if not line.startswith("|"):
+            break
+        out.append(dict(zip(names, (c.strip() for c in line.strip("|").split("|")))))
+    return out
+
+
+#: the demo's DPT sweep of 2026-12-05 as its rows held it: the baseline timed 135.1 ms in its own
+#: run and 212.0 ms in tome_r215's (the table then showed 181.2 ms at 1.17x beside 135.1 ms)
+DEMO_ROWS = [row(0, "baseline", 2.56, 0.358, 1.0, base_ms=135.1),
+             row(1, "expedit", 1.14, 0.364, 1.03, label="a1_12x12", base_ms=305.2),
+             row(3, "tome", 1.16, 0.356, 212.0 / 181.2, label="tome_r215", base_ms=212.0),
+             row(7, "pool", 1.00, 0.444, 1.19, label="pool_a1_12x12", base_ms=271.7)]
+
+
+@pytest.mark.parametrize("rows", [ROWS, DEMO_ROWS], ids=["synthetic", "demo"])
+def test_every_speedup_is_the_printed_same_run_baseline_over_the_printed_time(rows, tmp_path):
+    for r in rows:
+        append_row(tmp_path, None, r)
+    write_report(tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    points = _table_rows(table, "point")
+    assert [p["point"] for p in points] == [r.label for r in rows]
+    for p, r in zip(points, rows):
+        ms, base, speedup = float(p["point ms"]), float(p["baseline ms, same run"]), float(p["speed-up"][:-1])
+        # printed to 0.1 ms and 0.01x: the quotient of the printed times agrees within that rounding
+        tolerance = 0.005 + 0.05 * (1 / ms + base / ms**2)
+        assert abs(speedup - base / ms) <= tolerance, (r.label, speedup, base, ms)
+        assert float(p["FPS"]) == pytest.approx(1000 / ms, abs=0.005 + 0.05 * 1000 / ms**2)
+    # the baseline row is timed against itself in its own run; other rows carry their run's baseline
+    assert points[0]["baseline ms, same run"] == points[0]["point ms"] and points[0]["speed-up"] == "1.00x"
+    best = _table_rows(table, "method")
+    for b in best:
+        ms, base, speedup = float(b["point ms"]), float(b["baseline ms, same run"]), float(b["speed-up"][:-1])
+        assert abs(speedup - base / ms) <= 0.005 + 0.05 * (1 / ms + base / ms**2)
+
+
+def test_the_demo_table_prints_tome_against_the_baseline_of_its_own_run(tmp_path):
+    for r in DEMO_ROWS:
+        append_row(tmp_path, None, r)
+    write_report(tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    tome = next(p for p in _table_rows(table, "point") if p["point"] == "tome_r215")
+    assert (tome["point ms"], tome["baseline ms, same run"], tome["speed-up"]) == ("181.2", "212.0", "1.17x")
+    baseline = _table_rows(table, "point")[0]
+    assert (baseline["point ms"], baseline["baseline ms, same run"]) == ("135.1", "135.1")
+    # the baseline took 135.1 to 305.2 ms over the 4 runs: every speed-up here is within that spread
+    assert "took 135.1 to 305.2 ms over the 4 runs of this sweep (highest / lowest = 2.26)" in table
+    assert "between 0.44x and 2.26x is within that spread" in table
+    assert "**Every speed-up in this table is within the run-to-run spread" in table
+    assert [p["vs. spread"] for p in _table_rows(table, "point")] == ["-", "within", "within", "within"]
+
+
+def test_speedups_beyond_the_spread_are_told_apart(tmp_path):
+    rows = [row(0, "baseline", 130.0, 0.357, 1.0, base_ms=100.0), row(1, "expedit", 67.0, 0.362, 1.6, base_ms=104.0),
+            row(2, "pool", 67.0, 0.420, 1.02, base_ms=98.0)]
+    for r in rows:
+        append_row(tmp_path, None, r)
+    write_report(tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    assert "took 98.0 to 104.0 ms over the 3 runs" in table and "between 0.94x and 1.06x" in table
+    assert [p["vs. spread"] for p in _table_rows(table, "point")] == ["-", "beyond", "within"]
+    assert "Every speed-up in this table is within" not in table
+    assert [b["vs. spread"] for b in _table_rows(table, "method")] == ["beyond", "within"]
+
+
+def test_rows_without_a_recorded_same_run_baseline_show_the_one_their_speedup_implies(tmp_path):
+    """Rows written before ``baseline_latency_ms_same_run`` was recorded: speed-up x point time."""
+    from dataclasses import replace
+
+    rows = [replace(r, baseline_latency_ms_same_run=None) for r in DEMO_ROWS]
+    for r in rows:
+        append_row(tmp_path, None, r)
+    write_report(tmp_path)
+    tome = next(p for p in _table_rows((tmp_path / "table.md").read_text(), "point") if p["point"] == "tome_r215")
+    assert (tome["point ms"], tome["baseline ms, same run"], tome["speed-up"]) == ("181.2", "212.0", "1.17x")
 
 
 def test_plot_draws_one_series_per_method(tmp_path, monkeypatch):

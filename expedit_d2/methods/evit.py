@@ -36,7 +36,7 @@ from ..reduction.core import (
     METHOD_KEY, TokenReducer, check_blocks, check_vit_blocks, patch_token_backbone, register_method, register_patch,
     run_vit_block)
 
-__all__ = ["KeepInfo", "evit_keep", "evit_restore", "EViTSettings", "EViTTokens"]
+__all__ = ["KeepInfo", "evit_keep", "evit_restore", "dropped_groups", "EViTSettings", "EViTTokens"]
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,27 @@ def evit_restore(infos: Sequence[KeepInfo], current: torch.Tensor) -> torch.Tens
     return torch.cat([current[:, :1], out[:, :N0]], dim=1)
 
 
+def dropped_groups(infos: Sequence[KeepInfo]) -> torch.Tensor:
+    """(B, N0) long group labels of the N0 original patch tokens after a chain of keep steps:
+    a token kept through every step is a group of its own (label: its position), the tokens
+    dropped at step i (fused into that step's token) form group N0 + i. A fused token that a
+    later step drops has no grid position and adds nobody (its members stay in step i's
+    group), as at :func:`evit_restore`. For pictures and checks."""
+    infos = list(infos)
+    B, N0 = infos[0].kept.shape[0], infos[0].num_tokens
+    device = infos[0].kept.device
+    # one spare column, N0, collects the fused tokens (no grid position)
+    labels = torch.arange(N0 + 1, device=device).expand(B, N0 + 1).clone()
+    origin = torch.arange(N0, device=device).expand(B, N0)  # grid position of each current token
+    spare = origin.new_full((B, 1), N0)
+    for step, info in enumerate(infos):
+        labels.scatter_(1, origin.gather(1, info.dropped), N0 + step)
+        origin = origin.gather(1, info.kept)
+        if info.fused:
+            origin = torch.cat([origin, spare], dim=1)
+    return labels[:, :N0]
+
+
 # ======================================================================================
 # the method: settings (MODEL.TOKEN_REDUCTION.EVIT.*) and the ViT patch
 # ======================================================================================
@@ -252,6 +273,9 @@ class EViTTokens(TokenReducer):
             return x
         P = state.num_prefix_tokens
         return _with_prefix(x, evit_restore(state.infos, _cls_and_grid(x, P)), P)
+
+    def groups(self, state):
+        return None if not state.infos else dropped_groups(state.infos)
 
     def extra_repr(self) -> str:
         return f"locations={sorted(self.locations)}, keep_rate={self.keep_rate}, fuse={self.fuse}"

@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..ops import DEFAULT_MEMORY_LIMIT, RECONSTRUCTION_MODES, TokenClustering, TokenReconstruction
+from ..ops import (DEFAULT_MEMORY_LIMIT, RECONSTRUCTION_MODES, TokenClustering, TokenReconstruction,
+                   nearest_clusters)
 from ..reduction.config import (
     NOT_EXPEDITED, check_bool, check_choice, check_odd, check_pair, check_positive_float, check_positive_int)
 from ..reduction.core import (
@@ -133,6 +134,9 @@ class ExpeditSwinWindows(SwinWindowReducer):
     def mask_shift(self, ws: int) -> int:
         return ws // 2 if self.shift_mask == "official" else self.side // 2
 
+    def window_groups(self, state, ws):
+        return nearest_clusters(state)  # each token's cluster in its window (nearest final centre)
+
     def extra_repr(self) -> str:
         return f"block_index={self.block_index}, shift_mask={self.shift_mask}"
 
@@ -234,6 +238,10 @@ class ExpeditTokens(TokenReducer):
         if c is None or x.shape[1] == c.tokens.shape[1] + c.num_prefix_tokens:
             return x  # before clustering, or as many clusters as tokens (the official hook's rule)
         return self.reconstruction(x, c)
+
+    def groups(self, state):
+        # each token's cluster: the nearest final centre (None: not clustered in this pass)
+        return None if state.clustering is None else nearest_clusters(state.clustering)
 
     def extra_repr(self) -> str:
         return f"location={self.location}"

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_int_at_least, check_pair, shape_of
+from ..ops import initial_cells
 from ..reduction.core import (
     SwinWindowReducer, TokenReducer, cell_positions, check_blocks, patch_swin_stage, patch_token_backbone,
     register_method, register_patch, swin_stage_at)
 from ..reduction.windowed import WindowedReducer, check_location, patch_windowed, window_size_of
 
-__all__ = ["pool_tokens", "unpool_tokens", "PoolSettings", "PoolTokens", "PoolSwinWindows", "PoolWindows"]
+__all__ = ["pool_tokens", "unpool_tokens", "cell_labels", "PoolSettings", "PoolTokens", "PoolSwinWindows", "PoolWindows"]
 
 
 def _grid(x: torch.Tensor, grid, num_prefix_tokens: int, name: str) -> torch.Tensor:
@@ -91,6 +92,17 @@ def unpool_tokens(x: torch.Tensor, grid_size, size, num_prefix_tokens: int = 0) 
     return _tokens(x[:, :num_prefix_tokens], up)
 
 
+def cell_labels(grid_size, size, device=None) -> torch.Tensor:
+    """(H*W,) long: the pooled cell (0 .. h*w - 1, row-major) of each token of an H x W grid
+    pooled to h x w. Adaptive pooling's cells overlap where h does not divide H; a token is
+    put in the cell its row and column start in (``initial_cells``: the cell expedit's
+    clustering starts each token in), for pictures and checks."""
+    (H, W), (h, w) = _sizes(grid_size, size)
+    rows = torch.tensor(initial_cells(H, h), device=device)
+    cols = torch.tensor(initial_cells(W, w), device=device)
+    return (rows[:, None] * w + cols[None, :]).reshape(-1)
+
+
 # ======================================================================================
 # the method: settings (MODEL.TOKEN_REDUCTION.POOL.*) and patches
 # ======================================================================================
@@ -132,6 +144,9 @@ class PoolSwinWindows(SwinWindowReducer):
 
     def restore(self, windows, ws):
         return unpool_tokens(windows, (ws, ws), (self.side, self.side))
+
+    def window_groups(self, state, ws):
+        return cell_labels((ws, ws), (self.side, self.side))
 
 
 @register_patch("pool", "swin")
@@ -196,6 +211,9 @@ class PoolTokens(TokenReducer):
         if not state.pooled:
             return x
         return unpool_tokens(x, state.grid, self.size, state.num_prefix_tokens)
+
+    def groups(self, state):
+        return cell_labels(state.grid, self.size) if state.pooled else None
 
     def extra_repr(self) -> str:
         return f"location={self.location}, size={self.size}"

@@ -319,6 +319,10 @@ class ToMeTokens(TokenReducer):
     def tap(self, x, state):
         return x if state.source is None else unmerge_with_source(x, state.source)
 
+    def groups(self, state):
+        # the merged token each grid token ended in (prefix tokens are never merged)
+        return None if state.source is None else state.source[:, state.num_prefix_tokens:]
+
     def extra_repr(self) -> str:
         return f"r={self.r}, start_block={self.start_block}, prop_attn={self.proportional_attention}"
 

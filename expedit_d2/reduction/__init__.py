@@ -1,8 +1,10 @@
 """Token reduction as patches on unmodified backbones: the registry, the family protocols
-("vit" and "swin" in :mod:`.core`, "windowed" in :mod:`.windowed`) and the config (see
-:mod:`.config`). The methods themselves,
+("vit" and "swin" in :mod:`.core`, "windowed" in :mod:`.windowed`), the config (see
+:mod:`.config`), and the token groups a patched backbone formed in a pass (:mod:`.groups`).
+The methods themselves,
 one file each, are in :mod:`expedit_d2.methods` (importing ``expedit_d2`` registers them)."""
 from .config import add_token_reduction_config, point_overrides, settings_from_config
+from .groups import TokenGroups, record_token_groups, token_groups
 from .core import (
     METHOD_KEY, SwinWindowReducer, TokenReducer, apply_patch, cell_positions, check_vit_blocks, family_of,
     register_family, register_method, register_patch, registered_methods, regrid_inputs, remove_patch,
@@ -13,5 +15,6 @@ __all__ = [
     "METHOD_KEY", "add_token_reduction_config", "apply_patch", "cell_positions", "check_vit_blocks",
     "family_of", "point_overrides", "register_family", "register_method", "register_patch", "registered_methods",
     "regrid_inputs", "remove_patch", "run_vit_block",
-    "settings_from_config", "SwinWindowReducer", "TokenReducer", "WindowedReducer",
+    "settings_from_config", "SwinWindowReducer", "TokenReducer", "WindowedReducer", "TokenGroups",
+    "record_token_groups", "token_groups",
 ]

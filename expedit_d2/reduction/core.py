@@ -221,6 +221,14 @@ class TokenReducer(nn.Module):
         method that changes the token set keeps up to date."""
         return getattr(state, "positions", None)
 
+    def groups(self, state) -> torch.Tensor | None:
+        """After a pass: which grid tokens the method put together, as a group label per grid
+        token, (B, h*w) or (h*w,) shared by the batch, long, row-major (tokens with the same
+        label in an image form one group); None while every token is its own group. Read by
+        :func:`expedit_d2.reduction.groups.record_token_groups` for pictures and checks; never
+        called during the forward pass. The default: none put together."""
+        return None
+
 
 def regrid_inputs(inputs: dict, positions: torch.Tensor | None) -> dict:
     """Re-index a block's grid inputs to the current tokens.
@@ -436,6 +444,13 @@ class SwinWindowReducer(nn.Module):
 
     def mask_shift(self, ws: int) -> int:
         return self.side // 2
+
+    def window_groups(self, state, ws: int) -> torch.Tensor | None:
+        """Which tokens of each window ``reduce`` put together: a group label per token of
+        every window, (B*nW, ws*ws) or (ws*ws,) shared by the windows, long, row-major inside
+        the window; None while every token is its own group. ``state`` is what ``reduce``
+        returned. As :meth:`TokenReducer.groups`, for pictures and checks only."""
+        return None
 
     def forward(self, stage, x, H, W):
         from ..backbones.swin import window_partition, window_reverse

@@ -2,6 +2,12 @@
 column, the best setting of each method within the budget) and ``pareto.png`` (the metric
 vs. backbone GMACs and vs. the measured speed-up: one series and Pareto front per method,
 the baseline starred).
+
+Every ratio in the table can be checked against the numbers printed beside it: a point's
+speed-up is the baseline's time measured in the same run as the point (interleaved with it,
+its own column) over the point's time, both printed in the row. The baseline is timed again
+beside every point, so the table also says how much that time varied from run to run, and
+which speed-ups lie within that spread (and so cannot be told from noise).
 """
 from __future__ import annotations
 
@@ -12,16 +18,21 @@ from .spec import BASELINE, DEFAULT_METHOD, SweepError
 from .store import Row, read_rows
 
 __all__ = ["best_within_budget", "best_per_method", "methods_of", "pareto_front", "table_markdown",
-           "plot_pareto", "write_report"]
+           "plot_pareto", "write_report", "same_run_baseline_ms", "timing_spread", "within_spread"]
 
 # x axes of the plot: (row field, axis label)
-_AXES = (("backbone_gmacs", "backbone GMACs"), ("speedup_vs_baseline", "speed-up vs. baseline (measured)"))
+_AXES = (("backbone_gmacs", "backbone GMACs"),
+         ("speedup_vs_baseline", "speed-up: baseline ms (same run) / point ms, measured"))
 # cost fields where higher is better
 _HIGHER_IS_BETTER = ("fps", "speedup_vs_baseline")
 
 
 def _fmt(v, nd=2):
     return "-" if v is None else f"{v:.{nd}f}"
+
+
+def _speedup(r: Row) -> str:
+    return "-" if r.speedup_vs_baseline is None else f"{r.speedup_vs_baseline:.2f}x"
 
 
 def _pct(v, base):
@@ -79,6 +90,55 @@ def _budget_text(budget_gmacs, budget_ms) -> str:
                                     budget_ms is not None and f"{budget_ms} ms") if s)
 
 
+def same_run_baseline_ms(r: Row) -> float | None:
+    """The baseline's time measured in the same run as ``r`` (beside it), ms: the row's
+    ``baseline_latency_ms_same_run``, or for rows written before it was recorded, what their
+    speed-up implies (speed-up x latency, the speed-up's definition); None where not timed."""
+    if r.baseline_latency_ms_same_run is not None:
+        return r.baseline_latency_ms_same_run
+    if r.speedup_vs_baseline is not None and r.latency_ms is not None:
+        return r.speedup_vs_baseline * r.latency_ms
+    return None
+
+
+def timing_spread(rows: list[Row]) -> tuple[float, float, int] | None:
+    """(lowest, highest, count) of the baseline's time over the runs of the sweep (once beside
+    every point, the baseline's own run included), ms; None with fewer than two runs."""
+    times = [t for t in (same_run_baseline_ms(r) for r in rows) if t is not None]
+    if len(times) < 2:
+        return None
+    return min(times), max(times), len(times)
+
+
+def within_spread(speedup: float, spread) -> bool:
+    """Whether ``speedup`` lies within the run-to-run spread (lo, hi, n) of the baseline's time:
+    between lo / hi and hi / lo, what the same computation timed in two runs can show."""
+    lo, hi, _ = spread
+    return lo / hi <= speedup <= hi / lo
+
+
+def _noise(r: Row, spread) -> str:
+    if r.baseline or r.speedup_vs_baseline is None or spread is None:
+        return "-"
+    return "within" if within_spread(r.speedup_vs_baseline, spread) else "beyond"
+
+
+def _spread_note(rows: list[Row], spread) -> list[str]:
+    """The table's lines on the run-to-run spread of the baseline's time (none without one)."""
+    if spread is None:
+        return []
+    lo, hi, n = spread
+    lines = [f"Run-to-run spread: the baseline, timed again beside every point, took {lo:.1f} to {hi:.1f} ms "
+             f"over the {n} runs of this sweep (highest / lowest = {hi / lo:.2f}). A speed-up between "
+             f"{lo / hi:.2f}x and {hi / lo:.2f}x is within that spread (column \"vs. spread\": within): "
+             "the same model timed twice can differ that much, so it cannot be told from noise."]
+    timed = [r for r in rows if not r.baseline and r.speedup_vs_baseline is not None]
+    if timed and all(within_spread(r.speedup_vs_baseline, spread) for r in timed):
+        lines.append("**Every speed-up in this table is within the run-to-run spread: on this machine these "
+                     "timings show no speed-up that noise could not explain.**")
+    return lines
+
+
 def _delta(r: Row, base: Row | None) -> str:
     if base is None or r.metric_value is None or base.metric_value is None:
         return "-"
@@ -99,20 +159,24 @@ def table_markdown(rows: list[Row], budget_gmacs=None, budget_ms=None) -> str:
     base = next((r for r in rows if r.baseline), None)
     r0 = rows[0]
     metric = r0.metric
+    spread = timing_spread(rows)
     lines = [f"Sweep of `{_shown(r0.config_file)}` at input {r0.input_size[0]}x{r0.input_size[1]} on {r0.device} "
-             f"({len(rows)} points; GMACs: fvcore multiply-adds, one image (GFLOPs = 2 x GMACs); latency: "
-             "median, batch 1; speed-up: baseline time / point time, the two timed interleaved in one run, "
-             "so machine drift cancels; deltas vs. the baseline)", "",
-             f"| point | method | backbone GMACs | model GMACs | latency ms | FPS | speed-up | peak MB | "
-             f"{metric} | delta |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"({len(rows)} points; GMACs: fvcore multiply-adds, one image (GFLOPs = 2 x GMACs); each point is "
+             "timed in a run of its own, interleaved with the baseline (batch 1, medians): \"point ms\" is the "
+             "point's time, \"baseline ms, same run\" the baseline's in that run, and speed-up = baseline ms, "
+             "same run / point ms, so machine drift between runs cancels (compare a point's time with the "
+             "baseline of its own row, not with the baseline row's); FPS = 1000 / point ms; deltas vs. the "
+             "baseline row)", "", *_spread_note(rows, spread), *([""] if spread else []),
+             f"| point | method | backbone GMACs | model GMACs | point ms | baseline ms, same run | speed-up "
+             f"| vs. spread | FPS | peak MB | {metric} | delta |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         b = base or r
         lines.append(
             f"| {r.label} | {r.method} | {_fmt(r.backbone_gmacs)} ({_pct(r.backbone_gmacs, b.backbone_gmacs)}) "
             f"| {_fmt(r.model_gmacs)} ({_pct(r.model_gmacs, b.model_gmacs)}) "
-            f"| {_fmt(r.latency_ms, 1)} | {_fmt(r.fps)} | {_fmt(r.speedup_vs_baseline)}x "
-            f"| {_fmt(r.peak_memory_mb, 0)} | {_fmt(r.metric_value, 3)} | {_delta(r, base)} |")
+            f"| {_fmt(r.latency_ms, 1)} | {_fmt(same_run_baseline_ms(r), 1)} | {_speedup(r)} | {_noise(r, spread)} "
+            f"| {_fmt(r.fps)} | {_fmt(r.peak_memory_mb, 0)} | {_fmt(r.metric_value, 3)} | {_delta(r, base)} |")
     what = _budget_text(budget_gmacs, budget_ms)
     if what:
         best = best_within_budget(rows, budget_gmacs, budget_ms)
@@ -123,15 +187,16 @@ def table_markdown(rows: list[Row], budget_gmacs=None, budget_ms=None) -> str:
     per_method = best_per_method(rows, budget_gmacs, budget_ms)
     if per_method:
         lines += ["", f"Best setting of each method within {what or 'no budget (--budget-gmacs / --budget-ms)'}:",
-                  "", f"| method | point | {metric} | delta | backbone GMACs | latency ms | speed-up |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "", f"| method | point | {metric} | delta | backbone GMACs | point ms | baseline ms, same run "
+                  "| speed-up | vs. spread |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for method, r in per_method.items():
             if r is None:
-                lines.append(f"| {method} | none fits | - | - | - | - | - |")
+                lines.append(f"| {method} | none fits | - | - | - | - | - | - | - |")
             else:
                 lines.append(f"| {method} | {r.label} | {_fmt(r.metric_value, 3)} | {_delta(r, base)} "
                              f"| {_fmt(r.backbone_gmacs)} | {_fmt(r.latency_ms, 1)} "
-                             f"| {_fmt(r.speedup_vs_baseline)}x |")
+                             f"| {_fmt(same_run_baseline_ms(r), 1)} | {_speedup(r)} | {_noise(r, spread)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -81,7 +81,7 @@ def test_tome_and_evit_groups_count_what_the_methods_keep():
 
 
 def test_swin_groups_stay_inside_their_window_and_the_observation_leaves_no_trace():
-    bb = build(tiny_cfg("D2SwinTransformer", "expedit", **SWIN_METHOD_KEYS["expedit"]))  # windows 12, 8x8 clusters
+    bb = build(tiny_cfg("ExpeditD2SwinTransformer", "expedit", **SWIN_METHOD_KEYS["expedit"]))  # windows 12, 8x8 clusters
     x = torch.randn(1, 3, 224, 224)  # stage 3: 14x14 tokens, 2x2 windows after padding to 24x24
     with torch.no_grad():
         before = bb(x)

@@ -214,7 +214,10 @@ register_method("evit", EViTSettings.from_config, "EVIT",
                 {"LOCATIONS": [3, 6, 9], "KEEP_RATE": 1.0, "FUSE": True})
 
 
-class _Pass:
+class KeepingPass:
+    """One forward pass of EViT: the prefix count, what every keep step kept and fused (for
+    the taps' restore) and where each current grid token stands."""
+
     def __init__(self, num_prefix_tokens):
         self.num_prefix_tokens, self.infos, self.positions = num_prefix_tokens, [], None
 
@@ -243,7 +246,7 @@ class EViTTokens(TokenReducer):
     def start(self, x, grid, num_prefix_tokens):
         if num_prefix_tokens < 1:
             raise ValueError("EViT needs a cls token (num_prefix_tokens >= 1)")
-        return _Pass(num_prefix_tokens)
+        return KeepingPass(num_prefix_tokens)
 
     def block(self, index, blk, x, state, inputs):
         if index not in self.locations or self.keep_rate >= 1:

@@ -186,8 +186,9 @@ def patch_windowed_vit(backbone, settings: ExpeditSettings) -> None:
 # --------------------------------------------------------------------------------------
 # ViT: global
 # --------------------------------------------------------------------------------------
-class _Pass:
-    """State of one forward pass: the grid and, once clustered, what reconstruction needs."""
+class ClusteringPass:
+    """One forward pass of expedit on a token-tap backbone: the grid and, once clustered, what
+    reconstruction needs (the clustering state) and where each cluster stands."""
 
     def __init__(self, grid, num_prefix_tokens):
         self.grid, self.num_prefix_tokens, self.clustering = grid, num_prefix_tokens, None
@@ -213,7 +214,7 @@ class ExpeditTokens(TokenReducer):
         self.unexpedited_images = 0
 
     def start(self, x, grid, num_prefix_tokens):
-        return _Pass(grid, num_prefix_tokens)
+        return ClusteringPass(grid, num_prefix_tokens)
 
     def after_block(self, index, x, state):
         if index != self.location:

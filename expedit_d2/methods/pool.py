@@ -180,7 +180,10 @@ def patch_windowed_vit(backbone, settings: PoolSettings) -> None:
     patch_windowed(backbone, PoolWindows(settings.location, h), "Pool")
 
 
-class _Pass:
+class PoolingPass:
+    """One forward pass of pooling on a token-tap backbone: the grid, whether it was pooled yet
+    and where each pooled token stands."""
+
     def __init__(self, grid, num_prefix_tokens):
         self.grid, self.num_prefix_tokens, self.pooled = grid, num_prefix_tokens, False
         self.positions = None  # once pooled: the grid token at each cell's centre
@@ -197,7 +200,7 @@ class PoolTokens(TokenReducer):
         self.location, self.size = settings.location, settings.size
 
     def start(self, x, grid, num_prefix_tokens):
-        return _Pass(grid, num_prefix_tokens)
+        return PoolingPass(grid, num_prefix_tokens)
 
     def after_block(self, index, x, state):
         (h, w), (H, W) = self.size, state.grid

@@ -22,8 +22,9 @@ the ratio of the medians beside it); the gap between the latency and GMACs ratio
 operators as a share of the base backbone's time (their overhead: the gap also holds
 FLOP-efficiency differences between layers); peak extra memory of one forward (each
 model in a fresh subprocess);
-and the cosine similarity of each output level, expedited vs base. ``--repeats 0`` times
-nothing: GMACs, memory and cosines only (latency, gap and operator share are n/a).
+and the cosine similarity of each output level, expedited vs base. ``--repeats 0`` runs
+nothing but the GMACs count and the memory children: latency, gap, operator share and
+cosines are n/a (ViT-H at 1024 on a CPU: minutes per forward).
 
 SAM cases (``sam_<model>_1024_<row>``, named only, not in the default list) measure
 segment-anything's own ``ImageEncoderViT`` (not a Detectron2 backbone: built with
@@ -290,6 +291,8 @@ class Job(NamedTuple):
     build: Callable[[], tuple[nn.Module, nn.Module]]
     #: extra fields of the job's row (SAM cases: the setting and the published speed-up)
     extra: dict | None = None
+    #: jobs with the same key have the same base module (its GMACs are counted once)
+    base_key: tuple | None = None
 
 
 def cfg_job(label, cfg, size, taps_only=False, allow_partial=False, checkpointer=DetectionCheckpointer) -> Job:
@@ -316,7 +319,8 @@ def sam_job(label, case: SamCase, method, size, device, cpu_linear="blas", check
                      "settings": sam_setting_text(settings),
                      "published_speedup_v100_amg_vit_h": None if speed is None else speed[1]}}
     return Job(label, (size, size), device, cpu_linear,
-               lambda: build_sam_pair(case, method, size, device, cpu_linear, checkpoint, allow_partial), extra)
+               lambda: build_sam_pair(case, method, size, device, cpu_linear, checkpoint, allow_partial), extra,
+               ("sam", case.model_type, size, device, cpu_linear, checkpoint))
 
 
 def memory_child(job: Job, variant) -> int | None:
@@ -383,16 +387,22 @@ def run_case(name, cfg, size, repeats, warmup, log, memory, taps_only=False, all
     return measure_job(cfg_job(name, cfg, size, taps_only, allow_partial, checkpointer), repeats, warmup, log, memory)
 
 
-def measure_job(job: Job, repeats, warmup, log, memory) -> dict:
-    """The row of one job: GMACs, interleaved latency (``repeats`` 0: not timed), memory
-    (``memory(variant)``), operator share, cosine per output level."""
+def measure_job(job: Job, repeats, warmup, log, memory, base_gmacs: dict | None = None) -> dict:
+    """The row of one job: GMACs, interleaved latency, memory (``memory(variant)``), operator
+    share, cosine per output level; ``repeats`` 0: GMACs and memory only. ``base_gmacs``: a
+    cache {``job.base_key``: GMACs} shared by the jobs of one run."""
     name, size, device = job.label, job.size, job.device
     base, expedited = job.build()
     image = torch.randn(1, 3, *size, device=device)
     with torch.inference_mode():
         log(f"{name}: counting FLOPs")
+        cached = base_gmacs is not None and job.base_key is not None and job.base_key in base_gmacs
         gmacs = {k: backbone_flops(m, image).total() / 1e9 for k, m in
-                  (("base", base), ("expedited", expedited))}
+                  (("base", base), ("expedited", expedited)) if not (cached and k == "base")}
+        if cached:
+            gmacs["base"] = base_gmacs[job.base_key]
+        elif base_gmacs is not None and job.base_key is not None:
+            base_gmacs[job.base_key] = gmacs["base"]
         if repeats:
             log(f"{name}: timing (warm-up {warmup}, {repeats} repeats)")
             rounds = interleaved_samples(
@@ -402,10 +412,12 @@ def measure_job(job: Job, repeats, warmup, log, memory) -> dict:
             log(f"{name}: --repeats 0, not timed")
             rounds = {"base": [], "expedited": []}
         mem = {k: memory(k) for k in ("base", "expedited")}
-        op_secs = operator_seconds(expedited, image, device) if repeats else None
-        a, b = _levels(base(image)), _levels(expedited(image))
-        cos = {k: F.cosine_similarity(a[k].flatten(1).float(), b[k].flatten(1).float()).mean().item()
-               for k in a}
+        op_secs = cos = None
+        if repeats:
+            op_secs = operator_seconds(expedited, image, device)
+            a, b = _levels(base(image)), _levels(expedited(image))
+            cos = {k: F.cosine_similarity(a[k].flatten(1).float(), b[k].flatten(1).float()).mean().item()
+                   for k in a}
     row = {
         "case": name, "input": list(size), "device": str(device),
         "gmacs_base": gmacs["base"], "gmacs_expedited": gmacs["expedited"],
@@ -455,7 +467,7 @@ def format_table(rows, threads) -> str:
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         mb = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
-        cos = " ".join(f"{k} {v:.3f}" for k, v in r["cosine"].items())
+        cos = "n/a" if r["cosine"] is None else " ".join(f"{k} {v:.3f}" for k, v in r["cosine"].items())
         if r["latency_ratio"] is None:  # --repeats 0: GMACs only
             timed = "| n/a | n/a | n/a | n/a | n/a | n/a |"
         else:
@@ -583,7 +595,7 @@ def main(argv=None):
                         "settings of about equal GMACs, see METHOD_SETTINGS; KEY VALUE overrides win; "
                         "SAM cases: expedit, pool, tome at the row's s x s per window, see SAM_METHODS)")
     add_timing_arguments(parser, repeats=3, warmup=1)
-    parser._option_string_actions["--repeats"].help += "; 0: not timed (GMACs, memory and cosines only)"
+    parser._option_string_actions["--repeats"].help += "; 0: not timed, GMACs and memory only"
     parser.add_argument("--output", type=Path, help="also write <output>.md and <output>.json")
     parser.add_argument("--pool", nargs="+", type=Path, metavar="RUN.json",
                         help="measure nothing: pool the rounds of earlier runs' JSON files (same cases, "
@@ -605,7 +617,7 @@ def main(argv=None):
         emit_report(format_pooled(rows), rows, args.output)
         return
     if args.repeats < 0:
-        parser.error(f"--repeats must be >= 0 (0: GMACs, memory and cosines only), got {args.repeats}")
+        parser.error(f"--repeats must be >= 0 (0: GMACs and memory only), got {args.repeats}")
     apply_timing_arguments(args)
 
     def log(msg):
@@ -667,7 +679,7 @@ def main(argv=None):
         print_child_peak(memory_child(jobs[int(index)], variant))
         return
     argv = sys.argv[1:] if argv is None else list(argv)
-    rows = []
+    rows, base_gmacs = [], {}
     for index, job in enumerate(jobs):
         def memory(variant, index=index, name=job.label):
             if args.no_memory:
@@ -675,7 +687,7 @@ def main(argv=None):
             log(f"{name}: peak memory of the {variant} backbone (subprocess)")
             return measure_memory(argv, index, variant)
 
-        rows.append(measure_job(job, args.repeats, args.warmup, log, memory))
+        rows.append(measure_job(job, args.repeats, args.warmup, log, memory, base_gmacs))
         if args.output:  # after every case, so a long run keeps what it measured
             write_report(args.output, format_table(rows, args.threads), rows)
     print(format_table(rows, args.threads))

@@ -79,6 +79,9 @@ _IGNORED = [
     "aten::relu_", "aten::expand_as", "aten::masked_fill", "aten::zeros_like", "aten::new_zeros",
     "aten::div_", "aten::sub_", "aten::upsample_bicubic2d", "aten::lt", "aten::gt", "aten::neg",
     "aten::meshgrid", "aten::stack", "aten::arange", "aten::minimum", "aten::cumsum", "aten::ones_like",
+    # SAM's image encoder: its neck's LayerNorm2d, the resizing of its relative-position tables
+    # (windows of another size), the clustering's distance offset
+    "aten::pow", "aten::sqrt", "aten::upsample_linear1d", "aten::amin",
 ]
 
 

@@ -364,7 +364,7 @@ class ToMeWindows(WindowedReducer):
             x, size = merge_wavg(info, x, size)
             source = update_source(source, info)
             positions = merged_positions(info, positions)
-            left -= info.r
+            left -= int(info.r)  # an int under torch.jit.trace too (fvcore), where shapes are tensors
         order = positions.argsort(dim=1)  # merged tokens by the grid position they stand for
         x = gather_rows(x, order)
         return x, order.argsort(dim=1).gather(1, source)  # original token -> its place on the grid

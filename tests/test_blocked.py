@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from expedit_d2.blocked import map_rows, runs_in_blocks
+from tests.numerics import assert_close_f32
 
 
 def _mlp():
@@ -19,7 +20,7 @@ def test_blocks_cover_every_row_once_and_equal_one_call():
         out = map_rows(fn, x, 5, mlp)
     assert [s[0] for s in seen] == [5, 5, 5, 5, 1] and all(s[1] == 8 for s in seen)
     assert out.shape == (3, 7, 8)
-    torch.testing.assert_close(out, one, rtol=1e-6, atol=1e-6)
+    assert_close_f32(out, one)
 
 
 def test_residual_sums_go_into_the_callers_tensor():
@@ -30,7 +31,7 @@ def test_residual_sums_go_into_the_callers_tensor():
         y = x.clone()
         out = map_rows(mlp, y, 5, mlp, residual=True)
     assert out.data_ptr() == y.data_ptr()
-    torch.testing.assert_close(out, expect, rtol=1e-6, atol=1e-6)
+    assert_close_f32(out, expect)
 
 
 def test_one_call_when_training_recording_or_small():

@@ -8,6 +8,7 @@ from dpt import DPTDepth, add_dpt_config, convert_dpt_state_dict, silog_loss
 from dpt.head import DPTScratch, FusionBlock
 from expedit_d2.blocked import cpu_inference
 from tests.compile_check import compiled_in_inference
+from tests.numerics import assert_close_f32
 from tests.reference_keys import read_keys
 
 
@@ -282,7 +283,7 @@ def test_fusion_head_runs_channels_last_in_cpu_inference_to_rounding():
     plain.sum().backward()
     assert all(g.grad is not None for g in graded)
     assert fast.shape == plain.shape == (1, 1, 96, 128)  # twice the stride-4 map, twice again
-    torch.testing.assert_close(fast, plain.detach(), rtol=1e-5, atol=1e-6)
+    assert_close_f32(fast, plain.detach())
     assert all(torch.equal(m, k) for m, k in zip(maps, kept))  # the caller's maps untouched
     with torch.inference_mode():
         assert not cpu_inference(maps[0].to("meta"), scratch)  # a CPU-only choice

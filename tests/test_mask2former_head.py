@@ -8,6 +8,7 @@ from detectron2.layers import ShapeSpec
 from mask2former.modeling.head import MaskFormerHead
 from mask2former.modeling.pixel_decoder import MSDeformAttn, ms_deform_attn, softmax_last
 from tests.compile_check import compiled_in_inference
+from tests.numerics import assert_close_f32
 from tests.reference_keys import read_keys
 
 SWIN_L = {"res2": ShapeSpec(channels=192, stride=4), "res3": ShapeSpec(channels=384, stride=8),
@@ -140,7 +141,7 @@ def test_deformable_attention_module_equals_the_official_formula():
     with torch.no_grad():  # float32 too (the CPU softmax: the same up to rounding)
         attn.float()
         q32, v32, r32 = query.float(), value_in.float(), ref.float()
-        torch.testing.assert_close(attn(q32, r32, v32, shapes), official(q32, v32, r32), rtol=1e-5, atol=1e-6)
+        assert_close_f32(attn(q32, r32, v32, shapes), official(q32, v32, r32))
 
 
 @pytest.mark.parametrize("shape", [(7, 12), (2, 5, 3, 12), (1, 1)])
@@ -206,7 +207,7 @@ def test_pixel_decoder_feed_forward_in_token_blocks_equals_one_call(monkeypatch)
     tokens = 2 * (3 * 4 + 6 * 8 + 12 * 16)
     assert tokens % 11 and [c[0] for c in calls] == [min(11, tokens - i) for i in range(0, tokens, 11)]
     for a, b in zip([blocks[0], blocks[1], *blocks[2]], [whole[0], whole[1], *whole[2]]):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+        assert_close_f32(a, b.detach())
 
 
 @pytest.mark.parametrize("features", ["random", "one sign per query"])
@@ -270,4 +271,4 @@ def test_decoder_shrink_equals_bilinear_interpolation(shape, size):
     want = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     got = shrink(x, size)
     assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert_close_f32(got, want)

@@ -16,6 +16,7 @@ from expedit_d2.methods import (
     unpool_tokens,
     update_source,
 )
+from tests.numerics import assert_close_f32
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -227,7 +228,7 @@ def test_evit_keep_matches_oracle(keep_rate, fuse, device):
     for b in range(B):
         ref, kept, dropped = evit_oracle(x[b].cpu(), attn[b].cpu(), keep_rate, fuse)
         assert info.kept[b].tolist() == kept and info.dropped[b].tolist() == dropped
-        torch.testing.assert_close(out[b].cpu(), ref, atol=1e-6, rtol=1e-6)
+        assert_close_f32(out[b].cpu(), ref)
         for k, j in enumerate(dropped):
             assert torch.equal(info.dropped_values[b, k], x[b, 1 + j])
 
@@ -366,9 +367,9 @@ def test_pool_unpool_match_oracles(case, device):
     torch.testing.assert_close(up[:, P:], ref_up.flatten(2).transpose(1, 2))
     for b in range(B):
         ref = pool_oracle(x[b, P:].cpu().view(H, W, C), h, w)
-        torch.testing.assert_close(pooled[b, P:].cpu().double(), ref.reshape(h * w, C), atol=1e-6, rtol=1e-6)
+        assert_close_f32(pooled[b, P:].cpu().double(), ref.reshape(h * w, C))
         ref = bilinear_oracle(small[b, P:].cpu().view(h, w, C), H, W)
-        torch.testing.assert_close(up[b, P:].cpu().double(), ref.reshape(H * W, C), atol=1e-6, rtol=1e-6)
+        assert_close_f32(up[b, P:].cpu().double(), ref.reshape(H * W, C))
 
 
 def test_pool_identity_and_constants():

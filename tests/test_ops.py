@@ -16,6 +16,7 @@ from tests.dense_reference import (
     dense_nearest_reconstruction,
     dense_reconstruction,
 )
+from tests.numerics import assert_close_f32
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -74,7 +75,7 @@ def test_chunking_gives_same_results(case):
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
     rec_whole = token_reconstruction(later, state, k, tau)
     rec_chunked = token_reconstruction(later, state, k, tau, memory_limit=64)
-    torch.testing.assert_close(rec_chunked, rec_whole, atol=1e-6, rtol=1e-6)
+    assert_close_f32(rec_chunked, rec_whole)
 
 
 def test_samples_are_independent():
@@ -178,7 +179,7 @@ def test_reconstruction_keeps_every_weight_tied_with_the_kth():
     rows = token_reconstruction(eye, state, k=2, temperature=0.01)
     assert ((rows > 0).sum(-1) == 4).all()  # k = 2, but the three tied clusters all stay
     expect = dense_reconstruction(eye, x, centers, 2, 0.01)
-    torch.testing.assert_close(rows.double(), expect, atol=1e-6, rtol=1e-5)
+    assert_close_f32(rows.double(), expect)
 
 
 def test_gather_rows_equals_gather_over_the_expanded_index():

@@ -23,6 +23,7 @@ from expedit_d2 import ExpeditSettings, remove_patch
 from expedit_d2.sam import (
     DEFAULT_PRESET, PRESET_SOURCES, PUBLISHED_BASE_SPEED, PUBLISHED_SPEED, SAM_PRESETS, best_iou_means,
     build_tiny_sam, expedit_sam, mask_ious, mean_best_iou, official_settings, sam_settings)
+from tests.numerics import assert_close_f32
 from tools import sam_amg
 
 #: float32 rounding of one computation done twice, relative to the output's scale
@@ -50,8 +51,7 @@ def picture(h=240, w=320):
 
 
 def assert_close_scaled(got, want):
-    scale = want.abs().max().item()
-    torch.testing.assert_close(got, want, rtol=TOLERANCE, atol=TOLERANCE * scale)
+    assert_close_f32(got, want, rel=TOLERANCE)
 
 
 # --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from expedit_d2.expedit_backbone import register_official_backbone_names
 from expedit_d2.backbones.swin import SwinStage, SwinTransformer
 from tests.dense_reference import dense_clustering, dense_reconstruction, sq_dist
 from tests.d2_helpers import run_faster_rcnn_fpn, run_model_zoo_config
+from tests.numerics import assert_close_f32
 from tests.reference_keys import read_keys
 
 
@@ -393,8 +394,8 @@ def test_attention_with_window_mask_equals_every_window_masked(batch, dtype):
         attn.zero_grad()
         attn(xi, m).square().sum().backward()
         xi.table_grad = attn.relative_position_bias_table.grad.clone()
-    torch.testing.assert_close(xs[0].grad, xs[1].grad)
-    torch.testing.assert_close(xs[0].table_grad, xs[1].table_grad)
+    assert_close_f32(xs[0].grad, xs[1].grad)
+    assert_close_f32(xs[0].table_grad, xs[1].table_grad)
 
 
 @pytest.mark.parametrize("H, W, ws, shift", [(20, 30, 12, 6), (24, 36, 12, 6), (24, 36, 12, 0),
@@ -445,7 +446,7 @@ def test_window_gather_compiles_with_inductor():
     x = torch.randn(1, 25 * 30, 8)
     with torch.inference_mode():
         out = torch.compile(block, fullgraph=True, dynamic=False)(x, 25, 30, 7, 3)
-        torch.testing.assert_close(out, block(x, 25, 30, 7, 3))
+        assert_close_f32(out, block(x, 25, 30, 7, 3))  # inductor's own layer norm kernel
 
 
 @pytest.mark.parametrize("name", ["ExpeditD2SwinTransformer", "D2HourglassSwinTransformer"])
@@ -456,7 +457,12 @@ def test_cpu_inference_in_blocks_equals_one_call(name, monkeypatch):
     layer; the expedited stage's resized windows and official mask shift included."""
     from expedit_d2.backbones import swin
 
-    model = build(tiny_swin_cfg(name))
+    cfg = tiny_swin_cfg(name)
+    # every centre of a window kept (K = its 8 x 8 clusters): a K < 64 cut jumps where a
+    # token's K-th and (K+1)-th weights (nearly) tie, and which side it falls on follows the
+    # rounding that blocking changes (one res4 token off by 0.025 with ATEN_CPU_CAPABILITY=default)
+    cfg.MODEL.SWIN.TOKEN_RECONSTRUCTION_BLOCK.K = 64
+    model = build(cfg)
     x = torch.randn(2, 3, 200, 296)
     windows, mlp_rows = [], []
     attend = swin.WindowAttention._attend
@@ -478,7 +484,7 @@ def test_cpu_inference_in_blocks_equals_one_call(name, monkeypatch):
     assert len(windows) > calls and windows[:24 + 24] == [3] * 23 + [1] + ([3] * 11 + [2]) * 2
     assert max(mlp_rows) == 37 and mlp_rows[:100].count(37) == 100
     for k in whole:
-        torch.testing.assert_close(blocks[k], whole[k].detach(), rtol=1e-6, atol=1e-6)
+        assert_close_f32(blocks[k], whole[k].detach(), msg=k)
 
 
 def test_window_mask_of_a_block_of_windows():

@@ -24,6 +24,7 @@ from expedit_d2.reduction import apply_patch, family_of, remove_patch, settings_
 from expedit_d2.reduction.config import point_overrides
 from tests.compile_check import compiled_in_inference
 from tests.d2_helpers import run_faster_rcnn_fpn
+from tests.numerics import assert_close_f32
 
 METHOD_KEYS = {
     "expedit": {"MODEL.EXPEDIT.CLUSTERING_LOCATION": 2, "MODEL.EXPEDIT.NUM_CLUSTERS": [4, 4]},
@@ -265,7 +266,7 @@ def test_pool_patch_matches_a_loop_written_from_the_definition(base):
                 pos = [r * W + c for r in cell_centres(H, h) for c in cell_centres(W, w)]
         want = plain._maps_to_outputs([plain._tokens_to_map(taps[i], (H, W)) for i in plain.taps], x.shape[-2:])
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+        assert_close_f32(got[k], want[k], msg=k)
 
 
 @pytest.mark.parametrize("base", ["EVA", "EVA-mixed"])
@@ -289,7 +290,7 @@ def test_expedit_on_eva_gives_clusters_the_rotation_of_their_cells(base):
                 pos = [r * W + c for r in cell_centres(H, 4) for c in cell_centres(W, 4)]
         want = plain._maps_to_outputs([plain._tokens_to_map(taps[i], (H, W)) for i in plain.taps], x.shape[-2:])
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+        assert_close_f32(got[k], want[k], msg=k)
 
 
 def test_merged_positions_follow_the_b_token():

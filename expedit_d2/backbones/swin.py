@@ -31,6 +31,7 @@ from torch import nn
 from detectron2.modeling import BACKBONE_REGISTRY
 
 from ..blocked import map_rows, runs_in_blocks, stack_blocks
+from ..layers import DropPath, Mlp, init_linear_and_norm
 from .base import MultiScaleBackbone
 
 __all__ = ["SwinTransformer", "ExpeditD2SwinTransformer", "WindowMask", "WindowGather", "shifted_window_mask",
@@ -44,32 +45,6 @@ __all__ = ["SwinTransformer", "ExpeditD2SwinTransformer", "WindowMask", "WindowG
 #: 8192-token MLP blocks were slower, 1024 no faster.
 MLP_BLOCK_TOKENS = 2048
 ATTENTION_BLOCK_TOKENS = 4096
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (identity at inference)."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -452,17 +427,7 @@ class SwinTransformer(nn.Module):
         self.num_features = [embed_dim * 2**i for i in range(self.num_layers)]
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_and_norm)
 
     def forward_stages(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """(B, 3, H, W) -> {stage index: (B, C_i, H_i, W_i)} for the out_indices."""

@@ -35,7 +35,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from ..blocked import cpu_inference
 from .base import TokenTapBackbone, run_token_taps
 
-from .swin import DropPath, Mlp
+from ..layers import DropPath, Mlp
 
 __all__ = ["VisionTransformer", "ResNetV2", "D2ViT", "D2ViTHybrid", "check_taps"]
 

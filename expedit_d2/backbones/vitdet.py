@@ -49,7 +49,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from .swin import DropPath, Mlp
+from ..layers import DropPath, Mlp, init_linear_and_norm
 
 __all__ = ["ViT", "SimpleFeaturePyramid", "Block", "Attention", "PatchEmbed", "ResBottleneckBlock",
            "ChannelLayerNorm", "get_abs_pos", "get_rel_pos", "add_decomposed_rel_pos", "window_partition",
@@ -279,14 +279,8 @@ class ViT(Backbone):
         self._out_features = [out_feature]
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        for m in self.modules():  # in this order (not apply's), as ViTDet initialises
+            init_linear_and_norm(m)
 
     def forward(self, x):
         x = self.patch_embed(x)

@@ -28,7 +28,7 @@ from ..reduction.config import (
 from ..reduction.core import (
     SwinWindowReducer, TokenReducer, cell_positions, check_blocks, patch_swin_stage, patch_token_backbone,
     register_method, register_patch, swin_stage_at)
-from ..reduction.windowed import WindowedReducer, check_location, patch_windowed, window_size_of
+from ..reduction.windowed import WindowedReducer, check_location, patch_windowed, window_side
 
 __all__ = ["ExpeditSettings", "ExpeditSwinWindows", "ExpeditTokens", "ExpeditWindows", "SWIN_SHIFT_MASKS",
            "SMALL_INPUT_MODES", "unexpedited_images"]
@@ -175,10 +175,7 @@ class ExpeditWindows(WindowedReducer):
 @register_patch("expedit", "windowed")
 def patch_windowed_vit(backbone, settings: ExpeditSettings) -> None:
     check_location(backbone, settings.clustering_location, _KEY + "CLUSTERING_LOCATION")
-    (h, w), ws = settings.num_clusters, window_size_of(backbone)
-    if h != w or h > ws:
-        raise ValueError(f"{_KEY}NUM_CLUSTERS={[h, w]}: a windowed ViT clusters each {ws}x{ws} window into a "
-                         f"square s x s grid with s <= {ws}")
+    window_side(backbone, settings.num_clusters, _KEY + "NUM_CLUSTERS", "clusters")
     settings.check_recon_k(" of a window")
     patch_windowed(backbone, ExpeditWindows(settings), "Expedit")
 

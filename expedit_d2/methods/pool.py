@@ -21,7 +21,7 @@ from ..ops import initial_cells
 from ..reduction.core import (
     SwinWindowReducer, TokenReducer, cell_positions, check_blocks, patch_swin_stage, patch_token_backbone,
     register_method, register_patch, swin_stage_at)
-from ..reduction.windowed import WindowedReducer, check_location, patch_windowed, window_size_of
+from ..reduction.windowed import WindowedReducer, check_location, patch_windowed, window_side
 
 __all__ = ["pool_tokens", "unpool_tokens", "cell_labels", "PoolSettings", "PoolTokens", "PoolSwinWindows", "PoolWindows"]
 
@@ -173,11 +173,8 @@ class PoolWindows(WindowedReducer):
 @register_patch("pool", "windowed")
 def patch_windowed_vit(backbone, settings: PoolSettings) -> None:
     check_location(backbone, settings.location, _KEY + "LOCATION")
-    (h, w), ws = settings.size, window_size_of(backbone)
-    if h != w or h > ws:
-        raise ValueError(f"{_KEY}SIZE={[h, w]}: a windowed ViT pools each {ws}x{ws} window to a square s x s "
-                         f"grid with s <= {ws}")
-    patch_windowed(backbone, PoolWindows(settings.location, h), "Pool")
+    side = window_side(backbone, settings.size, _KEY + "SIZE", "pools")
+    patch_windowed(backbone, PoolWindows(settings.location, side), "Pool")
 
 
 class PoolingPass:

@@ -29,7 +29,7 @@ from torch import nn
 from .core import register_family, swap_class
 
 __all__ = ["WindowedReducer", "Layout", "LAYOUTS", "layout_of", "partition_windows", "merge_windows",
-           "block_at_window", "patch_windowed", "window_size_of", "check_location"]
+           "block_at_window", "patch_windowed", "window_size_of", "window_side", "check_location"]
 
 #: what every block of the family has
 BLOCK_ATTRIBUTES = ("window_size", "norm1", "attn", "norm2", "mlp")
@@ -114,6 +114,16 @@ def window_size_of(backbone: nn.Module) -> int:
         raise ValueError(f"{type(backbone).__name__}: windowed blocks of several sizes {sizes}; "
                          "per-window reduction needs one window size")
     return sizes[0]
+
+
+def window_side(backbone: nn.Module, size, key: str, verb: str) -> int:
+    """s of a per-window setting (h, w): a square s x s with s <= the window, else an error
+    naming ``key`` (``verb``: what the method does to each window, for the message)."""
+    (h, w), ws = size, window_size_of(backbone)
+    if h != w or h > ws:
+        raise ValueError(f"{key}={[h, w]}: a windowed ViT {verb} each {ws}x{ws} window into a square s x s grid "
+                         f"with s <= {ws}")
+    return h
 
 
 def check_location(backbone: nn.Module, location: int, key: str) -> None:

@@ -11,6 +11,7 @@ configs written for the official code run unchanged.
 from detectron2.config import CfgNode as CN
 
 from . import expedit_backbone, methods  # noqa: F401  (register the backbones and the methods)
+from .ops import DEFAULT_ITERS, DEFAULT_RECON_K, DEFAULT_RECON_TEMPERATURE, DEFAULT_TEMPERATURE, DEFAULT_WINDOW
 from .reduction.config import add_token_reduction_config
 from .solver import add_solver_config
 
@@ -31,12 +32,13 @@ def add_expedit_config(cfg) -> None:
         "CLUSTERING_LOCATION": -1,
         # (h, w) cluster grid: per attention window for Swin, global for ViT
         "NUM_CLUSTERS": [8, 8],
-        "ITERS": 5,
-        "TEMPERATURE": 0.05,
+        # the operators' defaults (expedit_d2.ops), the official ones
+        "ITERS": DEFAULT_ITERS,
+        "TEMPERATURE": DEFAULT_TEMPERATURE,
         # lambda, odd: neighbourhood of cluster cells a token may join
-        "WINDOW": 7,
-        "RECON_K": 10,
-        "RECON_TEMPERATURE": 0.05,
+        "WINDOW": DEFAULT_WINDOW,
+        "RECON_K": DEFAULT_RECON_K,
+        "RECON_TEMPERATURE": DEFAULT_RECON_TEMPERATURE,
         # "topk": the paper's reconstruction layer (official Swin/Mask2Former release);
         # "nearest": copy the nearest final centre's cluster (official DPT release)
         "RECONSTRUCTION": "topk",
@@ -142,13 +144,13 @@ def add_expedit_config(cfg) -> None:
     })
     _add_defaults(cfg.MODEL.SWIN, "TOKEN_CLUSTERING_BLOCK", {
         "NUM_SPIXELS": 64,  # clusters per attention window (a square: 64 -> 8x8)
-        "N_ITERS": 5,
-        "TEMPERATURE": 0.05,
-        "WINDOW_SIZE": 7,  # lambda
+        "N_ITERS": DEFAULT_ITERS,
+        "TEMPERATURE": DEFAULT_TEMPERATURE,
+        "WINDOW_SIZE": DEFAULT_WINDOW,  # lambda
     })
     _add_defaults(cfg.MODEL.SWIN, "TOKEN_RECONSTRUCTION_BLOCK", {
-        "TEMPERATURE": 0.05,
-        "K": 10,
+        "TEMPERATURE": DEFAULT_RECON_TEMPERATURE,
+        "K": DEFAULT_RECON_K,
     })
 
 

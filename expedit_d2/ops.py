@@ -47,6 +47,11 @@ __all__ = [
     "token_clustering",
     "token_reconstruction",
     "DEFAULT_MEMORY_LIMIT",
+    "DEFAULT_ITERS",
+    "DEFAULT_TEMPERATURE",
+    "DEFAULT_WINDOW",
+    "DEFAULT_RECON_K",
+    "DEFAULT_RECON_TEMPERATURE",
     "gather_rows",
     "RECONSTRUCTION_MODES",
     "initial_cells",
@@ -55,6 +60,15 @@ __all__ = [
 
 #: Default cap, in bytes, on the temporaries (distance/assignment matrices) of one chunk.
 DEFAULT_MEMORY_LIMIT = 256 * 2**20
+#: The operators' default settings, which are also those of ``MODEL.EXPEDIT`` and of
+#: :class:`~expedit_d2.methods.expedit.ExpeditSettings`: the official Expedit-Mask2Former
+#: config defaults (``TOKEN_CLUSTERING_BLOCK``: N_ITERS 5, TEMPERATURE 0.05, WINDOW_SIZE 7;
+#: ``TOKEN_RECONSTRUCTION_BLOCK``: K 10, TEMPERATURE 0.05).
+DEFAULT_ITERS = 5
+DEFAULT_TEMPERATURE = 0.05
+DEFAULT_WINDOW = 7
+DEFAULT_RECON_K = 10
+DEFAULT_RECON_TEMPERATURE = 0.05
 # float32 matrices of one chunk alive at once (distances/assignments, softmax output,
 # plus a bool mask counted as a quarter): used to size chunks.
 _LIVE_MATRICES = 3.25
@@ -218,9 +232,9 @@ def token_clustering(
     tokens: torch.Tensor,
     grid_size: tuple[int, int],
     num_clusters,
-    iters: int = 5,
-    temperature: float = 0.05,
-    window: int = 5,
+    iters: int = DEFAULT_ITERS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    window: int = DEFAULT_WINDOW,
     num_prefix_tokens: int = 0,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
 ) -> tuple[torch.Tensor, ClusteringState]:
@@ -344,8 +358,8 @@ RECONSTRUCTION_MODES = ("topk", "nearest")
 def token_reconstruction(
     clusters: torch.Tensor,
     state: ClusteringState,
-    k: int = 20,
-    temperature: float = 1.0,
+    k: int = DEFAULT_RECON_K,
+    temperature: float = DEFAULT_RECON_TEMPERATURE,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
     mode: str = "topk",
     subtract_min_distance: bool = False,
@@ -446,8 +460,8 @@ def nearest_clusters(state: ClusteringState) -> torch.Tensor:
 class TokenClustering(nn.Module):
     """Module form of :func:`token_clustering` holding its settings (no parameters)."""
 
-    def __init__(self, num_clusters, iters: int = 5, temperature: float = 0.05,
-                 window: int = 5, memory_limit: int = DEFAULT_MEMORY_LIMIT):
+    def __init__(self, num_clusters, iters: int = DEFAULT_ITERS, temperature: float = DEFAULT_TEMPERATURE,
+                 window: int = DEFAULT_WINDOW, memory_limit: int = DEFAULT_MEMORY_LIMIT):
         super().__init__()
         self.num_clusters = check_pair(num_clusters, "num_clusters")
         self.iters = check_positive_int(iters, "iters")
@@ -468,7 +482,7 @@ class TokenClustering(nn.Module):
 class TokenReconstruction(nn.Module):
     """Module form of :func:`token_reconstruction` holding its settings (no parameters)."""
 
-    def __init__(self, k: int = 20, temperature: float = 1.0,
+    def __init__(self, k: int = DEFAULT_RECON_K, temperature: float = DEFAULT_RECON_TEMPERATURE,
                  memory_limit: int = DEFAULT_MEMORY_LIMIT, mode: str = "topk",
                  subtract_min_distance: bool = False):
         super().__init__()

@@ -362,3 +362,31 @@ def test_reconstruction_rejects_bad_input():
         token_reconstruction(clusters, (state.tokens, state.centers), k=3)
     with pytest.raises(ValueError, match=r"reconstruction k must be an int >= 1, got 0"):
         TokenReconstruction(k=0)
+
+
+def test_operator_defaults_agree_with_the_config_and_the_settings():
+    """One set of defaults: the operators', ``MODEL.EXPEDIT``'s, the official Swin keys' and
+    :class:`ExpeditSettings`' are the same numbers (the official Expedit-Mask2Former ones)."""
+    import dataclasses
+    import inspect
+
+    from detectron2.config import get_cfg
+
+    from expedit_d2.config import add_expedit_config
+    from expedit_d2.methods.expedit import ExpeditSettings
+
+    cfg = get_cfg()
+    add_expedit_config(cfg)
+    clus = inspect.signature(token_clustering).parameters
+    rec = inspect.signature(token_reconstruction).parameters
+    ops = (clus["iters"].default, clus["temperature"].default, clus["window"].default,
+           rec["k"].default, rec["temperature"].default)
+    assert ops == (5, 0.05, 7, 10, 0.05)
+    e, s = cfg.MODEL.EXPEDIT, cfg.MODEL.SWIN
+    assert (e.ITERS, e.TEMPERATURE, e.WINDOW, e.RECON_K, e.RECON_TEMPERATURE) == ops
+    c, r = s.TOKEN_CLUSTERING_BLOCK, s.TOKEN_RECONSTRUCTION_BLOCK
+    assert (c.N_ITERS, c.TEMPERATURE, c.WINDOW_SIZE, r.K, r.TEMPERATURE) == ops
+    fields = {f.name: f.default for f in dataclasses.fields(ExpeditSettings)}
+    assert tuple(fields[n] for n in ("iters", "temperature", "window", "recon_k", "recon_temperature")) == ops
+    module_c, module_r = TokenClustering((2, 2)), TokenReconstruction()
+    assert (module_c.iters, module_c.temperature, module_c.window, module_r.k, module_r.temperature) == ops

@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..ops import (DEFAULT_MEMORY_LIMIT, RECONSTRUCTION_MODES, TokenClustering, TokenReconstruction,
-                   nearest_clusters)
+from ..ops import (DEFAULT_ITERS, DEFAULT_MEMORY_LIMIT, DEFAULT_RECON_K, DEFAULT_RECON_TEMPERATURE,
+                   DEFAULT_TEMPERATURE, DEFAULT_WINDOW, RECONSTRUCTION_MODES, TokenClustering,
+                   TokenReconstruction, nearest_clusters)
 from ..reduction.config import (
     NOT_EXPEDITED, check_bool, check_choice, check_odd, check_pair, check_positive_float, check_positive_int)
 from ..reduction.core import (
@@ -48,11 +49,11 @@ class ExpeditSettings:
 
     clustering_location: int  # alpha
     num_clusters: tuple[int, int]  # (h, w)
-    iters: int = 5
-    temperature: float = 0.05
-    window: int = 7  # lambda
-    recon_k: int = 10
-    recon_temperature: float = 0.05
+    iters: int = DEFAULT_ITERS
+    temperature: float = DEFAULT_TEMPERATURE
+    window: int = DEFAULT_WINDOW  # lambda
+    recon_k: int = DEFAULT_RECON_K
+    recon_temperature: float = DEFAULT_RECON_TEMPERATURE
     memory_limit: int = DEFAULT_MEMORY_LIMIT
     reconstruction_mode: str = "topk"  # or "nearest" (the official DPT release)
     recon_subtract_min_distance: bool = False  # True: no underflow (not the official formula)

@@ -264,7 +264,7 @@ def build_pair(cfg, allow_partial: bool = False, checkpointer=DetectionCheckpoin
 
 def build_sam_pair(case: SamCase, method: str, size: int, device: str, cpu_linear: str = "blas",
                    checkpoint: str | None = None, allow_partial: bool = False):
-    """(base, reduced) SAM image encoders of ``case`` on the same weights (``checkpoint``: a
+    """(base, reduced) SAM image encoders of ``case`` on the same weights, shared (``checkpoint``: a
     segment-anything checkpoint, whose ``image_encoder.*`` keys load strictly; random
     otherwise), for ``size`` x ``size`` inputs; the reduced one patched in place with
     ``method``'s setting of the case (:data:`SAM_METHODS`)."""
@@ -274,7 +274,8 @@ def build_sam_pair(case: SamCase, method: str, size: int, device: str, cpu_linea
         holder.image_encoder = base
         load_weights(DetectionCheckpointer(holder), checkpoint, allow_partial=allow_partial,
                      source="--sam-checkpoint", ignore_unexpected=lambda key: not key.startswith("image_encoder."))
-    reduced = apply_patch(copy.deepcopy(base), case.settings(method))
+    # new modules on the same parameter tensors (ViT-H: 2.5 GB once, not twice)
+    reduced = apply_patch(copy.deepcopy(base, {id(p): p for p in base.parameters()}), case.settings(method))
     for model in (base, reduced):
         use_cpu_linear(model, cpu_linear)
     return base.to(device).eval(), reduced.to(device).eval()

@@ -3,7 +3,7 @@
 The method (Liang et al., NeurIPS 2022) in two parameter-free operators, see
 :mod:`expedit_d2.ops`: token clustering after layer alpha, token reconstruction
 before features leave the backbone. Importing the package registers the backbones
-(``ExpeditD2SwinTransformer``, ``D2ViT``, ``D2ViTHybrid``, ``D2TimmViT``, ``ExpeditBackbone``)
+(``ExpeditD2SwinTransformer``, ``D2ViT``, ``D2ViTHybrid``, ``D2TimmViT``, ``TokenReductionBackbone``)
 in Detectron2's ``BACKBONE_REGISTRY``, no name that other Detectron2 projects register, and
 the token-reduction methods (expedit, tome, evit, pool: :mod:`expedit_d2.methods`, patched
 onto unmodified backbones by :mod:`expedit_d2.reduction`, the user's own Swin included);

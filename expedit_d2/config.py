@@ -1,7 +1,8 @@
 """Config keys of expedit-d2, added to a Detectron2 CfgNode by :func:`add_expedit_config`.
 
 ``MODEL.TOKEN_REDUCTION.METHOD`` selects the method that ``MODEL.BACKBONE.NAME:
-"ExpeditBackbone"`` (alias ``"TokenReductionBackbone"``) puts on ``MODEL.EXPEDIT.BASE``;
+"TokenReductionBackbone"`` (alias ``"ExpeditBackbone"``) puts on ``MODEL.TOKEN_REDUCTION.BASE``
+(alias ``MODEL.EXPEDIT.BASE``);
 ``MODEL.EXPEDIT`` holds expedit's settings, ``MODEL.TOKEN_REDUCTION.{TOME,EVIT,POOL}`` the
 others' (see :mod:`expedit_d2.reduction.config`); ``MODEL.SWIN`` carries the official Mask2Former Swin keys plus the
 official Expedit keys (``CLUSTERING_LOCATION``, ``TOKEN_CLUSTERING_BLOCK``,
@@ -24,7 +25,8 @@ def add_expedit_config(cfg) -> None:
         # build the backbone registered under BASE and patch it with MODEL.TOKEN_REDUCTION.METHOD
         # (expedit: only while ENABLED and CLUSTERING_LOCATION != -1)
         "ENABLED": True,
-        # any BACKBONE_REGISTRY name: ours, or the user's own (e.g. their D2SwinTransformer)
+        # alias of MODEL.TOKEN_REDUCTION.BASE (which wins where set): any BACKBONE_REGISTRY
+        # name, ours or the user's own (e.g. their D2SwinTransformer)
         "BASE": "ExpeditD2SwinTransformer",
         # alpha: Swin -- clustering right before global block alpha (blocks counted over
         # all stages); ViT -- clustering right after block alpha (0-based). -1: not
@@ -66,7 +68,7 @@ def add_expedit_config(cfg) -> None:
     add_solver_config(cfg)
     # bottom-up backbone of build_bottom_up_fpn_backbone (any BACKBONE_REGISTRY name)
     if "BOTTOM_UP" not in cfg.MODEL.FPN:
-        cfg.MODEL.FPN.BOTTOM_UP = "ExpeditBackbone"
+        cfg.MODEL.FPN.BOTTOM_UP = "TokenReductionBackbone"
     # Official Mask2Former Swin keys (defaults: Swin-T) ...
     _add_defaults(cfg.MODEL, "SWIN", {
         "PRETRAIN_IMG_SIZE": 224,

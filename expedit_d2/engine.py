@@ -40,7 +40,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import PARTIAL_FLAG, load_weights
-from .expedit_backbone import unexpedited_images
+from .reduction.core import reduction_statistics
 from .fileio import atomic_write
 from .progress import TrainingProgress
 
@@ -91,11 +91,10 @@ def train_or_evaluate(cfg, args, trainer_cls, checkpointer_cls=DetectionCheckpoi
         load_weights(checkpointer, path, allow_partial=getattr(args, "allow_partial_weights", False),
                      source=source)
         res = trainer_cls.test(cfg, model)
-        skipped = sum(comm.all_gather(unexpedited_images(model)))
-        if skipped:  # token grid smaller than the cluster grid (MODEL.EXPEDIT.SMALL_INPUT skip)
-            logging.getLogger(__name__).warning(f"{skipped} image(s) ran unexpedited: their token grid "
-                                                "is smaller than MODEL.EXPEDIT.NUM_CLUSTERS")
-            res["expedit"] = {"unexpedited_images": skipped}
+        for method, counts in _summed(comm.all_gather(reduction_statistics(model))).items():
+            # e.g. expedit's unexpedited_images: token grid smaller than the cluster grid
+            logging.getLogger(__name__).warning(f"token reduction {method!r}: {counts}")
+            res[method] = counts
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
             atomic_write(Path(cfg.OUTPUT_DIR) / EVAL_RESULTS, json.dumps(res, indent=2))
@@ -106,6 +105,16 @@ def train_or_evaluate(cfg, args, trainer_cls, checkpointer_cls=DetectionCheckpoi
     if comm.is_main_process():  # a bar over the iterations on a terminal, start/end lines in the log
         trainer.register_hooks([TrainingProgress()])
     return trainer.train()
+
+
+def _summed(per_process: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    """The processes' :func:`~expedit_d2.reduction.core.reduction_statistics`, added up."""
+    out: dict[str, dict[str, int]] = {}
+    for stats in per_process:
+        for method, counts in stats.items():
+            for name, value in counts.items():
+                out.setdefault(method, {})[name] = out.get(method, {}).get(name, 0) + value
+    return out
 
 
 def setup_project(cfg, args, *logger_names: str) -> None:

@@ -1,7 +1,7 @@
 """Backbone registry entries that put a token-reduction method on a plain backbone by config.
 
-``MODEL.BACKBONE.NAME: "ExpeditBackbone"`` (also registered as ``"TokenReductionBackbone"``)
-builds ``MODEL.EXPEDIT.BASE`` from Detectron2's ``BACKBONE_REGISTRY`` and patches it with
+``MODEL.BACKBONE.NAME: "TokenReductionBackbone"`` (alias ``"ExpeditBackbone"``, its earlier
+name) builds ``MODEL.TOKEN_REDUCTION.BASE`` (alias ``MODEL.EXPEDIT.BASE``) from Detectron2's ``BACKBONE_REGISTRY`` and patches it with
 the method of ``MODEL.TOKEN_REDUCTION.METHOD`` (:func:`expedit_d2.reduction.apply_patch`).
 ``BASE`` may name any registered backbone of a family, the user's own included (the
 ``D2SwinTransformer`` of their Mask2Former, OneFormer or MaskDINO project). A base that
@@ -24,7 +24,8 @@ from torch import nn
 from . import backbones  # noqa: F401  (registers the plain backbones)
 
 from .methods.expedit import ExpeditSettings, unexpedited_images
-from .reduction.config import WRAPPER_BACKBONES, official_swin_values, settings_from_config
+from .reduction.config import (BASE_KEYS, WRAPPER_BACKBONES, base_backbone_name, config_value, official_swin_values,
+                               settings_from_config)
 from .reduction.core import apply_patch, family_of
 
 __all__ = ["ExpeditSettings", "build_token_reduction_backbone", "build_hourglass_swin",
@@ -50,12 +51,14 @@ def reduction_target(backbone):
 
 
 def build_token_reduction_backbone(cfg, input_shape):
-    """``MODEL.EXPEDIT.BASE`` from the registry, patched with the configured method."""
-    base = cfg.MODEL.EXPEDIT.BASE
+    """``MODEL.TOKEN_REDUCTION.BASE`` (alias ``MODEL.EXPEDIT.BASE``) from the registry,
+    patched with the configured method."""
+    base = base_backbone_name(cfg)
+    key = BASE_KEYS[0] if config_value(cfg, BASE_KEYS[0], "") else BASE_KEYS[1]
     if base in WRAPPER_BACKBONES or base == "D2HourglassSwinTransformer":
-        raise ValueError(f"MODEL.EXPEDIT.BASE must name a plain backbone, got {base!r}")
+        raise ValueError(f"{key} must name a plain backbone, got {base!r}")
     if base not in BACKBONE_REGISTRY:
-        raise KeyError(f"MODEL.EXPEDIT.BASE {base!r} is not in Detectron2's BACKBONE_REGISTRY (import the "
+        raise KeyError(f"{key} {base!r} is not in Detectron2's BACKBONE_REGISTRY (import the "
                        f"project that registers it first; expedit-d2's own Swin is {OUR_SWIN!r})")
     settings = settings_from_config(cfg)  # validated before anything is built
     backbone = BACKBONE_REGISTRY.get(base)(cfg, input_shape)
@@ -70,7 +73,7 @@ for _name in WRAPPER_BACKBONES:
 
 def build_hourglass_swin(cfg, input_shape):
     """``D2HourglassSwinTransformer``: the official Expedit Swin config keys, mapped onto
-    ``ExpeditBackbone`` over the Swin registered as ``D2SwinTransformer`` (ours where no one
+    ``TokenReductionBackbone`` over the Swin registered as ``D2SwinTransformer`` (ours where no one
     else registered it). ``MODEL.SWIN.CLUSTERING_LOCATION: -1`` (the official default)
     builds the plain Swin, as the official code never clusters then."""
     try:
@@ -80,7 +83,8 @@ def build_hourglass_swin(cfg, input_shape):
     cfg = cfg.clone()
     cfg.defrost()
     base = "D2SwinTransformer" if "D2SwinTransformer" in BACKBONE_REGISTRY else OUR_SWIN
-    cfg.MODEL.EXPEDIT.ENABLED, cfg.MODEL.EXPEDIT.BASE = True, base
+    cfg.MODEL.EXPEDIT.ENABLED = True
+    cfg.MODEL.TOKEN_REDUCTION.BASE, cfg.MODEL.EXPEDIT.BASE = base, base
     cfg.MODEL.TOKEN_REDUCTION.METHOD = "expedit"
     for key, value in values.items():
         cfg.MODEL.EXPEDIT[key.rsplit(".", 1)[-1]] = value

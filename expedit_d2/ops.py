@@ -1,4 +1,4 @@
-"""The two parameter-free operators of the method (SPEC sections 2 and 3).
+"""The two parameter-free operators of the method (docs/methods.md, "The operators").
 
 ``token_clustering`` shrinks a grid of H x W tokens to an h x w grid of cluster
 tokens by a few iterations of local soft k-means; ``token_reconstruction`` rebuilds
@@ -238,7 +238,7 @@ def token_clustering(
     num_prefix_tokens: int = 0,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
 ) -> tuple[torch.Tensor, ClusteringState]:
-    """Cluster an H x W token grid into h x w cluster tokens (SPEC section 2).
+    """Cluster an H x W token grid into h x w cluster tokens (docs/methods.md, "The operators").
 
     Args:
         tokens: (B, P + H*W, C) tokens, the grid tokens in row-major order after P
@@ -364,7 +364,7 @@ def token_reconstruction(
     mode: str = "topk",
     subtract_min_distance: bool = False,
 ) -> torch.Tensor:
-    """Rebuild the full token grid from processed cluster tokens (SPEC section 3).
+    """Rebuild the full token grid from processed cluster tokens (docs/methods.md, "The operators").
 
     Args:
         clusters: (B, P + M, C') cluster tokens after the later layers (any C').

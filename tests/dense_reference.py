@@ -1,6 +1,6 @@
 """Dense, obviously-correct reference of the two operators (the tests' oracle).
 
-Written straight from SPEC sections 2-3: a full (B, N, M) distance matrix, an
+Written straight from the paper's definitions (docs/methods.md, "The operators"): a full (B, N, M) distance matrix, an
 explicit neighbourhood mask, no chunking, no centring, no tricks. It is also the
 "dense" baseline of ``tools/benchmark_ops.py``.
 """
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 
 def neighbourhood_mask(grid_size, num_clusters, window: int, device=None) -> torch.Tensor:
-    """(N, M) bool: token t may join cluster m (SPEC 2, steps 2-3)."""
+    """(N, M) bool: token t may join cluster m (the clustering window)."""
     H, W = grid_size
     h, w = num_clusters
     r = window // 2

@@ -1,4 +1,4 @@
-"""Parameter names and shapes of the official checkpoints (copied from shared/reference)."""
+"""Parameter names and shapes of the official checkpoints (from the official releases' files)."""
 from pathlib import Path
 
 REFERENCE_DIR = Path(__file__).parent / "data" / "reference"

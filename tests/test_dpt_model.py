@@ -161,7 +161,7 @@ def test_converter_rejects_foreign_keys():
 def test_non_vit_backbone_is_rejected():
     cfg = dpt_cfg()
     cfg.MODEL.BACKBONE.NAME = "ExpeditD2SwinTransformer"
-    with pytest.raises(TypeError, match=r"DPTDepth needs a token-tap backbone .*ExpeditD2SwinTransformer lacks \['forward_taps'"):
+    with pytest.raises(TypeError, match=r"DPTDepth needs a token-tap backbone .*ExpeditD2SwinTransformer has no method 'embed_tokens'"):
         build(cfg)
 
 
@@ -236,7 +236,7 @@ def test_every_config_builds_the_official_model(config):
     mapped = convert_dpt_state_dict({k: torch.empty(v, device="meta") for k, v in read_keys(ref).items()})
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in mapped.items()}
-    assert (cfg.MODEL.BACKBONE.NAME == "ExpeditBackbone") == ("expedit" in config)
+    assert (cfg.MODEL.BACKBONE.NAME == "TokenReductionBackbone") == ("expedit" in config)
 
 
 def test_project_defaults_are_the_official_expedit_dpt_settings():

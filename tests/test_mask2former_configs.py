@@ -16,7 +16,7 @@ ALL = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("maskformer2_*.y
 EXPEDITED = [r for r in ALL if "expedit" in r or "hourglass" in r]
 REFERENCE = {"coco/panoptic": "coco_panoptic", "coco/instance": "coco_instance", "ade20k/panoptic": "ade20k_panoptic"}
 # The official Expedit-Mask2Former configs (maskformer2_hourglass_swin_large_IN21k_384_bs16_
-# {100ep,100ep,160k,160k_res640}.yaml; SPEC 5): alpha = MODEL.SWIN.CLUSTERING_LOCATION, 8x8
+# {100ep,100ep,160k,160k_res640}.yaml; docs/fidelity.md): alpha = MODEL.SWIN.CLUSTERING_LOCATION, 8x8
 # clusters per window = NUM_SPIXELS 64, lambda = TOKEN_CLUSTERING_BLOCK.WINDOW_SIZE.
 PUBLISHED = {
     "coco/panoptic-segmentation": dict(alpha=10, clusters=(8, 8), iters=5, tau=0.05, lam=7, k=10, tau_r=0.05),

@@ -1,4 +1,4 @@
-"""Token clustering / reconstruction against the dense oracle and the SPEC's invariants."""
+"""Token clustering / reconstruction against the dense oracle and the method's invariants."""
 import pytest
 import torch
 import torch.nn.functional as F

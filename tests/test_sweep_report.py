@@ -273,12 +273,12 @@ def test_point_opts_of_a_tome_point_on_a_plain_backbone():
     point = Point(tuple(sorted(TOME.items())))
     opts = point_opts(base, point)
     pairs = dict(zip(opts[::2], opts[1::2]))
-    assert pairs == {"MODEL.BACKBONE.NAME": "ExpeditBackbone", "MODEL.EXPEDIT.BASE": "D2ViT",
+    assert pairs == {"MODEL.BACKBONE.NAME": "TokenReductionBackbone", "MODEL.TOKEN_REDUCTION.BASE": "D2ViT",
                      "MODEL.TOKEN_REDUCTION.METHOD": "tome", "MODEL.TOKEN_REDUCTION.TOME.R": "8",
                      "MODEL.TOKEN_REDUCTION.TOME.START_BLOCK": "0"}
     cfg = _cfg(DPT_TINY, *opts)  # the opts build: every key exists, values have the right types
-    assert (cfg.MODEL.BACKBONE.NAME, cfg.MODEL.EXPEDIT.BASE, cfg.MODEL.TOKEN_REDUCTION.METHOD,
-            cfg.MODEL.TOKEN_REDUCTION.TOME.R) == ("ExpeditBackbone", "D2ViT", "tome", 8)
+    assert (cfg.MODEL.BACKBONE.NAME, cfg.MODEL.TOKEN_REDUCTION.BASE, cfg.MODEL.TOKEN_REDUCTION.METHOD,
+            cfg.MODEL.TOKEN_REDUCTION.TOME.R) == ("TokenReductionBackbone", "D2ViT", "tome", 8)
     assert point_opts(base, Point((), baseline=True)) == []  # a plain baseline stays as it is
 
 

@@ -114,7 +114,7 @@ def test_one_cluster_per_token_reproduces_the_base_backbone():
 
 
 # ----------------------------------------------------------------------------------
-# the official arithmetic, written out from the SPEC in the test
+# the official arithmetic, written out from the paper's definitions in the test
 # ----------------------------------------------------------------------------------
 def _region_mask(H, W, ws, shift):
     """Brute force: (nW, N, N) 0/-100, tokens of different pre-shift regions masked.
@@ -199,7 +199,7 @@ def test_hourglass_stage_matches_the_spec_written_out(shift_mask, s, k):
         # blocks 0, 1 at full resolution: the base path (test_base_block_matches_...)
         Hp, Wp = 24, 36
         y = stage.run_blocks(x, H, W, 0, 2)
-        # per-window clustering of the zero-padded map (SPEC 4), dense oracle
+        # per-window clustering of the zero-padded map (docs/methods.md, "Where it acts"), dense oracle
         grid = F.pad(y.view(2, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))
         wins = grid.view(2, 2, ws, 3, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(12, ws * ws, C)
         clusters, X, S = dense_clustering(wins, (ws, ws), (s, s), 5, 0.02, 5)

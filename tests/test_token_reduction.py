@@ -20,22 +20,24 @@ from expedit_d2.backbones.base import block_inputs_of
 from expedit_d2.config import add_expedit_config
 from expedit_d2.methods import bipartite_soft_matching, evit_keep, evit_restore
 from expedit_d2.methods.tome import merged_positions
-from expedit_d2.reduction import apply_patch, family_of, remove_patch, settings_from_config
+from expedit_d2.reduction import (METHOD_KEY, ExampleTarget, apply_patch, example_settings, family_of, remove_patch,
+                                  settings_from_config)
 from expedit_d2.reduction.config import point_overrides
 from tests.compile_check import compiled_in_inference
 from tests.d2_helpers import run_faster_rcnn_fpn
 from tests.numerics import assert_close_f32
 
-METHOD_KEYS = {
-    "expedit": {"MODEL.EXPEDIT.CLUSTERING_LOCATION": 2, "MODEL.EXPEDIT.NUM_CLUSTERS": [4, 4]},
-    "tome": {"MODEL.TOKEN_REDUCTION.TOME.R": 6, "MODEL.TOKEN_REDUCTION.TOME.START_BLOCK": 1},
-    "evit": {"MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS": [1, 3], "MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE": 0.6},
-    "pool": {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 2, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [4, 5]},
-}
-SWIN_METHOD_KEYS = {
-    "expedit": {"MODEL.EXPEDIT.CLUSTERING_LOCATION": 5, "MODEL.EXPEDIT.NUM_CLUSTERS": [8, 8]},
-    "pool": {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 5, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [6, 6]},
-}
+def _registered_examples(target: ExampleTarget) -> dict:
+    """{method: its keys} of every registered method with an example for ``target`` (the
+    method key itself aside: tiny_cfg sets it)."""
+    return {m: {k: v for k, v in keys.items() if k != METHOD_KEY} for m, keys in example_settings(target).items()}
+
+
+#: the tiny ViTs below: 6 blocks, 96 x 96 -> 6 x 6 tokens, expedit to 4 x 4 after block 2;
+#: every registered method's example for it (a method added to the registry is tested here)
+METHOD_KEYS = _registered_examples(ExampleTarget("vit", 6, (6, 6), 2, (4, 4)))
+#: the tiny Swin: 10 blocks, windows of 12, expedit to 8 x 8 per window before block 5
+SWIN_METHOD_KEYS = _registered_examples(ExampleTarget("swin", 10, (12, 12), 5, (8, 8)))
 BASES = ["D2ViT", "D2ViTHybrid", "D2TimmViT", "EVA", "ExpeditD2SwinTransformer"]
 #: pseudo-bases: D2TimmViT over timm's Eva (rotary embeddings), one table or one per block
 TIMM_EVA = {"EVA": "eva02_tiny_patch14_224", "EVA-mixed": "vit_small_patch16_rope_mixed_224"}
@@ -66,8 +68,8 @@ def tiny_cfg(base: str, method: str = "none", add_config=add_expedit_config, **v
         t.NAME, base = TIMM_EVA[base], "D2TimmViT"
     s = cfg.MODEL.SWIN
     s.EMBED_DIM, s.DEPTHS, s.NUM_HEADS, s.WINDOW_SIZE = 16, [2, 2, 4, 2], [1, 2, 2, 4], 12
-    cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
-    cfg.MODEL.EXPEDIT.BASE = base
+    cfg.MODEL.BACKBONE.NAME = "TokenReductionBackbone"
+    cfg.MODEL.TOKEN_REDUCTION.BASE = base
     cfg.MODEL.TOKEN_REDUCTION.METHOD = method
     return set_keys(cfg, values)
 
@@ -358,11 +360,16 @@ def test_evit_needs_a_class_token():
     ("pool", {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 2, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [7, 8]}),
 ])
 def test_settings_that_reduce_nothing_give_the_base_bitwise(base, method, values):
+    """ToMe with r 0 and EViT keeping every token are off: no patch, as for every method; pool
+    to the grid's own size is patched, yet computes the base."""
     x = torch.randn(1, 3, 112, 128)  # a 7x8 (patch 16) / 8x10 (patch 14: DINOv2, EVA-02) grid
     if base in ("D2TimmViT", "EVA") and method == "pool":
         values = {**values, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [8, 10]}
     a, b, _, patched = pair(base, method, values, x)
-    assert type(patched).__name__ != base  # patched, yet computing the base
+    off = method in ("tome", "evit")
+    assert settings_from_config(tiny_cfg(base, method, **values)) is None if off else True
+    assert not any(hasattr(m, "token_reduction") for m in patched.modules()) if off else \
+        type(patched).__name__ != base
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -421,7 +428,7 @@ def test_point_overrides_put_a_method_on_a_plain_backbone():
     add_expedit_config(cfg)
     cfg.MODEL.BACKBONE.NAME = "D2ViTHybrid"
     opts = point_overrides(cfg, {"MODEL.TOKEN_REDUCTION.METHOD": "tome", "MODEL.TOKEN_REDUCTION.TOME.R": 8})
-    assert opts == {"MODEL.BACKBONE.NAME": "ExpeditBackbone", "MODEL.EXPEDIT.BASE": "D2ViTHybrid",
+    assert opts == {"MODEL.BACKBONE.NAME": "TokenReductionBackbone", "MODEL.TOKEN_REDUCTION.BASE": "D2ViTHybrid",
                     "MODEL.TOKEN_REDUCTION.METHOD": "tome", "MODEL.TOKEN_REDUCTION.TOME.R": 8}
     assert point_overrides(set_keys(cfg, opts), {}, baseline=True) == {
         "MODEL.EXPEDIT.ENABLED": False, "MODEL.TOKEN_REDUCTION.METHOD": "none"}
@@ -433,13 +440,13 @@ def test_point_overrides_put_a_method_on_a_plain_backbone():
 @pytest.mark.parametrize("base, method, values, message", [
     ("D2ViT", "bogus", {}, r"MODEL.TOKEN_REDUCTION.METHOD='bogus' is not a token-reduction method"),
     ("D2ViT", "tome", {"MODEL.TOKEN_REDUCTION.TOME.R": -1}, r"MODEL.TOKEN_REDUCTION.TOME.R must be an int >= 0, got -1"),
-    ("D2ViT", "tome", {"MODEL.TOKEN_REDUCTION.TOME.START_BLOCK": 6},
+    ("D2ViT", "tome", {"MODEL.TOKEN_REDUCTION.TOME.R": 2, "MODEL.TOKEN_REDUCTION.TOME.START_BLOCK": 6},
      r"MODEL.TOKEN_REDUCTION.TOME.START_BLOCK=6 is outside this ViT's blocks 0..5"),
     ("D2ViT", "evit", {"MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE": 0.0},
      r"MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE must be a number in \(0, 1\], got 0.0"),
     ("D2ViT", "evit", {"MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS": [3, 1]},
      r"MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS must be increasing block indices >= 0, got \[3, 1\]"),
-    ("D2ViT", "evit", {"MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS": [1, 9]},
+    ("D2ViT", "evit", {"MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE": 0.5, "MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS": [1, 9]},
      r"MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS=9 is outside this ViT's blocks 0..5"),
     ("D2ViT", "pool", {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 2, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [0, 4]},
      r"MODEL.TOKEN_REDUCTION.POOL.SIZE must be a positive int or a pair"),
@@ -544,3 +551,62 @@ def test_methods_inside_blocks_refuse_blocks_they_cannot_run_in_parts(method):
     settings = settings_from_config(tiny_cfg("D2TimmViT", method, **METHOD_KEYS[method]))
     with pytest.raises(ValueError, match=rf"METHOD='{method}': block 3 is a ResPostBlock"):
         apply_patch(vit, settings)
+
+
+# --------------------------------------------------------------------------------------
+# registries: names, examples, statistics
+# --------------------------------------------------------------------------------------
+def test_the_wrapper_and_its_base_key_have_method_neutral_names_and_the_earlier_ones_stay_aliases():
+    x = torch.randn(1, 3, 96, 128)
+    lead = tiny_cfg("D2ViT", "tome", **METHOD_KEYS["tome"])
+    alias = tiny_cfg("D2ViT", "tome", **METHOD_KEYS["tome"])
+    alias.MODEL.BACKBONE.NAME, alias.MODEL.TOKEN_REDUCTION.BASE, alias.MODEL.EXPEDIT.BASE = "ExpeditBackbone", "", "D2ViT"
+    a, b = build(lead), build(alias)
+    assert type(a).__name__ == type(b).__name__ == "ToMeD2ViT" and a.state_dict().keys() == b.state_dict().keys()
+    with torch.no_grad():
+        assert all(torch.equal(a(x)[k], b(x)[k]) for k in a(x))
+    both = tiny_cfg("D2ViT", "tome", **METHOD_KEYS["tome"])
+    both.MODEL.EXPEDIT.BASE = "D2ViTHybrid"
+    with pytest.raises(ValueError, match=r"MODEL.TOKEN_REDUCTION.BASE='D2ViT' and its alias "
+                                         r"MODEL.EXPEDIT.BASE='D2ViTHybrid' name different backbones"):
+        build(both)
+
+
+def test_every_method_registers_an_example_for_the_families_it_patches():
+    """The examples the tests and the benchmarks use come from the registry; the "vit"
+    examples of the 12-block DPT-Hybrid target (40 x 30 tokens, expedit alpha 4 to 16 x 16)
+    have about expedit's mean tokens per block."""
+    from expedit_d2.reduction import registered_methods
+    from expedit_d2.reduction.core import FAMILIES
+
+    depth = {"vit": 12, "swin": 24, "windowed": 12}
+    for family in FAMILIES:
+        target = ExampleTarget(family, depth[family], (14, 14) if family != "vit" else (30, 40), 4, (9, 9))
+        examples = example_settings(target)
+        for name, method in registered_methods().items():
+            if family in method.patches and name != "evit" and not (name == "tome" and family == "swin"):
+                assert name in examples, (name, family)
+        for name, keys in examples.items():
+            cfg = tiny_cfg("D2ViT", name, **{k: v for k, v in keys.items() if k != METHOD_KEY})
+            assert settings_from_config(cfg).method == name  # valid keys, a setting that is on
+    target = ExampleTarget("vit", 12, (30, 40), 4, (16, 16))
+    assert target.mean_tokens() == pytest.approx((5 * 1200 + 7 * 256) / 12)
+    examples = example_settings(target)
+    assert examples["tome"]["MODEL.TOKEN_REDUCTION.TOME.R"] == 92  # 1200 - 6 r = 649
+    assert examples["evit"]["MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS"] == [3, 6, 9]
+    assert examples["evit"]["MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE"] == 0.5  # (4 + 3/2 + 3/4 + 2/8) 100 = 650
+    assert "evit" not in example_settings(ExampleTarget("windowed", 12, (14, 14), 3, (9, 9)))
+
+
+def test_reduction_statistics_sum_the_reducers_counts_per_method():
+    """expedit counts the images it ran unexpedited (token grid smaller than the clusters):
+    the generic hook the evaluation writes to its results."""
+    from expedit_d2.reduction import reduction_statistics
+
+    bb = build(tiny_cfg("D2ViT", "expedit", **{**METHOD_KEYS["expedit"], "MODEL.EXPEDIT.NUM_CLUSTERS": [5, 5]}))
+    with torch.no_grad():
+        bb(torch.randn(2, 3, 64, 64))  # 4 x 4 tokens < 5 x 5 clusters: skipped
+        bb(torch.randn(1, 3, 96, 96))  # 6 x 6: expedited
+        bb(torch.randn(3, 3, 64, 80))
+    assert reduction_statistics(bb) == {"expedit": {"unexpedited_images": 5}}
+    assert reduction_statistics(build(tiny_cfg("D2ViT", "tome", **METHOD_KEYS["tome"]))) == {}

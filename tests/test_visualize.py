@@ -13,8 +13,15 @@ from expedit_d2.ops import initial_cells, nearest_clusters, token_clustering
 from expedit_d2.reduction import record_token_groups, token_groups
 from expedit_d2.synthetic import draw_scene
 from tests.test_dpt_train_net import ROOT
-from tests.test_token_reduction import METHOD_KEYS, SWIN_METHOD_KEYS, build, tiny_cfg
+from tests.test_token_reduction import build, tiny_cfg
 from tools import visualize
+
+#: the settings whose groups the tests below count
+POOL_4x5 = {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 2, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [4, 5]}
+TOME_R6 = {"MODEL.TOKEN_REDUCTION.TOME.R": 6, "MODEL.TOKEN_REDUCTION.TOME.START_BLOCK": 1}
+EVIT_06 = {"MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS": [1, 3], "MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE": 0.6}
+EXPEDIT_4x4 = {"MODEL.EXPEDIT.CLUSTERING_LOCATION": 2, "MODEL.EXPEDIT.NUM_CLUSTERS": [4, 4]}
+SWIN_8x8 = {"MODEL.EXPEDIT.CLUSTERING_LOCATION": 5, "MODEL.EXPEDIT.NUM_CLUSTERS": [8, 8]}
 
 DPT_TINY = str(ROOT / "projects/DPT/configs/demo/tiny_vit_nyuv2.yaml")
 M2F_TINY = str(ROOT / "projects/Mask2Former/configs/demo/tiny_swin_coco_panoptic.yaml")
@@ -36,7 +43,7 @@ def test_expedit_groups_are_the_clusters_of_the_nearest_final_centres():
     clusters of :func:`nearest_clusters`, and each token's is a nearest final centre (brute
     force, float64, up to float32 rounding). Temperature 1 (the official DPT value): random
     weights then still give distinct centres."""
-    values = {**METHOD_KEYS["expedit"], "MODEL.EXPEDIT.TEMPERATURE": 1.0}  # alpha 2, 4x4 clusters
+    values = {**EXPEDIT_4x4, "MODEL.EXPEDIT.TEMPERATURE": 1.0}  # alpha 2, 4x4 clusters
     cfg = tiny_cfg("D2ViT", "expedit", **values)
     bb = build(cfg)
     x = torch.randn(2, 3, 112, 128)
@@ -58,7 +65,7 @@ def test_expedit_groups_are_the_clusters_of_the_nearest_final_centres():
 
 
 def test_pool_groups_are_the_cells_of_the_pooled_grid():
-    bb = build(tiny_cfg("D2ViT", "pool", **METHOD_KEYS["pool"]))  # 7x8 tokens pooled to 4x5
+    bb = build(tiny_cfg("D2ViT", "pool", **POOL_4x5))  # 7x8 tokens pooled to 4x5
     groups = token_groups(bb, torch.randn(1, 3, 112, 128))
     rows = torch.tensor([i * 4 // 7 for i in range(7)])
     cols = torch.tensor([j * 5 // 8 for j in range(8)])
@@ -69,9 +76,9 @@ def test_pool_groups_are_the_cells_of_the_pooled_grid():
 
 def test_tome_and_evit_groups_count_what_the_methods_keep():
     x = torch.randn(2, 3, 112, 128)  # 56 grid tokens
-    tome = token_groups(build(tiny_cfg("D2ViT", "tome", **METHOD_KEYS["tome"])), x)
+    tome = token_groups(build(tiny_cfg("D2ViT", "tome", **TOME_R6)), x)
     assert tome.num_groups() == [56 - 5 * 6] * 2  # r = 6 merged away in each of blocks 1..5
-    evit = token_groups(build(tiny_cfg("D2ViT", "evit", **METHOD_KEYS["evit"])), x)
+    evit = token_groups(build(tiny_cfg("D2ViT", "evit", **EVIT_06)), x)
     for labels, n in zip(evit.labels, evit.num_groups()):
         sizes = torch.bincount(labels.reshape(-1))
         # keep 0.6 at blocks 1 and 3: 34 of 56 kept (+ the fused token), then 21 of those 35; the
@@ -81,7 +88,7 @@ def test_tome_and_evit_groups_count_what_the_methods_keep():
 
 
 def test_swin_groups_stay_inside_their_window_and_the_observation_leaves_no_trace():
-    bb = build(tiny_cfg("ExpeditD2SwinTransformer", "expedit", **SWIN_METHOD_KEYS["expedit"]))  # windows 12, 8x8 clusters
+    bb = build(tiny_cfg("ExpeditD2SwinTransformer", "expedit", **SWIN_8x8))  # windows 12, 8x8 clusters
     x = torch.randn(1, 3, 224, 224)  # stage 3: 14x14 tokens, 2x2 windows after padding to 24x24
     with torch.no_grad():
         before = bb(x)

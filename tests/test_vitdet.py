@@ -225,7 +225,9 @@ def test_mask_rcnn_from_yaml_runs_with_every_method_of_the_family(method, patche
 def test_evit_is_refused_with_its_reason():
     with pytest.raises(ValueError, match=r"'evit' does not apply to ViT, a windowed ViT: EViT ranks tokens by a "
                                          r"class token's attention"):
-        build_model(small_cfg("evit"))
+        cfg = small_cfg("evit")
+        cfg.MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE = 0.5  # a setting that is on (1.0 keeps every token: off)
+        build_model(cfg)
 
 
 def test_reduction_keys_give_the_pyramid_over_a_patched_vit_and_square_pad_zero_pads_to_32():
@@ -240,11 +242,11 @@ def test_reduction_keys_give_the_pyramid_over_a_patched_vit_and_square_pad_zero_
 
 def test_a_sweep_point_on_the_plain_entry_wraps_it_and_patches_its_vit():
     """point_overrides (sweeps, benchmarks) turns MODEL.BACKBONE.NAME: ExpeditD2ViTDet into
-    ExpeditBackbone over it; the pyramid stays, its ViT is patched."""
+    TokenReductionBackbone over it; the pyramid stays, its ViT is patched."""
     cfg = small_cfg("none")
     cfg.MODEL.BACKBONE.NAME = VITDET_NAME
     out = point_overrides(cfg, {"MODEL.TOKEN_REDUCTION.METHOD": "pool", "MODEL.TOKEN_REDUCTION.POOL.SIZE": [2, 2]})
-    assert out["MODEL.BACKBONE.NAME"] == "ExpeditBackbone" and out["MODEL.EXPEDIT.BASE"] == VITDET_NAME
+    assert out["MODEL.BACKBONE.NAME"] == "TokenReductionBackbone" and out["MODEL.TOKEN_REDUCTION.BASE"] == VITDET_NAME
     cfg.merge_from_list(as_opts(out))
     backbone = build_backbone(cfg)
     assert type(backbone) is SimpleFeaturePyramid and type(backbone.net).__name__ == "PoolViT"

@@ -87,7 +87,7 @@ from expedit_d2.sam import PUBLISHED_SPEED, SAM_PRESETS, build_tiny_sam, sam_set
 
 
 def swin_l_cfg():
-    """Swin-L (Mask2Former, 384 pretraining) with the COCO panoptic setting (SPEC 5)."""
+    """Swin-L (Mask2Former, 384 pretraining) with the COCO panoptic setting (docs/fidelity.md, "Published settings and official configs")."""
     cfg = get_cfg()
     add_expedit_config(cfg)
     s = cfg.MODEL.SWIN
@@ -110,12 +110,12 @@ def _vit_cfg(name, taps, alpha, clusters, **vit):
     e = cfg.MODEL.EXPEDIT
     e.BASE, e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = name, alpha, clusters
     e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE = 5, 5, 1.0, 20, 1.0
-    e.RECONSTRUCTION = "nearest"  # what the official DPT release runs (SPEC 3)
+    e.RECONSTRUCTION = "nearest"  # what the official DPT release runs (docs/fidelity.md)
     return cfg
 
 
 def vit_hybrid_cfg():
-    """DPT-Hybrid (R50 + ViT-B/16) with the NYUv2 setting alpha 4, 16x16 (SPEC 5)."""
+    """DPT-Hybrid (R50 + ViT-B/16) with the NYUv2 setting alpha 4, 16x16 (docs/fidelity.md, "Published settings and official configs")."""
     return _vit_cfg("D2ViTHybrid", [0, 1, 8, 11], 4, [16, 16])
 
 

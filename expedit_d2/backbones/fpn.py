@@ -2,7 +2,7 @@
 
 ``MODEL.BACKBONE.NAME: "build_bottom_up_fpn_backbone"`` with ``MODEL.FPN.BOTTOM_UP``
 naming the bottom-up backbone in ``BACKBONE_REGISTRY`` (for example
-``"ExpeditBackbone"``) and the usual ``MODEL.FPN.*`` keys; this is how a Swin/ViT,
+``"TokenReductionBackbone"``) and the usual ``MODEL.FPN.*`` keys; this is how a Swin/ViT,
 expedited by config, drops into Detectron2's own ``GeneralizedRCNN`` and ``RetinaNet``.
 
 The extra top levels follow Detectron2's own split: p6 by max-pooling p5

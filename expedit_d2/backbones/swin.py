@@ -32,7 +32,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 
 from ..blocked import map_rows, runs_in_blocks, stack_blocks
 from ..layers import DropPath, Mlp, init_linear_and_norm
-from .base import MultiScaleBackbone
+from .base import MultiScaleBackbone, SwinProtocol
 
 __all__ = ["SwinTransformer", "ExpeditD2SwinTransformer", "WindowMask", "WindowGather", "shifted_window_mask",
            "window_order", "window_gather", "gather_tokens", "window_partition", "window_reverse",
@@ -398,7 +398,7 @@ class PatchEmbed(nn.Module):
         return x
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(nn.Module, SwinProtocol):
     """Swin Transformer feature extractor (no classification head)."""
 
     def __init__(self, pretrain_img_size=224, patch_size=4, in_chans=3, embed_dim=96,

@@ -2,7 +2,7 @@
 timm ``Eva`` (EVA-02, the rotary-embedding ViTs ``vit_*_rope_*``) as a Detectron2 token-tap
 backbone, ``D2TimmViT``: one family in one file.
 
-    MODEL.BACKBONE.NAME: "D2TimmViT"        (or ExpeditBackbone with MODEL.EXPEDIT.BASE: D2TimmViT)
+    MODEL.BACKBONE.NAME: "D2TimmViT"        (or TokenReductionBackbone with MODEL.TOKEN_REDUCTION.BASE: D2TimmViT)
     MODEL.TIMM_VIT.NAME: "vit_small_patch14_reg4_dinov2"   any timm name building a VisionTransformer or Eva
     MODEL.TIMM_VIT.KWARGS: {depth: 12, ...}                 extra timm.create_model arguments
     MODEL.TIMM_VIT.TAPS: [2, 5, 8, 11]                      blocks whose outputs are res2..res5
@@ -30,8 +30,13 @@ from torch import nn
 
 from detectron2.modeling import BACKBONE_REGISTRY
 
-from .base import TokenTapBackbone, run_token_taps
+from .base import TokenTapBackbone, register_prenorm_block
 from .vit import check_taps
+
+
+# timm's pre-norm blocks, which the "vit" methods that act inside a block run in parts
+register_prenorm_block("timm.models.vision_transformer:Block")
+register_prenorm_block("timm.models.eva:EvaBlock")
 
 __all__ = ["D2TimmViT"]
 
@@ -100,10 +105,6 @@ class D2TimmViT(TokenTapBackbone):
         if getattr(v, "rope_mixed", False):  # (depth, heads, h*w, D): one per block
             return [{"rope": r} for r in rope.unbind(0)]
         return [{"rope": rope}] * len(v.blocks)
-
-    def forward_taps(self, x: torch.Tensor, taps) -> tuple[list, tuple[int, int], list]:
-        """(B, 3, H, W) -> (tokens after each tap block (B, P + h*w, C), grid (h, w), [])."""
-        return run_token_taps(self, x, taps)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_input(x)

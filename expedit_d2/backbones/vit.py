@@ -33,7 +33,7 @@ from torch import nn
 from detectron2.modeling import BACKBONE_REGISTRY
 
 from ..blocked import cpu_inference
-from .base import TokenTapBackbone, run_token_taps
+from .base import TokenTapBackbone, TokenTapProtocol, register_prenorm_block
 
 from ..layers import DropPath, Mlp
 
@@ -205,6 +205,7 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
+@register_prenorm_block
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0,
                  drop_path=0.0):
@@ -248,7 +249,7 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), grid, stages
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(nn.Module, TokenTapProtocol):
     """ViT feature extractor with DPT taps; ``taps`` index blocks (hybrid: the first
     ``len(hybrid_layers) - 1`` taps may instead index ResNet stages, see D2ViTHybrid)."""
 
@@ -296,11 +297,6 @@ class VisionTransformer(nn.Module):
         tokens, grid, stages = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         return self.pos_drop(x + self.resized_pos_embed(grid)), grid, stages
-
-    def forward_taps(self, x: torch.Tensor, taps) -> tuple[list, tuple[int, int], list]:
-        """(B, 3, H, W) -> (tokens after each tap block (B, 1 + h*w, C), grid (h, w),
-        ResNet stage maps)."""
-        return run_token_taps(self, x, taps)
 
 
 class _D2ViTBase(VisionTransformer, TokenTapBackbone):

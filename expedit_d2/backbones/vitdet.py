@@ -32,7 +32,7 @@ the next multiple); ``SQUARE_PAD: 0`` pads to multiples of the coarsest pyramid 
 
 Token reduction: the ViT (``.net``) follows the ``"windowed"`` family (layout ``"vitdet"``,
 :mod:`expedit_d2.reduction.windowed`); the backbones know nothing of any method. By config,
-``MODEL.BACKBONE.NAME: ExpeditBackbone`` with ``MODEL.EXPEDIT.BASE: ExpeditD2ViTDet`` builds
+``MODEL.BACKBONE.NAME: TokenReductionBackbone`` with ``MODEL.TOKEN_REDUCTION.BASE: ExpeditD2ViTDet`` builds
 this pyramid and patches its ``net`` with ``MODEL.TOKEN_REDUCTION.METHOD``; in Python,
 ``apply_patch(model.backbone.net, settings)``.
 """

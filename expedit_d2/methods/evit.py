@@ -201,6 +201,11 @@ class EViTSettings:
         e = cfg.MODEL.TOKEN_REDUCTION.EVIT
         return cls(tuple(e.LOCATIONS), e.KEEP_RATE, e.FUSE)
 
+    @property
+    def off(self) -> bool:
+        """``KEEP_RATE`` 1 or no ``LOCATIONS``: every token kept; no patch is applied."""
+        return self.keep_rate >= 1 or not self.locations
+
     def __post_init__(self):
         locs = list(self.locations)
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in locs) or \
@@ -210,8 +215,29 @@ class EViTSettings:
         check_bool(self.fuse, _KEY + "FUSE")
 
 
+def example(target):
+    """"vit" only: keep a rate of the tokens at a quarter, half and three quarters of the
+    depth (blocks 3, 6, 9 of 12, EViT's own), the rate (two decimals) chosen for the
+    target's mean tokens per block (block i holds rate ** (locations before i) of them)."""
+    if target.family != "vit":
+        return None
+    depth = target.depth
+    locations = sorted({depth // 4, depth // 2, 3 * depth // 4} - {depth - 1}) or [0]
+    share = target.mean_tokens() / (target.grid[0] * target.grid[1])
+
+    def mean_share(rate):
+        return sum(rate ** sum(loc < i for loc in locations) for i in range(depth)) / depth
+
+    low, high = 0.0, 1.0
+    for _ in range(40):  # mean_share increases with the rate
+        mid = (low + high) / 2
+        low, high = (mid, high) if mean_share(mid) < share else (low, mid)
+    rate = min(0.99, max(0.01, round(high, 2)))
+    return {_KEY + "LOCATIONS": locations, _KEY + "KEEP_RATE": rate}
+
+
 register_method("evit", EViTSettings.from_config, "EVIT",
-                {"LOCATIONS": [3, 6, 9], "KEEP_RATE": 1.0, "FUSE": True})
+                {"LOCATIONS": [3, 6, 9], "KEEP_RATE": 1.0, "FUSE": True}, example=example)
 
 
 class KeepingPass:
@@ -253,8 +279,8 @@ class EViTTokens(TokenReducer):
             return blk(x, **inputs)
         P = state.num_prefix_tokens
 
-        def keep(x, extras):
-            cls_attn = extras["cls_attn"]
+        def keep(x, attention_outputs):
+            cls_attn = attention_outputs["cls_attn"]
             y, info = evit_keep(_cls_and_grid(x, P), cls_attn, self.keep_rate, self.fuse)
             if info.dropped.shape[1] == 0:
                 return x

@@ -4,7 +4,7 @@ The operators are in :mod:`expedit_d2.ops`; this file says where they go:
 
 * ``"swin"`` -- per attention window: cluster every ws x ws window to s x s right before
   global block alpha, run the rest of that stage on the cluster map (window s), reconstruct
-  every window at the end of the stage (SPEC section 4);
+  every window at the end of the stage (docs/methods.md, "Where it acts");
 * ``"windowed"`` -- per window, the official Expedit-SAM arithmetic: cluster every padded
   ws x ws window to s x s right before block alpha, later window blocks attend in windows of
   s and global blocks on the stitched grid, top-k reconstruction window by window after the
@@ -28,7 +28,7 @@ from ..reduction.config import (
     NOT_EXPEDITED, check_bool, check_choice, check_odd, check_pair, check_positive_float, check_positive_int)
 from ..reduction.core import (
     SwinWindowReducer, TokenReducer, cell_positions, check_blocks, patch_swin_stage, patch_token_backbone,
-    register_method, register_patch, swin_stage_at)
+    reduction_statistics, register_method, register_patch, swin_stage_at)
 from ..reduction.windowed import WindowedReducer, check_location, patch_windowed, window_side
 
 __all__ = ["ExpeditSettings", "ExpeditSwinWindows", "ExpeditTokens", "ExpeditWindows", "SWIN_SHIFT_MASKS",
@@ -89,6 +89,11 @@ class ExpeditSettings:
             raise ValueError(f"{_KEY}SMALL_INPUT must be 'skip' or 'error', got {self.small_input!r}")
         check_choice(self.swin_shift_mask, _KEY + "SWIN_SHIFT_MASK", SWIN_SHIFT_MASKS)
 
+    @property
+    def off(self) -> bool:
+        """``CLUSTERING_LOCATION`` -1: not expedited (the official default); no patch is applied."""
+        return self.clustering_location == NOT_EXPEDITED
+
     def clustering(self) -> TokenClustering:
         return TokenClustering(self.num_clusters, self.iters, self.temperature, self.window,
                                self.memory_limit)
@@ -104,7 +109,12 @@ class ExpeditSettings:
             raise ValueError(f"{_KEY}RECON_K={self.recon_k} exceeds the {h}x{w} clusters{where}")
 
 
-register_method("expedit", ExpeditSettings.from_config)
+def example(target):
+    """The target itself: cluster to its size at its location (any family)."""
+    return {_KEY + "CLUSTERING_LOCATION": target.location, _KEY + "NUM_CLUSTERS": list(target.size)}
+
+
+register_method("expedit", ExpeditSettings.from_config, example=example)
 
 
 # --------------------------------------------------------------------------------------
@@ -201,6 +211,8 @@ class ExpeditTokens(TokenReducer):
     Shapes: (B, P + H*W, C) -> clusters (B, P + h*w, C) -> taps (B, P + H*W, C).
     """
 
+    method = "expedit"
+
     def __init__(self, location: int, settings: ExpeditSettings):
         super().__init__()
         self.location = location
@@ -238,6 +250,9 @@ class ExpeditTokens(TokenReducer):
             return x  # before clustering, or as many clusters as tokens (the official hook's rule)
         return self.reconstruction(x, c)
 
+    def statistics(self):
+        return {"unexpedited_images": self.unexpedited_images}
+
     def groups(self, state):
         # each token's cluster: the nearest final centre (None: not clustered in this pass)
         return None if state.clustering is None else nearest_clusters(state.clustering)
@@ -257,4 +272,4 @@ def patch_vit(backbone, settings: ExpeditSettings) -> None:
 def unexpedited_images(model) -> int:
     """How many images the expedit patches in ``model`` ran unexpedited (token grid smaller
     than the cluster grid, ``MODEL.EXPEDIT.SMALL_INPUT: skip``) since it was built."""
-    return sum(getattr(m, "unexpedited_images", 0) for m in model.modules())
+    return reduction_statistics(model).get("expedit", {}).get("unexpedited_images", 0)

@@ -127,12 +127,21 @@ class PoolSettings:
             return None
         return cls(p.LOCATION, check_pair(p.SIZE, _KEY + "SIZE"))  # SIZE: [h, w] or n -> (h, w)
 
+    #: a pooling location is a block index (>= 0); ``LOCATION`` -1 in a config reads as no
+    #: settings at all (:meth:`from_config`)
+    off = False
+
     def __post_init__(self):
         check_int_at_least(self.location, _KEY + "LOCATION", 0)
         check_pair(self.size, _KEY + "SIZE")
 
 
-register_method("pool", PoolSettings.from_config, "POOL", {"LOCATION": -1, "SIZE": [8, 8]})
+def example(target):
+    """Pool to expedit's size at expedit's location (any family)."""
+    return {_KEY + "LOCATION": target.location, _KEY + "SIZE": list(target.size)}
+
+
+register_method("pool", PoolSettings.from_config, "POOL", {"LOCATION": -1, "SIZE": [8, 8]}, example=example)
 
 
 class PoolSwinWindows(SwinWindowReducer):

@@ -261,17 +261,36 @@ class ToMeSettings:
         t = cfg.MODEL.TOKEN_REDUCTION.TOME
         return cls(t.R, t.START_BLOCK, t.PROPORTIONAL_ATTENTION)
 
+    @property
+    def off(self) -> bool:
+        """``R`` 0: nothing merged; no patch is applied."""
+        return self.r == 0
+
     def __post_init__(self):
         check_int_at_least(self.r, _KEY + "R", 0)
         check_int_at_least(self.start_block, _KEY + "START_BLOCK", 0)
         check_bool(self.proportional_attention, _KEY + "PROPORTIONAL_ATTENTION")
 
 
+def example(target):
+    """"vit": merge from block 0 with ``r`` chosen for the target's mean tokens per block
+    (block i holds about N - r (i + 1/2) tokens); "windowed": merge every window to the
+    target's size at its location. None for "swin"."""
+    if target.family == "windowed":
+        return {_KEY + "R": target.grid[0] * target.grid[1] - target.size[0] * target.size[1],
+                _KEY + "START_BLOCK": target.location}
+    if target.family != "vit":
+        return None
+    full = target.grid[0] * target.grid[1]
+    r = max(1, round(2 * (full - target.mean_tokens()) / target.depth))
+    return {_KEY + "R": r, _KEY + "START_BLOCK": 0}
+
+
 register_method("tome", ToMeSettings.from_config, "TOME",
-                {"R": 0, "START_BLOCK": 0, "PROPORTIONAL_ATTENTION": True})
+                {"R": 0, "START_BLOCK": 0, "PROPORTIONAL_ATTENTION": True}, example=example)
 
 
-class _Pass:
+class MergeState:
     """One forward pass: prefix count, sizes of the current tokens, original -> current map,
     grid positions of the current grid tokens (None: the grid itself)."""
 
@@ -293,7 +312,7 @@ class ToMeTokens(TokenReducer):
         self.proportional_attention = settings.proportional_attention
 
     def start(self, x, grid, num_prefix_tokens):
-        return _Pass(num_prefix_tokens)
+        return MergeState(num_prefix_tokens)
 
     def block(self, index, blk, x, state, inputs):
         merge_here = self.r > 0 and index >= self.start_block
@@ -301,9 +320,9 @@ class ToMeTokens(TokenReducer):
         if not merge_here and size is None:
             return blk(x, **inputs)
 
-        def merge(x, extras):
+        def merge(x, attention_outputs):
             P = state.num_prefix_tokens
-            info = bipartite_soft_matching(extras["metric"], self.r, P)
+            info = bipartite_soft_matching(attention_outputs["metric"], self.r, P)
             if info.r == 0:
                 return x
             x, state.size = merge_wavg(info, x, state.size)

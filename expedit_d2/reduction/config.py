@@ -3,7 +3,8 @@
 Keys::
 
     MODEL.TOKEN_REDUCTION.METHOD   "expedit" (default) | "tome" | "evit" | "pool" | "none"
-    MODEL.EXPEDIT.*                expedit's settings (and ExpeditBackbone's BASE / ENABLED);
+    MODEL.TOKEN_REDUCTION.BASE     the backbone TokenReductionBackbone builds and patches
+    MODEL.EXPEDIT.*                expedit's settings (and ENABLED; BASE: alias of TOKEN_REDUCTION.BASE);
                                    the official MODEL.SWIN.* Expedit keys map onto them
     MODEL.TOKEN_REDUCTION.TOME.*   MODEL.TOKEN_REDUCTION.EVIT.*   MODEL.TOKEN_REDUCTION.POOL.*
 
@@ -28,7 +29,7 @@ from .core import METHOD_KEY, get_method, registered_methods
 
 __all__ = [
     "add_token_reduction_config", "settings_from_config", "point_overrides", "canonical_key",
-    "OFFICIAL_SWIN_ALIASES", "PLAIN_BACKBONES", "WRAPPER_BACKBONES", "NOT_EXPEDITED",
+    "OFFICIAL_SWIN_ALIASES", "plain_backbones", "WRAPPER_BACKBONES", "BASE_KEYS", "base_backbone_name", "NOT_EXPEDITED",
     "check_pair", "check_positive_int", "check_int_at_least", "check_positive_float",
     "check_odd", "check_choice", "check_rate", "check_bool", "as_opts", "config_value",
 ]
@@ -45,11 +46,36 @@ OFFICIAL_SWIN_ALIASES = {
     "MODEL.SWIN.TOKEN_RECONSTRUCTION_BLOCK.K": "MODEL.EXPEDIT.RECON_K",
     "MODEL.SWIN.TOKEN_RECONSTRUCTION_BLOCK.TEMPERATURE": "MODEL.EXPEDIT.RECON_TEMPERATURE",
 }
-#: our backbone entries a method can be put on by config (the wrapper builds them; any
-#: other registered backbone of a family can be, the user's D2SwinTransformer too)
-PLAIN_BACKBONES = ("ExpeditD2SwinTransformer", "D2ViT", "D2ViTHybrid", "D2TimmViT", "ExpeditD2ViTDet")
-#: the wrapper entries: build MODEL.EXPEDIT.BASE, then patch it
-WRAPPER_BACKBONES = ("ExpeditBackbone", "TokenReductionBackbone")
+#: the wrapper entries: build MODEL.TOKEN_REDUCTION.BASE, then patch it (the first is the
+#: lead name; "ExpeditBackbone", the earlier name, stays an alias)
+WRAPPER_BACKBONES = ("TokenReductionBackbone", "ExpeditBackbone")
+#: where the wrapper's base backbone is named: the lead key, then its alias (the earlier
+#: name, which configs written for it keep using)
+BASE_KEYS = ("MODEL.TOKEN_REDUCTION.BASE", "MODEL.EXPEDIT.BASE")
+#: MODEL.EXPEDIT.BASE's default (MODEL.TOKEN_REDUCTION.BASE's is "": take the alias)
+DEFAULT_BASE = "ExpeditD2SwinTransformer"
+
+
+def plain_backbones() -> tuple[str, ...]:
+    """Our backbone entries a method can be put on by config, read from Detectron2's
+    ``BACKBONE_REGISTRY`` (those registered by :mod:`expedit_d2.backbones`, bottom-up FPN
+    entries aside); any other registered backbone of a family can be too, the user's
+    ``D2SwinTransformer`` included."""
+    return tuple(name for name, obj in BACKBONE_REGISTRY
+                 if getattr(obj, "__module__", "").startswith("expedit_d2.backbones") and name not in BOTTOM_UP_FPNS)
+
+
+def base_backbone_name(cfg) -> str:
+    """The backbone the wrapper builds: ``MODEL.TOKEN_REDUCTION.BASE`` where set, else its
+    alias ``MODEL.EXPEDIT.BASE``. Both set to different names is an error naming both."""
+    lead = config_value(cfg, BASE_KEYS[0], "")
+    alias = config_value(cfg, BASE_KEYS[1], DEFAULT_BASE)
+    if not lead:
+        return alias
+    if alias not in (DEFAULT_BASE, lead):
+        raise ValueError(f"{BASE_KEYS[0]}={lead!r} and its alias {BASE_KEYS[1]}={alias!r} name different "
+                         "backbones: set one of them")
+    return lead
 
 
 # --------------------------------------------------------------------------------------
@@ -62,6 +88,8 @@ def add_token_reduction_config(cfg) -> None:
     node = cfg.MODEL.TOKEN_REDUCTION
     if "METHOD" not in node:
         node.METHOD = "expedit"
+    if "BASE" not in node:  # "": MODEL.EXPEDIT.BASE, its alias (base_backbone_name)
+        node.BASE = ""
     for method in registered_methods().values():
         if method.config_node is None:
             continue
@@ -77,7 +105,8 @@ def settings_from_config(cfg):
     name = cfg.MODEL.get("TOKEN_REDUCTION", {}).get("METHOD", "expedit")
     if name == "none":
         return None
-    return get_method(name).from_config(cfg)
+    settings = get_method(name).from_config(cfg)
+    return None if settings is None or settings.off else settings
 
 
 def canonical_key(key: str, value):
@@ -96,7 +125,7 @@ _REQUIRED = object()
 
 
 def config_value(cfg, key: str, default=_REQUIRED):
-    """The value of a dotted key (``"MODEL.EXPEDIT.BASE"``) in a config; ``default`` where a
+    """The value of a dotted key (``"MODEL.TOKEN_REDUCTION.BASE"``) in a config; ``default`` where a
     part is missing, else a KeyError naming the key."""
     node = cfg
     for part in key.split("."):
@@ -149,12 +178,12 @@ def point_overrides(base_cfg, overrides: dict, baseline: bool = False) -> dict:
     if reduced:
         if name == "D2HourglassSwinTransformer":  # carry the official keys over, then override
             out.update(official_swin_values(base_cfg))
-            out.update({key: "ExpeditBackbone", "MODEL.EXPEDIT.BASE": "D2SwinTransformer"})
+            out.update({key: WRAPPER_BACKBONES[0], BASE_KEYS[0]: "D2SwinTransformer"})
         elif name not in WRAPPER_BACKBONES and name not in BOTTOM_UP_FPNS and name in BACKBONE_REGISTRY:
-            out.update({key: "ExpeditBackbone", "MODEL.EXPEDIT.BASE": name})
+            out.update({key: WRAPPER_BACKBONES[0], BASE_KEYS[0]: name})
         elif name not in WRAPPER_BACKBONES:
             raise ValueError(f"{key}={name!r}: token-reduction keys need one of {WRAPPER_BACKBONES}, "
-                             f"D2HourglassSwinTransformer or a registered backbone such as {PLAIN_BACKBONES}")
+                             f"D2HourglassSwinTransformer or a registered backbone such as {plain_backbones()}")
         method = overrides.get(METHOD_KEY, "expedit")
         out[METHOD_KEY] = method
         if method == "expedit":

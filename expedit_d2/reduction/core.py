@@ -2,34 +2,17 @@
 
 A *method* (expedit, tome, evit, pool, ...) is registered once with its settings type and,
 per backbone *family*, a patch function ``patch(backbone, settings)``. A family is a
-protocol, not a class list, so any backbone that follows it takes every method of that
-family without changes:
-
-``"vit"`` -- token-tap backbones (our ``D2ViT``/``D2ViTHybrid``, the timm family)::
-
-    num_prefix_tokens: int                  cls (+ register) tokens in front of the grid
-    blocks: nn.ModuleList | nn.Sequential   pre-norm transformer blocks, x -> blk(x)
-    embed_tokens(images) -> (x (B, P + h*w, C), grid (h, w), extras)
-    forward_taps(images, taps) -> ([x after each tap block (B, P + h*w, C)], grid, extras)
-    block_inputs(grid) -> [dict per block] | None   optional: keyword inputs of the blocks,
-                                            blk(x, **inputs[i]), whose dimension -2 runs over
-                                            the h*w grid tokens (EVA's rotary embedding "rope")
-
-Methods that change the token set say, per pass, which grid position each of their grid
-tokens stands for (:meth:`TokenReducer.positions`); the blocks' grid inputs are re-indexed
-to those positions (:func:`regrid_inputs`), so position-aware blocks (rotary embeddings)
-see a valid position for every token.
-
-``"swin"`` -- Swin stages: ``backbone.layers[i]`` with ``blocks``, ``window_size``,
-``run_blocks(x, H, W, start, stop, window_size, mask_shift)`` and
-``forward_blocks(x, H, W)`` (all blocks of the stage, before patch merging); or stages of
-the upstream Swin layout that Mask2Former, OneFormer and MaskDINO copy (``BasicLayer`` /
-``SwinTransformerBlock``, :mod:`expedit_d2.reduction.upstream_swin`), which patching gives
-that seam.
-
-``"windowed"`` -- ViTs with window and global attention on a (B, H, W, C) grid (SAM's image
-encoder, ViTDet): :mod:`expedit_d2.reduction.windowed`, registered there with
+protocol, not a class list (:class:`expedit_d2.backbones.base.FamilyProtocol`, checked
+structurally), so any backbone that follows it takes every method of that family without
+changes: ``"vit"`` (:class:`~expedit_d2.backbones.base.TokenTapProtocol`), ``"swin"``
+(:class:`~expedit_d2.backbones.base.SwinProtocol`) and ``"windowed"``
+(:class:`~expedit_d2.reduction.windowed.WindowedProtocol`), each registered with
 :func:`register_family`.
+
+On the ``"vit"`` family, methods that change the token set say, per pass, which grid position
+each of their grid tokens stands for (:meth:`TokenReducer.positions`); the blocks' grid
+inputs are re-indexed to those positions (:func:`regrid_inputs`), so position-aware blocks
+(rotary embeddings) see a valid position for every token.
 
 Patching never touches parameters or buffers (checkpoint names stay the same); it attaches
 a parameter-free ``token_reduction`` module and swaps the patched module's class for a
@@ -47,20 +30,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.base import (PRENORM_BLOCKS, FamilyProtocol, SwinProtocol, TokenTapProtocol, prenorm_block_classes,
+                              register_prenorm_block, run_token_taps)
+
 __all__ = [
     "Method", "register_method", "register_patch", "registered_methods", "get_method",
     "family_of", "apply_patch", "remove_patch", "TokenReducer", "SwinWindowReducer",
     "patch_token_backbone", "patch_swin_stage", "check_blocks", "run_vit_block", "METHOD_KEY",
     "regrid_inputs", "cell_positions", "check_vit_blocks", "has_swin_seam", "register_family", "swap_class",
+    "register_prenorm_block", "PRENORM_BLOCKS", "FAMILIES", "reduction_statistics", "ExampleTarget",
+    "example_settings",
 ]
 
 #: the config key that selects the method
 METHOD_KEY = "MODEL.TOKEN_REDUCTION.METHOD"
 
 
+@dataclass(frozen=True)
+class ExampleTarget:
+    """What a method's example setting is made to match: expedit clustering a ``grid`` (H, W)
+    of tokens to ``size`` (h, w) right after block ``location`` (before it for the swin and
+    windowed families, whose ``grid`` is one attention window) of a ``depth``-block backbone
+    of ``family``. The tests' settings of every method and the benchmarks' "methods at about
+    equal GMACs" are each method's example for one target."""
+
+    family: str
+    depth: int
+    grid: tuple[int, int]
+    location: int
+    size: tuple[int, int]
+
+    def mean_tokens(self) -> float:
+        """Tokens per block, averaged over the blocks, under expedit (the "vit" family:
+        blocks 0..location see the whole grid, the rest the clusters)."""
+        full, reduced = self.grid[0] * self.grid[1], self.size[0] * self.size[1]
+        return ((self.location + 1) * full + (self.depth - self.location - 1) * reduced) / self.depth
+
+
 @dataclass
 class Method:
-    """A registered method: how to read its settings and how to patch each family."""
+    """A registered method: how to read its settings, how to patch each family, and an
+    example setting (config keys) for an :class:`ExampleTarget`."""
 
     name: str
     #: ``cfg -> settings`` (validated, errors name the key) or None (configured off)
@@ -69,18 +79,32 @@ class Method:
     config_node: str | None = None
     config_defaults: dict = field(default_factory=dict)
     patches: dict[str, Callable] = field(default_factory=dict)
+    #: ``ExampleTarget -> {dotted config key: value}`` (None where the method has no setting
+    #: for the target's family)
+    example: Callable[[ExampleTarget], dict | None] | None = None
 
 
 _METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, from_config, config_node: str | None = None,
-                    config_defaults: dict | None = None) -> Method:
-    """Register a method (once per name)."""
+                    config_defaults: dict | None = None, example=None) -> Method:
+    """Register a method (once per name); ``example``: see :attr:`Method.example`."""
     if name in _METHODS:
         raise ValueError(f"token-reduction method {name!r} is registered already")
-    _METHODS[name] = Method(name, from_config, config_node, dict(config_defaults or {}))
+    _METHODS[name] = Method(name, from_config, config_node, dict(config_defaults or {}), example=example)
     return _METHODS[name]
+
+
+def example_settings(target: ExampleTarget) -> dict[str, dict]:
+    """``{method: config keys}``: the registered example of every method that has one for
+    ``target``'s family and can patch that family, in registration order."""
+    out = {}
+    for name, method in _METHODS.items():
+        keys = method.example(target) if method.example is not None and target.family in method.patches else None
+        if keys is not None:
+            out[name] = {METHOD_KEY: name, **keys}
+    return out
 
 
 def register_patch(method: str, family: str):
@@ -109,51 +133,34 @@ def get_method(name: str) -> Method:
 # --------------------------------------------------------------------------------------
 # families
 # --------------------------------------------------------------------------------------
-def _token_tap_problem(backbone) -> str | None:
-    for name in ("embed_tokens", "forward_taps"):
-        if not callable(getattr(backbone, name, None)):
-            return f"no method {name!r}"
-    if not isinstance(getattr(backbone, "blocks", None), (nn.ModuleList, nn.Sequential)):
-        return "no 'blocks' (nn.ModuleList)"
-    if not isinstance(getattr(backbone, "num_prefix_tokens", None), int):
-        return "no int 'num_prefix_tokens'"
-    return None
-
-
 def has_swin_seam(stage: nn.Module) -> bool:
     """Whether a Swin stage has the family's own seam (``run_blocks``, ``forward_blocks``)."""
-    return callable(getattr(stage, "forward_blocks", None)) and callable(getattr(stage, "run_blocks", None))
+    return SwinProtocol.has_seam(stage)
 
 
-def _swin_problem(backbone) -> str | None:
-    from .upstream_swin import upstream_stage_problem
-
-    layers = getattr(backbone, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not len(layers):
-        return "no 'layers' (a non-empty nn.ModuleList of stages)"
-    for i, stage in enumerate(layers):
-        problem = None if has_swin_seam(stage) else upstream_stage_problem(stage)
-        if problem:
-            return f"layers[{i}]{problem}"
-    return None
+#: family name -> its protocol (:class:`~expedit_d2.backbones.base.FamilyProtocol`)
+FAMILIES: dict[str, type[FamilyProtocol]] = {}
 
 
-#: family name -> protocol check: None when the backbone follows it, else what it lacks
-FAMILIES: dict[str, Callable[[nn.Module], str | None]] = {"vit": _token_tap_problem, "swin": _swin_problem}
+def register_family(protocol: type[FamilyProtocol]) -> type[FamilyProtocol]:
+    """Register a backbone family by its protocol class (once per ``protocol.family``);
+    usable as a class decorator."""
+    if not (isinstance(protocol, type) and issubclass(protocol, FamilyProtocol)) or not protocol.family:
+        raise TypeError(f"register_family takes a FamilyProtocol subclass with a 'family' name, got {protocol!r}")
+    if protocol.family in FAMILIES:
+        raise ValueError(f"backbone family {protocol.family!r} is registered already")
+    FAMILIES[protocol.family] = protocol
+    return protocol
 
 
-def register_family(name: str, problem_of: Callable[[nn.Module], str | None]) -> None:
-    """Register a backbone family: ``problem_of(backbone)`` is None when the backbone follows
-    the family's protocol, else what it lacks (once per name)."""
-    if name in FAMILIES:
-        raise ValueError(f"backbone family {name!r} is registered already")
-    FAMILIES[name] = problem_of
+register_family(TokenTapProtocol)
+register_family(SwinProtocol)
 
 
 def family_of(backbone: nn.Module) -> str:
     problems = {}
-    for name, problem_of in FAMILIES.items():
-        problems[name] = problem_of(backbone)
+    for name, protocol in FAMILIES.items():
+        problems[name] = protocol.problem_of(backbone)
         if problems[name] is None:
             return name
     why = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
@@ -162,7 +169,10 @@ def family_of(backbone: nn.Module) -> str:
 
 
 def apply_patch(backbone: nn.Module, settings) -> nn.Module:
-    """Patch ``backbone`` in place with ``settings.method`` (returns it). Parameters untouched."""
+    """Patch ``backbone`` in place with ``settings.method`` (returns it). Parameters untouched.
+    Settings that are off (``settings.off``: expedit at location -1, ToMe with r 0, EViT
+    keeping every token) apply no patch, for every method alike: the backbone is returned
+    as it is."""
     if any(getattr(m, "token_reduction", None) is not None for m in backbone.modules()):
         raise ValueError(f"{type(backbone).__name__} is patched already; remove_patch() first")
     method = get_method(settings.method)
@@ -170,6 +180,8 @@ def apply_patch(backbone: nn.Module, settings) -> nn.Module:
     if family not in method.patches:
         raise ValueError(f"{METHOD_KEY}={settings.method!r} has no patch for the {family!r} family of "
                          f"{type(backbone).__name__} (it has: {sorted(method.patches)})")
+    if getattr(settings, "off", False):
+        return backbone
     method.patches[family](backbone, settings)
     return backbone
 
@@ -182,6 +194,19 @@ def remove_patch(backbone: nn.Module) -> nn.Module:
             m.__class__ = original
             del m.token_reduction
     return backbone
+
+
+def reduction_statistics(model: nn.Module) -> dict[str, dict[str, int]]:
+    """``{method: {name: count}}``: the :meth:`TokenReducer.statistics` of the reducers that
+    the patches in ``model`` attached, summed per method (a reducer's method: its
+    ``method`` attribute); methods whose counts are all 0 are left out."""
+    out: dict[str, dict[str, int]] = {}
+    for m in model.modules():
+        if isinstance(m, TokenReducer):
+            counts = out.setdefault(getattr(m, "method", type(m).__name__), {})
+            for name, value in m.statistics().items():
+                counts[name] = counts.get(name, 0) + int(value)
+    return {method: counts for method, counts in out.items() if any(counts.values())}
 
 
 def swap_class(module: nn.Module, prefix: str, overrides: dict) -> None:
@@ -213,6 +238,12 @@ class TokenReducer(nn.Module):
 
     def tap(self, x: torch.Tensor, state) -> torch.Tensor:
         return x
+
+    def statistics(self) -> dict[str, int]:
+        """Counts this reducer kept over the passes since it was built, for the evaluation's
+        results (``{name: count}``, summed over reducers and processes by
+        :func:`reduction_statistics`); none by default. Not parameters, not buffers."""
+        return {}
 
     def positions(self, state) -> torch.Tensor | None:
         """The grid position (row-major index into the h*w grid) that each current grid token
@@ -273,20 +304,8 @@ def cell_positions(grid, size, device=None) -> torch.Tensor:
 
 
 def _reduced_forward_taps(self, images: torch.Tensor, taps):
-    """``forward_taps`` of a patched token-tap backbone (see :class:`TokenReducer`)."""
-    from ..backbones.base import block_inputs_of
-
-    x, grid, extras = self.embed_tokens(images)
-    inputs = block_inputs_of(self, grid)
-    reducer = self.token_reduction
-    state = reducer.start(x, grid, self.num_prefix_tokens)
-    wanted, outs = set(taps), {}
-    for i, blk in enumerate(self.blocks[: max(taps) + 1]):
-        x = reducer.block(i, blk, x, state, regrid_inputs(inputs[i], reducer.positions(state)))
-        if i in wanted:
-            outs[i] = reducer.tap(x, state)
-        x = reducer.after_block(i, x, state)
-    return [outs[i] for i in taps], grid, extras
+    """``forward_taps`` of a patched token-tap backbone: the block loop driven by its reducer."""
+    return run_token_taps(self, images, taps, self.token_reduction)
 
 
 def check_blocks(backbone: nn.Module, indices, key: str) -> None:
@@ -303,22 +322,12 @@ def patch_token_backbone(backbone: nn.Module, reducer: TokenReducer, prefix: str
     swap_class(backbone, prefix, {"forward_taps": _reduced_forward_taps})
 
 
-def _prenorm_block_classes() -> tuple[type, ...]:
-    """Block classes whose forward is ``x + ls1(attn(norm1(x))); x + ls2(mlp(norm2(x)))``."""
-    from timm.models.eva import EvaBlock
-    from timm.models.vision_transformer import Block as TimmBlock
-
-    from ..backbones.vit import Block
-
-    return Block, TimmBlock, EvaBlock
-
-
 def check_vit_blocks(backbone: nn.Module, indices, key: str) -> None:
     """Methods that act inside a block (ToMe, EViT) run it part by part (:func:`run_vit_block`),
-    which knows pre-norm blocks only: our ViT's, timm's ``Block`` and ``EvaBlock``. Any other
-    block class among the blocks ``indices`` is refused here, naming ``key``, rather than
-    computed wrongly."""
-    known = _prenorm_block_classes()
+    which knows the pre-norm blocks of :data:`PRENORM_BLOCKS` only (our ViT's, timm's
+    ``Block`` and ``EvaBlock``). Any other block class among the blocks ``indices`` is refused
+    here, naming ``key``, rather than computed wrongly."""
+    known = prenorm_block_classes()
     for i in indices:
         blk = backbone.blocks[i]
         if not isinstance(blk, known):
@@ -367,7 +376,7 @@ def run_vit_block(blk: nn.Module, x: torch.Tensor, *, size: torch.Tensor | None 
 
     ``x + attn(norm1(x))`` (with ``size``: ToMe's proportional attention, log(size) added to
     the logits; with ``rope``: EVA's rotary embedding of the grid tokens, as the block's
-    ``rope`` input), then ``between(x, extras)`` (extras: ``metric`` = keys averaged over heads
+    ``rope`` input), then ``between(x, attention_outputs)`` (a dict: ``metric`` = keys averaged over heads
     (B, N, d), taken before the rotary embedding so that it compares content, ``cls_attn`` =
     the first token's attention to the grid tokens averaged over heads (B, N - P)), then ``x +
     mlp(norm2(x))``. Works with our ``Block``, timm's ``Block`` (layer scale, q/k norm, gate)
@@ -384,9 +393,9 @@ def run_vit_block(blk: nn.Module, x: torch.Tensor, *, size: torch.Tensor | None 
     h = blk.norm1(x)
     q, k, v = _qkv(attn, h)
     q, k = getattr(attn, "q_norm", nn.Identity())(q), getattr(attn, "k_norm", nn.Identity())(k)
-    extras = {}
+    attention_outputs = {}
     if want_metric:
-        extras["metric"] = k.mean(dim=1)
+        attention_outputs["metric"] = k.mean(dim=1)
     if rope is not None:
         q, k = _rotate(q, rope, attn, v), _rotate(k, rope, attn, v)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: kv head h // groups serves head h
@@ -399,7 +408,7 @@ def run_vit_block(blk: nn.Module, x: torch.Tensor, *, size: torch.Tensor | None 
         if bias is not None:
             logits = logits + bias
         weights = logits.softmax(dim=-1)
-        extras["cls_attn"] = weights[:, :, 0, num_prefix_tokens:].mean(dim=1)
+        attention_outputs["cls_attn"] = weights[:, :, 0, num_prefix_tokens:].mean(dim=1)
         out = weights @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
@@ -411,7 +420,7 @@ def run_vit_block(blk: nn.Module, x: torch.Tensor, *, size: torch.Tensor | None 
     drop2 = getattr(blk, "drop_path2", None) or blk.drop_path
     x = x + drop1(_layer_scale(blk, "ls1", "gamma_1")(out))
     if between is not None:
-        x = between(x, extras)
+        x = between(x, attention_outputs)
     return x + drop2(_layer_scale(blk, "ls2", "gamma_2")(blk.mlp(blk.norm2(x))))
 
 

@@ -112,7 +112,7 @@ def record_token_groups(module: nn.Module):
     patched = [(name, m) for name, m in module.named_modules() if getattr(m, "token_reduction", None) is not None]
     if not patched:
         raise ValueError(f"{type(module).__name__} has no token-reduction patch (a backbone built with "
-                         "MODEL.BACKBONE.NAME ExpeditBackbone and a MODEL.TOKEN_REDUCTION.METHOD, or "
+                         "MODEL.BACKBONE.NAME TokenReductionBackbone and a MODEL.TOKEN_REDUCTION.METHOD, or "
                          "expedit_d2.reduction.apply_patch): there are no token groups to record")
     pending = []  # (module name, reducer, image size box, labels thunk), in pass order
     passes: list[TokenGroups] = []

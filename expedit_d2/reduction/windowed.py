@@ -2,7 +2,7 @@
 (B, H, W, C) token grid, with decomposed relative positions -- segment-anything's
 ``ImageEncoderViT`` (SAM) and Detectron2's ViTDet ``ViT``.
 
-Protocol: ``backbone.blocks`` (``nn.ModuleList``) of blocks with ``window_size`` (> 0:
+Protocol (:class:`WindowedProtocol`): ``backbone.blocks`` (``nn.ModuleList``) of blocks with ``window_size`` (> 0:
 windowed attention, padded to multiples of the window; 0: global attention), ``norm1``,
 ``attn`` (taking (B', h, w, C) and sizing its relative positions to h, w), ``norm2`` and
 ``mlp``; a *layout* (:data:`LAYOUTS`) that says how the backbone turns images into the
@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.base import FamilyProtocol
 from .core import register_family, swap_class
 
-__all__ = ["WindowedReducer", "Layout", "LAYOUTS", "layout_of", "partition_windows", "merge_windows",
+__all__ = ["WindowedProtocol", "WindowedReducer", "Layout", "LAYOUTS", "layout_of", "partition_windows", "merge_windows",
            "block_at_window", "patch_windowed", "window_size_of", "window_side", "check_location"]
 
 #: what every block of the family has
@@ -86,25 +87,31 @@ def layout_of(backbone: nn.Module) -> str | None:
     return None
 
 
-def _windowed_problem(backbone) -> str | None:
-    blocks = getattr(backbone, "blocks", None)
-    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or not len(blocks):
-        return "no 'blocks' (a non-empty nn.ModuleList)"
-    for i, blk in enumerate(blocks):
-        for name in BLOCK_ATTRIBUTES:
-            if not hasattr(blk, name):
-                return f"blocks[{i}] ({type(blk).__name__}) has no {name!r}"
-        if isinstance(blk.window_size, bool) or not isinstance(blk.window_size, int):
-            return f"blocks[{i}].window_size is not an int"
-    if not any(blk.window_size > 0 for blk in blocks):
-        return "no windowed block (every window_size is 0)"
-    if layout_of(backbone) is None:
-        wanted = "; ".join(f"{n}: {', '.join(layout.attributes)}" for n, layout in LAYOUTS.items())
-        return f"no known layout around the blocks ({wanted})"
-    return None
+@register_family
+class WindowedProtocol(FamilyProtocol):
+    """The ``"windowed"`` family (see the module's text): window and global blocks on a
+    (B, H, W, C) grid, in a known :data:`LAYOUTS` entry."""
 
+    family = "windowed"
 
-register_family("windowed", _windowed_problem)
+    @classmethod
+    def problem_of(cls, module: nn.Module) -> str | None:
+        blocks = getattr(module, "blocks", None)
+        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or not len(blocks):
+            return "no 'blocks' (a non-empty nn.ModuleList)"
+        for i, blk in enumerate(blocks):
+            for name in BLOCK_ATTRIBUTES:
+                if not hasattr(blk, name):
+                    return f"blocks[{i}] ({type(blk).__name__}) has no {name!r}"
+            if isinstance(blk.window_size, bool) or not isinstance(blk.window_size, int):
+                return f"blocks[{i}].window_size is not an int"
+        if not any(blk.window_size > 0 for blk in blocks):
+            return "no windowed block (every window_size is 0)"
+        if layout_of(module) is None:
+            wanted = "; ".join(f"{n}: {', '.join(layout.attributes)}" for n, layout in LAYOUTS.items())
+            return f"no known layout around the blocks ({wanted})"
+        return None
+
 
 
 def window_size_of(backbone: nn.Module) -> int:

@@ -4,11 +4,12 @@ backbone.forward_taps -> DPTReassemble -> DPTScratch (fusion + head) -> inverse 
 converted to metres as the official NYUv2 model does: depth = 1 / max(s * out + t, 1e-8)
 (``MODEL.DPT.SCALE``, ``MODEL.DPT.SHIFT``; ``MODEL.DPT.INVERT: False`` keeps the raw output,
 e.g. MiDaS relative inverse depth). Token reduction is a backbone matter: put
-``MODEL.BACKBONE.NAME: ExpeditBackbone`` and ``MODEL.EXPEDIT.*`` (or another
+``MODEL.BACKBONE.NAME: TokenReductionBackbone`` and ``MODEL.EXPEDIT.*`` (or another
 ``MODEL.TOKEN_REDUCTION.METHOD``) in the config.
 
-The backbone is any that follows the token-tap protocol (:data:`TOKEN_TAP_PROTOCOL`): our
-``D2ViT`` / ``D2ViTHybrid``, the timm family ``D2TimmViT``, patched or not.
+The backbone is any that follows the token-tap protocol with taps
+(:class:`expedit_d2.backbones.base.TappedBackboneProtocol`, also ``TOKEN_TAP_PROTOCOL``):
+our ``D2ViT`` / ``D2ViTHybrid``, the timm family ``D2TimmViT``, patched or not.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 
+from expedit_d2.backbones.base import TappedBackboneProtocol
 from expedit_d2.cpu_linear import use_cpu_linear
 from expedit_d2.inputs import check_finite_images
 
@@ -27,13 +29,11 @@ from .head import DPTReassemble, DPTScratch
 
 __all__ = ["DPTDepth", "silog_loss", "TOKEN_TAP_PROTOCOL"]
 
-#: what DPT needs of its backbone. ``forward_taps(images, taps) -> (tokens, grid, maps)``:
-#: the token sequences (B, P + h*w, C) after the given blocks, the token grid (h, w) and the
-#: CNN stage maps of a hybrid; ``taps``: 4 indices, the first ``num_cnn_taps`` of them into
-#: those maps; ``tap_channels``: channels of the 4 taps; ``num_prefix_tokens``: P, the first
-#: of which is the cls token DPT's readout uses (others, e.g. registers, are dropped).
-TOKEN_TAP_PROTOCOL = ("forward_taps", "taps", "num_cnn_taps", "tap_channels", "num_prefix_tokens",
-                      "size_divisibility")
+#: what DPT needs of its backbone: ``forward_taps(images, taps) -> (tokens, grid, maps)``, the
+#: token sequences (B, P + h*w, C) after the given blocks, the token grid (h, w) and the CNN
+#: stage maps of a hybrid; ``taps``, ``num_cnn_taps``, ``tap_channels``, ``num_prefix_tokens``
+#: (the first is the cls token DPT's readout uses; others, e.g. registers, are dropped)
+TOKEN_TAP_PROTOCOL = TappedBackboneProtocol
 
 
 def silog_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
@@ -53,10 +53,10 @@ class DPTDepth(nn.Module):
                  scale: float, shift: float, min_depth: float, max_depth: float,
                  pixel_mean, pixel_std, cpu_linear: str = "blas"):
         super().__init__()
-        missing = [name for name in TOKEN_TAP_PROTOCOL if not hasattr(backbone, name)]
-        if missing:
+        problem = TOKEN_TAP_PROTOCOL.problem_of(backbone)
+        if problem:
             raise TypeError(f"DPTDepth needs a token-tap backbone (D2ViT, D2ViTHybrid, D2TimmViT, or "
-                            f"ExpeditBackbone over one); {type(backbone).__name__} lacks {missing}")
+                            f"TokenReductionBackbone over one); {type(backbone).__name__} has {problem}")
         self.backbone = backbone
         self.num_cnn_taps = backbone.num_cnn_taps
         features = [*backbone.tap_channels[: self.num_cnn_taps], *features[self.num_cnn_taps:]]

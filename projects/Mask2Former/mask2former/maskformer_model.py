@@ -19,7 +19,7 @@ padded, normalised batch (N, 3, H, W) is resized bilinearly to
 upsampled to the unresized padded size, so outputs keep the image size.
 ``MODEL.MASK_FORMER.TEST.RESIZE_SHORT_EDGE_LENGTH`` is accepted and unused (as officially).
 Expediting is a backbone matter: ``MODEL.BACKBONE.NAME: D2HourglassSwinTransformer`` (the
-official keys) or ``ExpeditBackbone``.
+official keys) or ``TokenReductionBackbone``.
 """
 from __future__ import annotations
 

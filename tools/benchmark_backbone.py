@@ -9,9 +9,10 @@
     python tools/benchmark_backbone.py --cases sam_vit_b_1024_a8_81 --method expedit pool tome
     python tools/benchmark_backbone.py --cases sam_vit_h_1024_a6_81 --repeats 0   # GMACs only
 
-``--method`` picks the token-reduction method(s) (``MODEL.TOKEN_REDUCTION.METHOD``); each
-built-in ViT case has a setting of every method at roughly the GMACs of its expedit setting
-(:data:`METHOD_SETTINGS`), and KEY VALUE overrides change any of them.
+``--method`` picks the token-reduction method(s) (``MODEL.TOKEN_REDUCTION.METHOD``); on each
+built-in case every registered method takes its registered example for the case's expedit
+setting, at about the same mean tokens per block and so roughly the same GMACs
+(:func:`expedit_d2.benchmark.cases.method_settings`), and KEY VALUE overrides change any of them.
 
 For each case: backbone GMACs of both (fvcore multiply-adds, one image of the stated size, with
 expedit-d2's handles for fused attention and the operators), their ratio; latency of
@@ -33,7 +34,7 @@ published Expedit-SAM rows of :data:`expedit_d2.sam.PUBLISHED_SPEED`, patched in
 ``expedit_d2.apply_patch``; the measuring is the same. ViT-H takes the rows as published,
 ViT-B their depth-scaled versions (:func:`expedit_d2.sam.sam_settings`: alpha x 12 / 32,
 rounded); ``--method pool tome`` reduce every window to the row's s x s from the same block
-(:data:`SAM_METHODS`). ``sam_tiny_416_a8_81`` is a 4-block encoder of SAM's layout, for smoke
+(:func:`expedit_d2.benchmark.cases.sam_method_settings`). ``sam_tiny_416_a8_81`` is a 4-block encoder of SAM's layout, for smoke
 runs (seconds).
 
 ``--pool RUN.json ...`` measures nothing: it pools earlier runs of the same cases (same
@@ -59,7 +60,7 @@ from pathlib import Path
 
 from expedit_d2.benchmark.backbone import (POOL, config_case, format_pooled, format_table, make_jobs,
                                            measure_job, memory_child, named_cases, sam_cpu_linear)
-from expedit_d2.benchmark.cases import CASES, DEFAULT_CASES, METHODS, SAM_METHODS
+from expedit_d2.benchmark.cases import CASES, DEFAULT_CASES, methods, sam_methods
 from expedit_d2.benchmark.pool import pool_files
 from expedit_d2.checkpoint import PARTIAL_FLAG
 from expedit_d2.cli import HelpFormatter, add_timing_arguments, apply_timing_arguments, emit_report
@@ -86,10 +87,10 @@ def main(argv=None):
     parser.add_argument("--project", help="project folder of --config-file (default: found from its path)")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), default=None,
                         help="SAM cases: square, a multiple of 16 (the encoder is built for it)")
-    parser.add_argument("--method", nargs="+", choices=METHODS, default=["expedit"],
+    parser.add_argument("--method", nargs="+", choices=methods(), default=["expedit"],
                         help="token-reduction method(s), each against the base (built-in ViT cases: "
-                        "settings of about equal GMACs, see METHOD_SETTINGS; KEY VALUE overrides win; "
-                        "SAM cases: expedit, pool, tome at the row's s x s per window, see SAM_METHODS)")
+                        "settings of about equal GMACs: each method's registered example for the case's expedit setting; KEY VALUE overrides win; "
+                        "SAM cases: expedit, pool, tome at the row's s x s per window)")
     add_timing_arguments(parser, repeats=3, warmup=1)
     parser._option_string_actions["--repeats"].help += "; 0: not timed, GMACs and memory only"
     parser.add_argument("--output", type=Path, help="also write <output>.md and <output>.json")
@@ -130,10 +131,10 @@ def main(argv=None):
         problems = []
         if args.taps_only:
             problems.append("--taps-only is for the ViT backbones' token taps")
-        unknown = [m for m in args.method if m not in SAM_METHODS]
+        unknown = [m for m in args.method if m not in sam_methods()]
         if unknown:
-            problems.append(f"--method {' '.join(unknown)} has no setting for SAM's windows (SAM_METHODS: "
-                            f"{', '.join(SAM_METHODS)})")
+            problems.append(f"--method {' '.join(unknown)} has no setting for SAM's windows (methods: "
+                            f"{', '.join(sam_methods())})")
         H, W = args.input_size or (1024, 1024)
         if H != W or H % 16:
             problems.append(f"--input-size {H} {W}: a SAM encoder takes square inputs, a multiple of its "

@@ -35,7 +35,7 @@ from ..ops import TokenClustering, TokenReconstruction
 from ..reduction import apply_patch
 from ..reduction.config import METHOD_KEY, as_opts, point_overrides
 from ..sam import PUBLISHED_SPEED, sam_settings
-from .cases import CASES, DEFAULT_CASES, METHOD_SETTINGS, SamCase, build_sam_encoder, sam_setting_text
+from .cases import CASES, DEFAULT_CASES, SamCase, build_sam_encoder, method_settings, sam_setting_text
 from .pool import Pooled, PoolSpec
 
 __all__ = ["Case", "named_cases", "config_case", "build_pair", "build_sam_pair", "Job", "cfg_job", "sam_job",
@@ -112,14 +112,15 @@ def build_sam_pair(case: SamCase, method: str, size: int, device: str, cpu_linea
     """(base, reduced) SAM image encoders of ``case`` on the same weights (``checkpoint``: a
     segment-anything checkpoint, whose ``image_encoder.*`` keys load strictly; random
     otherwise), for ``size`` x ``size`` inputs; the reduced one patched in place with
-    ``method``'s setting of the case (:data:`SAM_METHODS`)."""
+    ``method``'s setting of the case (:meth:`SamCase.settings`), sharing the base's parameter
+    tensors (ViT-H: 2.5 GB once, not twice)."""
     base = build_sam_encoder(case.model_type, size)
     if checkpoint:
         holder = nn.Module()
         holder.image_encoder = base
         load_weights(DetectionCheckpointer(holder), checkpoint, allow_partial=allow_partial,
                      source="--sam-checkpoint", ignore_unexpected=lambda key: not key.startswith("image_encoder."))
-    reduced = apply_patch(copy.deepcopy(base), case.settings(method))
+    reduced = apply_patch(copy.deepcopy(base, {id(p): p for p in base.parameters()}), case.settings(method))
     for model in (base, reduced):
         use_cpu_linear(model, cpu_linear)
     return base.to(device).eval(), reduced.to(device).eval()
@@ -379,7 +380,7 @@ def sam_cpu_linear(opts) -> str:
     others = [k for k in keys if k != "MODEL.CPU_LINEAR"]
     if others:
         raise ValueError(f"SAM cases take no config overrides but MODEL.CPU_LINEAR (got {', '.join(others)}); "
-                         "their settings are the published rows (SAM_METHODS)")
+                         "their settings are the published rows (expedit_d2.benchmark.cases.sam_method_settings)")
     cfg = get_cfg()
     add_expedit_config(cfg)
     cfg.merge_from_list(list(opts))
@@ -392,8 +393,8 @@ def make_jobs(cases: list[Case], methods, opts=(), device="cpu", taps_only=False
               checkpointer=None, sam_checkpoint=None, cpu_linear="blas") -> list[Job]:
     """One :class:`Job` per (case, method), in a fixed order (memory children find theirs by
     index): a config with ``MODEL.TOKEN_REDUCTION.METHOD`` set to the method, the method's
-    :data:`METHOD_SETTINGS` of the case's family, then the KEY VALUE ``opts``; a SAM case at
-    the method's setting of its row (:data:`SAM_METHODS`), with ``cpu_linear`` (its only
+    registered example for the case (:func:`~expedit_d2.benchmark.cases.method_settings`), then the KEY VALUE ``opts``; a SAM case at
+    the method's setting of its row (:func:`~expedit_d2.benchmark.cases.sam_method_settings`), with ``cpu_linear`` (its only
     option, :func:`sam_cpu_linear`). Labels are the case's name, with the method where
     ``methods`` is not just expedit. ``checkpointer`` reads ``MODEL.WEIGHTS`` (default:
     Detectron2's; a project's for its formats, :func:`config_case`)."""
@@ -406,7 +407,7 @@ def make_jobs(cases: list[Case], methods, opts=(), device="cpu", taps_only=False
                 jobs.append(sam_job(label, case.cfg, method, case.size[0], device, cpu_linear, sam_checkpoint,
                                     allow_partial))
                 continue
-            settings = METHOD_SETTINGS.get(case.family, {}).get(method, {}) if case.family else {}
+            settings = method_settings(case.family, case.cfg, case.size).get(method, {}) if case.family else {}
             cfg = _with(case.cfg, {METHOD_KEY: method, **settings})
             cfg.merge_from_list(list(opts))
             cfg.MODEL.DEVICE = device

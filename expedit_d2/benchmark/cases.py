@@ -1,7 +1,7 @@
 """The built-in cases of ``tools/benchmark_backbone.py``: Detectron2 backbone configs at
 published settings, the settings of the other token-reduction methods at about their GMACs
-(:data:`METHOD_SETTINGS`), and segment-anything's image encoders at the published
-Expedit-SAM rows (:class:`SamCase`, :data:`SAM_METHODS`).
+(:func:`method_settings`, from each method's registered example), and segment-anything's
+image encoders at the published Expedit-SAM rows (:class:`SamCase`, :func:`sam_method_settings`).
 
 :data:`CASES` maps a case's name to ``(config factory, (H, W), description)`` or to a
 :class:`SamCase`; :data:`DEFAULT_CASES` are those run when none are named.
@@ -17,16 +17,18 @@ from detectron2.config import get_cfg
 from torch import nn
 
 from ..config import add_expedit_config
-from ..methods import PoolSettings, ToMeSettings
+from ..methods import ExpeditSettings, PoolSettings, ToMeSettings
+from ..reduction import ExampleTarget, example_settings, registered_methods, settings_from_config
+from ..reduction.config import as_opts
 from ..sam import PUBLISHED_SPEED, SAM_PRESETS, build_tiny_sam, sam_settings
 
-__all__ = ["swin_l_cfg", "vit_hybrid_cfg", "vit_l16_cfg", "METHOD_SETTINGS", "METHODS", "SAM_ENCODERS",
-           "SAM_ENCODER_COMMON", "SAM_TINY_DEPTH", "SAM_ROWS", "SAM_METHODS", "sam_setting_text",
+__all__ = ["swin_l_cfg", "vit_hybrid_cfg", "vit_l16_cfg", "example_target", "method_settings", "methods", "SAM_ENCODERS",
+           "SAM_ENCODER_COMMON", "SAM_TINY_DEPTH", "SAM_ROWS", "sam_method_settings", "sam_methods", "sam_setting_text",
            "build_sam_encoder", "SamCase", "CASES", "DEFAULT_CASES"]
 
 
 def swin_l_cfg():
-    """Swin-L (Mask2Former, 384 pretraining) with the COCO panoptic setting (SPEC 5)."""
+    """Swin-L (Mask2Former, 384 pretraining) with the COCO panoptic setting (docs/fidelity.md)."""
     cfg = get_cfg()
     add_expedit_config(cfg)
     s = cfg.MODEL.SWIN
@@ -34,7 +36,8 @@ def swin_l_cfg():
     s.WINDOW_SIZE, s.PRETRAIN_IMG_SIZE = 12, 384
     cfg.MODEL.BACKBONE.NAME = "ExpeditD2SwinTransformer"
     e = cfg.MODEL.EXPEDIT
-    e.BASE, e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = "ExpeditD2SwinTransformer", 10, [8, 8]
+    cfg.MODEL.TOKEN_REDUCTION.BASE = "ExpeditD2SwinTransformer"
+    e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = 10, [8, 8]
     e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE = 5, 7, 0.05, 10, 0.05
     return cfg
 
@@ -47,14 +50,15 @@ def _vit_cfg(name, taps, alpha, clusters, **vit):
         setattr(cfg.MODEL.VIT, k, v)
     cfg.MODEL.VIT.TAPS = taps
     e = cfg.MODEL.EXPEDIT
-    e.BASE, e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = name, alpha, clusters
+    cfg.MODEL.TOKEN_REDUCTION.BASE = name
+    e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = alpha, clusters
     e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE = 5, 5, 1.0, 20, 1.0
-    e.RECONSTRUCTION = "nearest"  # what the official DPT release runs (SPEC 3)
+    e.RECONSTRUCTION = "nearest"  # what the official DPT release runs (docs/fidelity.md)
     return cfg
 
 
 def vit_hybrid_cfg():
-    """DPT-Hybrid (R50 + ViT-B/16) with the NYUv2 setting alpha 4, 16x16 (SPEC 5)."""
+    """DPT-Hybrid (R50 + ViT-B/16) with the NYUv2 setting alpha 4, 16x16 (docs/fidelity.md)."""
     return _vit_cfg("D2ViTHybrid", [0, 1, 8, 11], 4, [16, 16])
 
 
@@ -64,20 +68,31 @@ def vit_l16_cfg():
     return _vit_cfg("D2ViT", [5, 11, 17, 23], 8, [16, 16], EMBED_DIM=1024, DEPTH=24, NUM_HEADS=16)
 
 
-#: per method, a setting of the built-in ViT cases with about the GMACs of their expedit
-#: setting (DPT-Hybrid alpha 4, 16x16: ratio 0.61 at 640x480): pool to the same grid at the
-#: same block, ToMe merging from block 0, EViT keeping half the tokens at blocks 3, 6, 9
-METHOD_SETTINGS = {
-    "vit": {
-        "tome": {"MODEL.TOKEN_REDUCTION.TOME.R": 90, "MODEL.TOKEN_REDUCTION.TOME.START_BLOCK": 0},
-        "evit": {"MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS": [3, 6, 9], "MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE": 0.5},
-        "pool": {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 4, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [16, 16]},
-    },
-    "swin": {
-        "pool": {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 10, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [8, 8]},
-    },
-}
-METHODS = ("expedit", "tome", "evit", "pool")
+def example_target(family: str, cfg, size) -> ExampleTarget:
+    """The expedit setting of a built-in case (``family`` "vit" or "swin", its config, its
+    input (H, W)) as the target of every method's registered example: each method then has
+    a setting of about the same mean tokens per block, and about the same GMACs."""
+    e = cfg.MODEL.EXPEDIT
+    if family == "swin":
+        s = cfg.MODEL.SWIN
+        return ExampleTarget("swin", sum(s.DEPTHS), (s.WINDOW_SIZE, s.WINDOW_SIZE), e.CLUSTERING_LOCATION,
+                             tuple(e.NUM_CLUSTERS))
+    v = cfg.MODEL.VIT
+    grid = (size[0] // v.PATCH_SIZE, size[1] // v.PATCH_SIZE)
+    return ExampleTarget("vit", v.DEPTH, grid, e.CLUSTERING_LOCATION, tuple(e.NUM_CLUSTERS))
+
+
+def method_settings(family: str, cfg, size) -> dict[str, dict]:
+    """{method: config keys} of every registered method for a built-in case
+    (:func:`example_target`): e.g. on DPT-Hybrid at 640 x 480 (expedit alpha 4, 16 x 16),
+    pooling to 16 x 16 after block 4, ToMe r 92 from block 0, EViT keeping 0.5 at blocks 3,
+    6, 9."""
+    return example_settings(example_target(family, cfg, size))
+
+
+def methods() -> tuple[str, ...]:
+    """The registered token-reduction methods (the ``--method`` choices)."""
+    return tuple(registered_methods())
 
 # --------------------------------------------------------------------------------------
 # SAM image encoders: segment-anything's ImageEncoderViT, built as sam_model_registry builds
@@ -97,15 +112,29 @@ SAM_TINY_DEPTH = 4
 #: the published Expedit-SAM rows (official README speed table, ViT-H on a V100)
 SAM_ROWS = tuple(PUBLISHED_SPEED)
 
-#: per method, the setting of a SAM case at about the GMACs of its expedit row: every 14 x 14
-#: window reduced to the row's s x s right before the row's block alpha (pool: average pooling;
-#: ToMe: merging 196 - s*s tokens of each window at once)
-SAM_METHODS = {
-    "expedit": lambda e: e,
-    "pool": lambda e: PoolSettings(location=e.clustering_location, size=tuple(e.num_clusters)),
-    "tome": lambda e: ToMeSettings(r=SAM_ENCODER_COMMON["window_size"] ** 2 - e.num_clusters[0] ** 2,
-                                   start_block=e.clustering_location),
-}
+def sam_method_settings(method: str, expedit: ExpeditSettings, depth: int):
+    """The settings of ``method`` for a SAM case whose expedit setting is ``expedit`` (a
+    published row): expedit's own, else the method's registered example for it (every 14 x 14
+    window reduced to the row's s x s right before the row's block alpha: pooling averages,
+    ToMe merges 196 - s*s tokens of each window at once). None where the method has no
+    setting for windowed ViTs."""
+    if method == "expedit":
+        return expedit
+    ws = SAM_ENCODER_COMMON["window_size"]
+    target = ExampleTarget("windowed", depth, (ws, ws), expedit.clustering_location, tuple(expedit.num_clusters))
+    keys = example_settings(target).get(method)
+    if keys is None:
+        return None
+    cfg = get_cfg()
+    add_expedit_config(cfg)
+    cfg.merge_from_list(as_opts(keys))
+    return settings_from_config(cfg)
+
+
+def sam_methods() -> tuple[str, ...]:
+    """The methods with a setting for SAM's windows."""
+    e = sam_settings(SAM_ROWS[0], SAM_TINY_DEPTH)
+    return tuple(m for m in methods() if sam_method_settings(m, e, SAM_TINY_DEPTH) is not None)
 
 
 def sam_setting_text(settings) -> str:
@@ -147,8 +176,11 @@ class SamCase(NamedTuple):
         return SAM_TINY_DEPTH if self.model_type == "tiny" else SAM_ENCODERS[self.model_type]["depth"]
 
     def settings(self, method: str):
-        """The settings of ``method`` (a key of :data:`SAM_METHODS`) for this case."""
-        return SAM_METHODS[method](sam_settings(self.row, self.depth))
+        """The settings of ``method`` (one of :func:`sam_methods`) for this case."""
+        settings = sam_method_settings(method, sam_settings(self.row, self.depth), self.depth)
+        if settings is None:
+            raise ValueError(f"--method {method} has no setting for SAM's windows (methods: {', '.join(sam_methods())})")
+        return settings
 
     @property
     def what(self) -> str:

@@ -199,37 +199,6 @@ def peak_memory_mb(fn: Callable[[], object], device, child_cmd: list[str]) -> fl
     return child_peak_mb(child_cmd)
 
 
-def read_runs(paths, fields: frozenset, tool: str) -> dict[str, list[dict]]:
-    """{path: rows} of earlier runs' JSON files for a benchmark's ``--pool``: each file a
-    non-empty list of rows holding ``fields``. ValueError naming a file that cannot be read
-    or is not a run of ``tool``."""
-    runs = {}
-    for path in paths:
-        try:
-            rows = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--pool: cannot read {path}: {e}") from e
-        if not (isinstance(rows, list) and rows and all(isinstance(r, dict) and fields <= set(r) for r in rows)):
-            raise ValueError(f"--pool: {path} is not a {tool} run's JSON (rows with {sorted(fields)})")
-        runs[str(path)] = rows
-    return runs
-
-
-def pool_mismatch(row: dict, ref: dict, keys, defaults: dict | None = None, optional=()) -> tuple | None:
-    """For a benchmark's ``--pool``: the first of ``keys`` on which a run's ``row`` differs
-    from the first run's ``ref``, as (key, row's value, ref's value), or None. A key missing
-    from a row has its value in ``defaults`` (what runs recorded before it was); a key in
-    ``optional`` is only compared where both rows recorded it."""
-    defaults = defaults or {}
-    for key in keys:
-        if key in optional and (key not in row or key not in ref):
-            continue
-        ours, theirs = row.get(key, defaults.get(key)), ref.get(key, defaults.get(key))
-        if ours != theirs:
-            return key, ours, theirs
-    return None
-
-
 def write_report(output: Path, table: str, data) -> None:
     """``<output>.md`` (the table) and ``<output>.json`` (the data), each written to a
     temporary name and renamed, so a reader never sees half a file."""

@@ -1,6 +1,7 @@
-"""tools/benchmark_backbone.py on SAM image encoders: the cases at the published Expedit-SAM
-rows, the encoders as segment-anything builds them, fvcore's count of SAM's attention, and
-the tiny case through the tool end to end (GMACs, timing, memory children, cosines)."""
+"""The backbone benchmark (expedit_d2.benchmark, tools/benchmark_backbone.py) on SAM image
+encoders: the cases at the published Expedit-SAM rows, the encoders as segment-anything
+builds them, fvcore's count of SAM's attention, and the tiny case through the tool end to
+end (GMACs, timing, memory children, cosines)."""
 import json
 
 import pytest
@@ -13,6 +14,8 @@ from expedit_d2.checkpoint import WeightsError
 from expedit_d2.flops import backbone_flops
 from expedit_d2.methods import PoolSettings, ToMeSettings
 from expedit_d2.sam import PUBLISHED_SPEED, SAM_PRESETS, sam_settings
+from expedit_d2.benchmark import backbone as bench
+from expedit_d2.benchmark.cases import CASES, DEFAULT_CASES, build_sam_encoder
 from tools import benchmark_backbone as bb
 
 TINY = "sam_tiny_416_a8_81"
@@ -29,13 +32,13 @@ def restore_torch_state():
 
 def test_the_cases_hold_the_published_rows_with_their_settings():
     # the Detectron2 cases stay the default, the SAM cases run when named
-    assert bb.DEFAULT_CASES == ("swin_l_640", "swin_l_1024", "vit_hybrid_640x480", "vit_l16_640x480")
+    assert DEFAULT_CASES == ("swin_l_640", "swin_l_1024", "vit_hybrid_640x480", "vit_l16_640x480")
     rows = {"a18_121": (18, 11, 7), "a14_100": (14, 10, 5), "a8_100": (8, 10, 3), "a8_81": (8, 9, 3),
             "a6_81": (6, 9, 2)}  # ViT-H alpha, s; ViT-B alpha: round(alpha x 12 / 32)
     assert {f"h_{r}" for r in rows} == set(PUBLISHED_SPEED)
     for row, (alpha_h, side, alpha_b) in rows.items():
         for model_type, depth, alpha in (("vit_h", 32, alpha_h), ("vit_b", 12, alpha_b)):
-            case = bb.CASES[f"sam_{model_type}_1024_{row}"]
+            case = CASES[f"sam_{model_type}_1024_{row}"]
             assert (case.model_type, case.row, case.size, case.depth) == (model_type, f"h_{row}", 1024, depth)
             e = case.settings("expedit")
             if model_type == "vit_h":  # the official preset as it is
@@ -46,7 +49,7 @@ def test_the_cases_hold_the_published_rows_with_their_settings():
             # pool and tome: the same s x s per window from the same block
             assert case.settings("pool") == PoolSettings(location=alpha, size=(side, side))
             assert case.settings("tome") == ToMeSettings(r=196 - side * side, start_block=alpha)
-            job = bb.sam_job("x", case, "expedit", 1024, "cpu")
+            job = bench.sam_job("x", case, "expedit", 1024, "cpu")
             assert job.extra["sam"]["published_speedup_v100_amg_vit_h"] == PUBLISHED_SPEED[f"h_{row}"][1]
 
 
@@ -54,7 +57,7 @@ def test_the_cases_hold_the_published_rows_with_their_settings():
 def test_encoders_are_the_ones_sam_model_registry_builds(model_type):
     """Same parameter names and shapes, windows, global blocks and norms (on the meta device)."""
     with torch.device("meta"):
-        ours = bb.build_sam_encoder(model_type)
+        ours = build_sam_encoder(model_type)
         theirs = sam_model_registry[model_type]().image_encoder
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     assert [b.window_size for b in ours.blocks] == [b.window_size for b in theirs.blocks]
@@ -77,7 +80,7 @@ def _attention_macs(grid, ws, windowed, embed):
 def test_fvcore_counts_sam_attention_matmuls_and_rel_pos_einsums():
     """SAM's attention is explicit (q @ k^T, attn @ v, einsums for the relative positions),
     counted by fvcore's matmul and einsum handles, on the full and on the reduced grid."""
-    encoder = bb.build_sam_encoder("tiny", 416)
+    encoder = build_sam_encoder("tiny", 416)
     image = torch.randn(1, 3, 416, 416)
     embed, grid = 64, 26  # 416 / 16 tokens per side, windows of 14: padded to 28
     windowed = [b.window_size > 0 for b in encoder.blocks]
@@ -86,9 +89,9 @@ def test_fvcore_counts_sam_attention_matmuls_and_rel_pos_einsums():
         want = [_attention_macs(grid, 14, w, embed) for w in windowed]
         assert ops["matmul"] == sum(m for m, _ in want)
         assert ops["einsum"] == pytest.approx(sum(e for _, e in want), rel=1e-3)  # fvcore: 4 digits
-        case = bb.CASES[TINY]
+        case = CASES[TINY]
         alpha, side = case.settings("expedit").clustering_location, 9
-        reduced = apply_patch(bb.build_sam_encoder("tiny", 416), case.settings("pool"))
+        reduced = apply_patch(build_sam_encoder("tiny", 416), case.settings("pool"))
         ops = backbone_flops(reduced, image).by_operator()
         # after alpha: windows of 9 on the 2 x 2 windows' 18 x 18 grid, global blocks on it
         want = want[:alpha] + [_attention_macs(2 * side, side, w, embed) for w in windowed[alpha:]]
@@ -123,7 +126,7 @@ def test_methods_at_about_equal_gmacs_and_gmacs_only(tmp_path, monkeypatch):
     """--method expedit pool tome on a SAM case: the same s x s per window from the same block;
     --repeats 0 counts GMACs (the base's once) and runs nothing else."""
     out, counted = tmp_path / "methods", []
-    monkeypatch.setattr(bb, "backbone_flops", lambda m, image: counted.append(m) or backbone_flops(m, image))
+    monkeypatch.setattr(bench, "backbone_flops", lambda m, image: counted.append(m) or backbone_flops(m, image))
     bb.main(["--cases", TINY, "--method", "expedit", "pool", "tome", "--repeats", "0", "--no-memory",
              "--input-size", "224", "224", "--device", "cpu", "--threads", "1", "--output", str(out)])
     rows = json.loads(out.with_suffix(".json").read_text())
@@ -165,7 +168,7 @@ def test_a_sam_checkpoint_loads_strictly_into_both_encoders(tmp_path):
     sam = build_tiny_sam(seed=3)
     path = tmp_path / "sam_tiny.pth"
     torch.save(sam.state_dict(), path)  # as segment-anything's checkpoints: the whole Sam's keys
-    base, reduced = bb.build_sam_pair(bb.CASES[TINY], "expedit", 416, "cpu", checkpoint=str(path))
+    base, reduced = bench.build_sam_pair(CASES[TINY], "expedit", 416, "cpu", checkpoint=str(path))
     want = sam.image_encoder.state_dict()
     for model in (base, reduced):
         got = model.state_dict()
@@ -173,4 +176,4 @@ def test_a_sam_checkpoint_loads_strictly_into_both_encoders(tmp_path):
     state = {k: v for k, v in sam.state_dict().items() if not k.startswith("image_encoder.neck.")}
     torch.save(state, path)
     with pytest.raises(WeightsError, match=r"sam_tiny\.pth"):
-        bb.build_sam_pair(bb.CASES[TINY], "expedit", 416, "cpu", checkpoint=str(path))
+        bench.build_sam_pair(CASES[TINY], "expedit", 416, "cpu", checkpoint=str(path))

@@ -324,7 +324,8 @@ def test_benchmark_backbone_weights_are_strict(tmp_path):
     from detectron2.modeling import build_backbone
 
     from tests.test_tools import TINY_SWIN
-    from tools.benchmark_backbone import build_pair, swin_l_cfg
+    from expedit_d2.benchmark.backbone import build_pair
+    from expedit_d2.benchmark.cases import swin_l_cfg
 
     def cfg(*opts):
         c = swin_l_cfg()

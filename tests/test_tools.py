@@ -198,7 +198,7 @@ def test_compiled_backbone_covers_the_token_taps_and_survives_the_part_timers():
     from torch._dynamo.testing import CompileCounter
 
     from expedit_d2.engine import config_from_file
-    from tools.benchmark_model import compile_entry_points, timed_parts
+    from expedit_d2.benchmark.model import compile_entry_points, timed_parts
 
     cfg, project = config_from_file("projects/DPT/configs/demo/tiny_vit_nyuv2.yaml",
                                     opts=["MODEL.EXPEDIT.CLUSTERING_LOCATION", 1, "MODEL.EXPEDIT.NUM_CLUSTERS", [4, 4]])
@@ -232,7 +232,7 @@ def test_part_timers_do_not_recompile_a_compiled_model():
     the parts they call are still compiled, once."""
     from torch._dynamo.testing import CompileCounter
 
-    from tools.benchmark_model import timed_parts
+    from expedit_d2.benchmark.model import timed_parts
 
     class Model(nn.Module):
         def __init__(self):
@@ -260,7 +260,7 @@ def test_part_timers_do_not_recompile_a_compiled_model():
 
 
 def test_part_seconds_warm_up_calls_are_not_counted():
-    from tools.benchmark_model import part_seconds
+    from expedit_d2.benchmark.model import part_seconds
 
     calls = []
 
@@ -283,7 +283,7 @@ def test_part_seconds_warm_up_calls_are_not_counted():
 def test_with_rest_subtracts_the_parts_round_by_round():
     """The rest is the median of the per-round rests, not the median call less the parts'
     medians: here those would give 9 - 6 - 1 = 2, while every round's rest is 1."""
-    from tools.benchmark_model import with_rest
+    from expedit_d2.benchmark.model import with_rest
 
     per = {"backbone": [8.0, 2.0, 6.0], "head": [1.0, 6.0, 1.0], "total": [10.0, 9.0, 8.0]}
     out = with_rest(per)
@@ -296,7 +296,7 @@ def test_part_seconds_interleaves_the_settings_and_unwraps_the_parts():
     counts each part's outermost entry only (time and page faults), and leaves no wrapper on
     the modules."""
 
-    from tools.benchmark_model import part_seconds
+    from expedit_d2.benchmark.model import part_seconds
 
     calls = []
 

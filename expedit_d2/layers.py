@@ -1,10 +1,34 @@
-"""Layers the backbones share: stochastic depth, the transformer MLP, and the usual weight
-initialisation of transformer backbones (Swin, ViTDet)."""
+"""What the backbones and the token-reduction code share: stochastic depth, the transformer
+MLP, the usual weight initialisation of transformer backbones (Swin, ViTDet), row gathers
+and the no-autocast region of the parameter-free operators."""
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import nn
 
-__all__ = ["DropPath", "Mlp", "init_linear_and_norm"]
+__all__ = ["DropPath", "Mlp", "init_linear_and_norm", "gather_rows", "no_autocast"]
+
+
+def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[b, index[b, t]] for every b, t: (B, M, C), (B, n) long -> (B, n, C).
+
+    One ``index_select`` of whole rows (a copy per row), where ``gather`` with the index
+    expanded over C reads an index per element (0.8 against 0.1 ms for DPT-Hybrid's 1200 x
+    768 tokens). Expedit's reconstruction, EViT's kept tokens and ToMe's unmerge use it."""
+    B, M, C = values.shape
+    flat = index + torch.arange(0, B * M, M, device=index.device).unsqueeze(1)
+    return values.reshape(B * M, C).index_select(0, flat.flatten()).view(B, -1, C)
+
+
+def no_autocast(device: torch.device):
+    """A region where autocast is off on ``device`` (the operators compute distances and
+    weights in the tokens' own dtype, as the official code does); none on the meta device
+    (shape-only runs)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 class DropPath(nn.Module):

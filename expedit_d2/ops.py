@@ -28,7 +28,6 @@ token rows (and samples); results do not depend on the split beyond float roundi
 """
 from __future__ import annotations
 
-import contextlib
 
 import math
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_odd, check_pair, check_positive_float, check_positive_int
+from .layers import gather_rows, no_autocast
 
 __all__ = [
     "ClusteringState",
@@ -114,12 +114,6 @@ def _split_tokens(tokens: torch.Tensor, grid_size: tuple[int, int], num_prefix: 
             f"num_prefix_tokens={num_prefix} needs {num_prefix} + {H}*{W} = {num_prefix + H * W}"
         )
     return tokens[:, :num_prefix], tokens[:, num_prefix:]
-
-
-def _no_autocast(device: torch.device):
-    if device.type == "meta":  # shape-only runs (config validation): no autocast there
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -273,7 +267,7 @@ def token_clustering(
     M = h * w
     device = tokens.device
 
-    with _no_autocast(device):
+    with no_autocast(device):
         # Distances are translation invariant: centring each sample keeps the expanded
         # form ||x||^2 + ||s||^2 - 2 x.s accurate for features with a large common offset.
         mean = grid.mean(dim=1, keepdim=True, dtype=torch.float32)  # (B, 1, C)
@@ -341,17 +335,6 @@ def token_clustering(
 # --------------------------------------------------------------------------------------
 # token reconstruction
 # --------------------------------------------------------------------------------------
-def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """values[b, index[b, t]] for every b, t: (B, M, C), (B, n) long -> (B, n, C).
-
-    One ``index_select`` of whole rows (a copy per row), where ``gather`` with the index
-    expanded over C reads an index per element (0.8 against 0.1 ms for DPT-Hybrid's 1200 x
-    768 tokens). The token-reduction methods use it too (EViT's kept tokens, ToMe's unmerge)."""
-    B, M, C = values.shape
-    flat = index + torch.arange(0, B * M, M, device=index.device).unsqueeze(1)
-    return values.reshape(B * M, C).index_select(0, flat.flatten()).view(B, -1, C)
-
-
 RECONSTRUCTION_MODES = ("topk", "nearest")
 
 
@@ -407,7 +390,7 @@ def token_reconstruction(
         )
     device = clusters.device
 
-    with _no_autocast(device):
+    with no_autocast(device):
         mean = state.tokens.mean(dim=1, keepdim=True, dtype=torch.float32)
         centred = _Centred(state.tokens, mean, memory_limit)
         centers = state.centers - mean
@@ -447,7 +430,7 @@ def nearest_clusters(state: ClusteringState) -> torch.Tensor:
         raise TypeError(f"state must be the ClusteringState returned by token_clustering, got {type(state)}")
     B, M = state.centers.shape[:2]
     P = state.num_prefix_tokens
-    with _no_autocast(state.centers.device):
+    with no_autocast(state.centers.device):
         onehot = torch.eye(M, device=state.centers.device).expand(B, M, M)
         clusters = torch.cat([onehot.new_zeros(B, P, M), onehot], dim=1)
         copied = token_reconstruction(clusters, state, mode="nearest")

@@ -59,16 +59,10 @@ def test_full_model_matches_official_keys(hybrid, ref):
 
 
 def _official_names(model):
-    """Our state dict under the official DPT names (inverse of the converter)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("backbone."):
-            out["pretrained.model." + k[len("backbone."):]] = v
-        elif k.startswith("reassemble."):
-            out["pretrained." + k[len("reassemble."):]] = v
-        else:
-            out[k] = v
-    return out
+    """Our state dict under the official DPT names (the project's map, read backwards)."""
+    from dpt.checkpoint import official_dpt_state_dict
+
+    return official_dpt_state_dict(model.state_dict())
 
 
 @pytest.mark.parametrize("hybrid", [True, False])

@@ -22,7 +22,6 @@ official code); it belongs to no grid position and is ignored at restore.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -30,7 +29,7 @@ from typing import Sequence
 import torch
 
 from ..checks import shape_of
-from ..ops import gather_rows
+from ..layers import gather_rows, no_autocast
 from ..reduction.config import check_bool, check_rate
 from ..reduction.core import (
     METHOD_KEY, TokenReducer, check_blocks, check_vit_blocks, patch_token_backbone, register_method, register_patch,
@@ -61,12 +60,6 @@ class KeepInfo:
     def num_out(self) -> int:
         """Patch tokens leaving the step, fused token included: K (+ 1)."""
         return self.kept.shape[1] + int(self.fused)
-
-
-def _no_autocast(device: torch.device):
-    if device.type == "meta":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def evit_keep(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float, fuse: bool = True):
@@ -106,7 +99,7 @@ def evit_keep(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float, fuse: b
     dropped_values = gather_rows(patches, dropped)  # (B, N - K, C)
     parts = [x[:, :1], gather_rows(patches, kept)]
     if fuse:
-        with _no_autocast(x.device):
+        with no_autocast(x.device):
             w = cls_attn.gather(1, dropped).float()  # (B, N - K)
             w = w / w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
             fused = (w.unsqueeze(-1) * dropped_values.float()).sum(dim=1, keepdim=True)

@@ -20,7 +20,6 @@ current ones: ``source = update_source(source, info)`` after every step, then
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import shape_of
-from ..ops import gather_rows
+from ..layers import gather_rows, no_autocast
 from ..reduction.config import check_bool, check_int_at_least
 from ..reduction.core import (
     METHOD_KEY, TokenReducer, check_blocks, check_vit_blocks, patch_token_backbone, register_method, register_patch,
@@ -82,12 +81,6 @@ def _check_tokens(x: torch.Tensor, name: str, batch: int, tokens: int, what: str
         )
 
 
-def _no_autocast(device: torch.device):
-    if device.type == "meta":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1) -> MergeInfo:
     """Plan one ToMe merge of r tokens.
 
@@ -116,7 +109,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
     if r == 0:
         return MergeInfo(torch.arange(N, device=device).expand(B, N), N, 0, P)
 
-    with _no_autocast(device):
+    with no_autocast(device):
         m = F.normalize(metric[:, P:].float(), dim=-1)
         scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # (B, n_a, n_b) cosines A x B
     best, match = scores.max(dim=-1)  # (B, n_a): best similarity, its B index
@@ -160,7 +153,7 @@ def merge_wavg(info: MergeInfo, x: torch.Tensor, size: torch.Tensor | None = Non
         return x, size
     M, C = info.num_out, x.shape[2]
     index = info.dest.unsqueeze(-1)  # (B, N, 1)
-    with _no_autocast(x.device):
+    with no_autocast(x.device):
         s = size.float()
         total = s.new_zeros(B, M, 1).scatter_add_(1, index, s)
         summed = s.new_zeros(B, M, C).scatter_add_(1, index.expand(B, N, C), x.float() * s)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["DPT_BACKBONE_PREFIX", "convert_dpt_state_dict", "is_official_dpt", "DPTCheckpointer"]
+__all__ = ["DPT_BACKBONE_PREFIX", "convert_dpt_state_dict", "official_dpt_state_dict", "is_official_dpt",
+           "DPTCheckpointer"]
 
 #: where the official DPT files keep the backbone (timm's ViT / ViT-Hybrid names, which our
 #: D2ViT / D2ViTHybrid parameters equal)
@@ -39,6 +40,20 @@ def convert_dpt_state_dict(state_dict: dict) -> dict:
     if unknown:
         raise KeyError(f"keys that are not part of a DPT checkpoint: {unknown[:5]}"
                        f"{' ...' if len(unknown) > 5 else ''}")
+    return out
+
+
+def official_dpt_state_dict(state_dict: dict) -> dict:
+    """DPTDepth's names -> the official file's (the inverse of :func:`convert_dpt_state_dict`,
+    the same map read backwards), e.g. to write a checkpoint in the official format."""
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in _MAP:
+            if key.startswith(new):
+                out[old + key[len(new):]] = value
+                break
+        else:
+            raise KeyError(f"{key!r} is not a DPTDepth parameter name")
     return out
 
 

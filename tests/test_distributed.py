@@ -295,3 +295,41 @@ def test_on_two_machines_a_rank_that_raises_ends_both(nyu, tmp_path):
     _assert_failed_with(errs[0], "process 0 (rank 0 of 2) failed", "RuntimeError: ")
     assert "Connection closed by peer" in errs[0].strip().splitlines()[-1]
     assert not (tmp_path / "out" / EVAL_RESULTS).exists()
+
+
+def _never_called():
+    raise AssertionError("launch ran the function despite bad flags")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_processes=0), "--num-gpus 0: expected an integer >= 1"),
+    (dict(num_processes=2, num_machines=0), "--num-machines 0: expected an integer >= 1"),
+    (dict(num_processes=1, num_machines=2, machine_rank=2, dist_url="tcp://127.0.0.1:1"),
+     "--machine-rank 2: expected 0 <= rank < --num-machines 2"),
+    (dict(num_processes=1, num_machines=2, machine_rank=1, dist_url="auto"),
+     "--dist-url 'auto' works on one machine only"),
+    (dict(num_processes=2, backend="mpi"), "--dist-backend 'mpi': expected one of"),
+])
+def test_launch_flags_that_cannot_work_are_named(kwargs, message):
+    from expedit_d2.launch import LaunchError, launch
+
+    with pytest.raises(LaunchError, match=re.escape(message)):
+        launch(_never_called, **kwargs)
+
+
+def test_backend_auto_follows_the_machine_and_cpu_processes_only_evaluate(tmp_path):
+    from expedit_d2.launch import LaunchError, resolve_backend
+
+    assert resolve_backend("auto") == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert resolve_backend("gloo") == "gloo"
+    if not torch.cuda.is_available():
+        with pytest.raises(LaunchError, match="--dist-backend nccl needs CUDA"):
+            resolve_backend("nccl")
+    # several gloo processes train nothing: train_net.py says so (exit 2) before any process starts
+    proc = subprocess.run([sys.executable, str(ROOT / "projects/DPT/train_net.py"), "--config-file", DPT_CONFIG,
+                           "--num-gpus", "2", "--dist-backend", "gloo", "OUTPUT_DIR", str(tmp_path)],
+                          capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "train_net.py: error: several CPU processes (gloo) evaluate only: add --eval-only")
+    assert not any(tmp_path.iterdir())

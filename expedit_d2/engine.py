@@ -32,9 +32,10 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -42,6 +43,7 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import PARTIAL_FLAG, load_weights
 from .reduction.core import reduction_statistics
 from .fileio import atomic_write
+from .launch import DIST_BACKENDS, LaunchError, WorkerError, launch, resolve_backend
 from .progress import TrainingProgress
 
 __all__ = ["build_cfg", "argument_parser", "setup_project", "train_or_evaluate", "launch_main", "load_project",
@@ -65,8 +67,20 @@ def build_cfg(args, *add_config_fns):
 
 
 def argument_parser(epilog=None):
-    """Detectron2's ``default_argument_parser`` plus ``--allow-partial-weights``."""
+    """Detectron2's ``default_argument_parser`` plus ``--allow-partial-weights`` and
+    ``--dist-backend`` (:mod:`expedit_d2.launch`); ``--dist-url`` defaults to ``auto`` (a free
+    port on this machine) instead of a fixed port per user, so two runs side by side do not
+    collide."""
     parser = default_argument_parser(epilog)
+    parser.set_defaults(dist_url="auto")
+    parser.add_argument(
+        "--dist-backend", choices=DIST_BACKENDS, default="auto",
+        help="how the --num-gpus processes per machine (x --num-machines) run and talk: nccl is "
+             "Detectron2's launch, one process per GPU; gloo runs --num-gpus CPU processes "
+             "(torch.distributed gloo, Detectron2's comm; --eval-only). auto: nccl where CUDA is "
+             "available, gloo elsewhere (so --num-gpus N on a machine without GPUs means N CPU "
+             "processes). --dist-url: auto (default) picks a free port on one machine; with "
+             "--num-machines, tcp://HOST:PORT of machine 0")
     parser.add_argument(
         PARTIAL_FLAG, action="store_true",
         help="with --eval-only: evaluate even if MODEL.WEIGHTS does not cover the whole model "
@@ -98,7 +112,8 @@ def train_or_evaluate(cfg, args, trainer_cls, checkpointer_cls=DetectionCheckpoi
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
             atomic_write(Path(cfg.OUTPUT_DIR) / EVAL_RESULTS, json.dumps(res, indent=2))
-        verify_results(cfg, res)
+        if comm.is_main_process():  # the other ranks' evaluators return {}
+            verify_results(cfg, res)
         return res
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -127,13 +142,26 @@ def setup_project(cfg, args, *logger_names: str) -> None:
 
 
 def launch_main(main) -> None:
-    """Parse Detectron2's usual flags (and ``--allow-partial-weights``) and run ``main(args)``
-    on --num-gpus / --num-machines. Ctrl-C ends with one line on what was kept."""
+    """Parse Detectron2's usual flags (and ours, :func:`argument_parser`) and run ``main(args)``
+    in --num-gpus processes per machine on --num-machines (:func:`expedit_d2.launch.launch`:
+    Detectron2's launch on CUDA, gloo CPU processes elsewhere). A process that fails ends the
+    run with its rank and traceback on stderr and exit status 1; Ctrl-C ends with one line
+    on what was kept."""
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
     try:
+        backend = resolve_backend(args.dist_backend)
+        if backend == "gloo" and args.num_gpus * args.num_machines > 1 and not args.eval_only:
+            raise LaunchError("several CPU processes (gloo) evaluate only: add --eval-only, or train in one "
+                              "process (Detectron2 0.6's trainer wraps the model for one GPU per process)")
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
+               dist_url=args.dist_url, args=(args,), backend=backend)
+    except LaunchError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (WorkerError, ProcessRaisedException, ProcessExitedException) as e:  # ours (the first to fail), or Detectron2's launch
+        print(f"{Path(sys.argv[0]).name}: {str(e).strip()}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         if args.eval_only:
             kept = "the evaluation was not finished and nothing was written; run the command again"

@@ -1,7 +1,10 @@
 """The shared sweep on synthetic COCO panoptic data (real formats, real evaluators): outputs,
 resume after a kill, shards that merge to the unsharded table, validation before evaluation."""
+import contextlib
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +16,8 @@ import torch
 
 from detectron2.engine import default_argument_parser
 from expedit_d2.engine import load_project
-from expedit_d2.sweep import (SweepError, SweepSpec, expand_points, merge, read_rows, rows_from_csv, run_sweep,
-                              write_report)
+from expedit_d2.sweep import (SweepError, SweepSpec, expand_points, merge, read_rows, rows_from_csv,
+                              rows_from_jsonl, run_sweep, write_report)
 from expedit_d2.synthetic import write_coco
 from tests.processes import process_group
 
@@ -65,6 +68,14 @@ def stable(rows):
     return [{k: getattr(r, k) for k in STABLE} for r in rows]
 
 
+def sweep_cmd(weights, out_dir, *flags):
+    """The sweep of :func:`spec` (no memory measurement) as a command line, ``flags`` added."""
+    return [sys.executable, "-m", "expedit_d2.sweep", "--config-file", CONFIG, "--input-size", "64", "96",
+            "--output-dir", str(out_dir), "--repeats", "1", "--warmup", "0", "--no-memory",
+            "--grid", "MODEL.EXPEDIT.CLUSTERING_LOCATION=[4, 6]", "--grid", "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3]]",
+            *flags, *SMALL, "MODEL.WEIGHTS", weights]
+
+
 @pytest.fixture(scope="module")
 def unsharded(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
@@ -110,22 +121,48 @@ def test_budget_and_report(unsharded):
     assert none is None and "none fits" in (out / "table.md").read_text()
 
 
-def test_shards_merge_to_the_unsharded_table(data, unsharded, tmp_path):
-    for i in range(2):
-        run_sweep(spec(data[1]), tmp_path, shard=(i, 2), show_progress=False)
-    assert sorted(p.name for p in tmp_path.glob("results*.jsonl")) == [
-        "results.shard-0-of-2.jsonl", "results.shard-1-of-2.jsonl"]
-    merged = merge(tmp_path)
-    assert stable(merged) == stable(read_rows(unsharded[0]))
-    assert stable(read_rows(tmp_path)) == stable(merged)  # merged file + shards: no duplicates
+def test_shard_processes_side_by_side_on_one_folder_merge_to_the_unsharded_table(data, unsharded, tmp_path,
+                                                                                  caplog):
+    """``--shard 0/2`` and ``--shard 1/2`` as two sweep processes running at once into one
+    ``--output-dir`` (as two machines sharing a folder do), then ``--merge``: every point
+    exactly once, with the one-process sweep's metrics and GMACs. A merge without one
+    shard's file names the missing shard."""
+    with contextlib.ExitStack() as stack:
+        shards = [stack.enter_context(process_group(sweep_cmd(data[1], tmp_path, "--shard", f"{i}/2"),
+                                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                  for i in range(2)]
+        errs = [p.communicate(timeout=600)[1] for p in shards]
+    assert [p.returncode for p in shards] == [0, 0], "\n".join(e[-3000:] for e in errs)
+    by_shard = [rows_from_jsonl((tmp_path / f"results.shard-{i}-of-2.jsonl").read_text()) for i in range(2)]
+    assert [[r.label for r in rows] for rows in by_shard] == [["baseline", "a6_3x3"], ["a4_3x3"]]
+    assert [{r.shard for r in rows} for rows in by_shard] == [{"0/2"}, {"1/2"}]
+    merged = subprocess.run([sys.executable, "-m", "expedit_d2.sweep", "--merge", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    rows = rows_from_jsonl((tmp_path / "results.jsonl").read_text())
+    assert [r.label for r in rows] == ["baseline", "a4_3x3", "a6_3x3"]  # each once, in sweep order
+    assert stable(rows) == stable(read_rows(unsharded[0]))
+    assert rows_from_csv((tmp_path / "results.csv").read_text()) == rows
+    table = (tmp_path / "table.md").read_text().split("\n| point | method |", 1)[1].split("\n\n")[0]
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| baseline", "| a4_3x3", "| a6_3x3"]
+    assert len(list((tmp_path / "points").glob("*/eval_results.json"))) == 3  # each point evaluated once
+    assert not list(tmp_path.glob("*.tmp"))  # no temporary file left by the concurrent writers
+    assert stable(read_rows(tmp_path)) == stable(rows)  # merged file + shards' files: no duplicates
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(tmp_path / "results.shard-0-of-2.jsonl", partial)
+    sweep_logger = logging.getLogger("expedit_d2.sweep")
+    sweep_logger.addHandler(caplog.handler)  # whether or not a logger set-up stopped its propagation
+    try:
+        assert [r.label for r in merge(partial)] == ["baseline", "a6_3x3"]
+    finally:
+        sweep_logger.removeHandler(caplog.handler)
+    assert f"no results from shard(s) 1/2 in {partial}" in caplog.text
 
 
 def test_killed_sweep_resumes_without_redoing_points(data, tmp_path):
     weights = data[1]
-    cmd = [sys.executable, "-m", "expedit_d2.sweep", "--config-file", CONFIG, "--input-size", "64", "96",
-           "--output-dir", str(tmp_path), "--repeats", "1", "--warmup", "0", "--no-memory",
-           "--grid", "MODEL.EXPEDIT.CLUSTERING_LOCATION=[4, 6]", "--grid", "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3]]",
-           *SMALL, "MODEL.WEIGHTS", weights]
+    cmd = sweep_cmd(weights, tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     results = tmp_path / "results.jsonl"
     deadline = time.time() + 300
@@ -231,10 +268,7 @@ def test_second_sweep_on_a_busy_output_dir_refuses_and_ctrl_c_says_how_to_resume
     holder (before, both evaluated the baseline and rows were lost); Ctrl-C on the first
     prints one line on what was kept and how to resume, no traceback."""
     weights = data[1]
-    cmd = [sys.executable, "-m", "expedit_d2.sweep", "--config-file", CONFIG, "--input-size", "64", "96",
-           "--output-dir", str(tmp_path), "--repeats", "1", "--warmup", "0", "--no-memory",
-           "--grid", "MODEL.EXPEDIT.CLUSTERING_LOCATION=[4, 6]", "--grid", "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3]]",
-           *SMALL, "MODEL.WEIGHTS", weights]
+    cmd = sweep_cmd(weights, tmp_path)
     # enough points that the first sweep is still running after the second one's start-up
     # (imports alone take seconds, and longer on a loaded machine)
     first_cmd = [c if c != "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3]]" else

@@ -13,11 +13,14 @@ the published numbers use), since panopticapi is not on the package index:
   RQ = TP / (TP + FP/2 + FN/2); "All", "Things", "Stuff" average the categories that
   have at least one TP, FP or FN.
 
-:class:`PanopticQualityEvaluator` accumulates these counts per image in ``process`` (no
-prediction files are kept) and gathers them across processes in ``evaluate``.
+:class:`PanopticQualityEvaluator` keeps these counts per image in ``process`` (no
+prediction files are kept), gathers them across processes in ``evaluate`` and sums them in
+image order, so N processes (each a contiguous share of the images, Detectron2's
+``InferenceSampler``) add the IoUs in the order one process does: the same PQ to the bit.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -195,8 +198,7 @@ class PanopticQualityEvaluator(DatasetEvaluator):
         self.reset()
 
     def reset(self):
-        self._stat = PQStat()
-        self._num_images = 0
+        self._per_image = []  # a PQStat per image, in the order processed
 
     def _segments(self, panoptic_img: np.ndarray, segments_info):
         """Our outputs -> (COCO ids map with 0 = VOID, segments with dataset category ids)."""
@@ -229,21 +231,20 @@ class PanopticQualityEvaluator(DatasetEvaluator):
             if gt_ann is None:
                 raise KeyError(f"image_id {inp['image_id']} is not in {self._meta.panoptic_json}")
             gt_ids = _read_ids(os.path.join(self._gt_root, gt_ann["file_name"]))
-            self._stat += pq_single_image(gt_ids, gt_ann["segments_info"], pred_ids, segments,
-                                          self._categories)
-            self._num_images += 1
+            self._per_image.append(pq_single_image(gt_ids, gt_ann["segments_info"], pred_ids, segments,
+                                                   self._categories))
 
     def evaluate(self):
-        stat, n = self._stat, self._num_images
+        per_image = self._per_image
         if self._distributed:
             comm.synchronize()
-            stats = comm.gather((stat, n), dst=0)
+            gathered = comm.gather(per_image, dst=0)
             if not comm.is_main_process():
                 return {}
-            stat, n = PQStat(), 0
-            for s, k in stats:
-                stat += s
-                n += k
+            per_image = list(itertools.chain(*gathered))  # rank order: image order
+        stat, n = PQStat(), len(per_image)
+        for s in per_image:  # the float sums of one process, whatever the number of processes
+            stat += s
         m = stat.metrics(self._categories)
         res = OrderedDict()
         for suffix, name in (("", "All"), ("_th", "Things"), ("_st", "Stuff")):

@@ -13,6 +13,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import platform
 import sys
@@ -25,6 +26,8 @@ from .spec import SweepError, SweepSpec, point_method
 
 __all__ = ["Row", "RESULTS", "CSV_FIELDS", "results_name", "read_rows", "rows_from_jsonl", "rows_to_jsonl",
            "rows_from_csv", "rows_to_csv", "append_row", "merge", "check_output_dir", "output_lock"]
+
+logger = logging.getLogger("expedit_d2.sweep")
 
 RESULTS = "results"
 # keys of rows written by older versions -> their field now
@@ -199,7 +202,10 @@ def append_row(out_dir, shard, row: Row) -> None:
 
 
 def merge(out_dir) -> list[Row]:
-    """Join every shard's rows into ``results.jsonl`` / ``results.csv``; returns the rows."""
+    """Join every shard's rows into ``results.jsonl`` / ``results.csv`` (one row per point);
+    returns the rows. A shard ``I/N`` whose rows file is missing (not run, not finished a
+    point yet, or its folder not copied here) is named in a warning: merge again once it has
+    run."""
     out_dir = Path(out_dir)
     rows = read_rows(out_dir)
     if not rows:
@@ -207,6 +213,13 @@ def merge(out_dir) -> list[Row]:
     prints = {r.fingerprint for r in rows}
     if len(prints) > 1:
         raise SweepError(f"{out_dir} mixes rows of different sweeps (fingerprints {sorted(prints)})")
+    counts = {int(r.shard.split("/")[1]) for r in rows if r.shard}
+    missing = [f"{i}/{n}" for n in sorted(counts) for i in range(n)
+               if not (out_dir / f"{results_name((i, n))}.jsonl").exists()]
+    if missing:
+        logger.warning(f"no results from shard(s) {', '.join(missing)} in {out_dir}: the merged table lacks "
+                       "their points (a shard with no point of its own writes nothing); merge again once "
+                       "they have run")
     _write(out_dir, RESULTS, rows)
     return rows
 

@@ -13,3 +13,16 @@ def read_keys(name: str) -> dict:
             key, shape = line.split("\t")
             out[key] = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
     return out
+
+
+def official_dpt_names(model) -> dict:
+    """Our DPT model's state dict under the official DPT names (inverse of the converter)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("backbone."):
+            out["pretrained.model." + k[len("backbone."):]] = v
+        elif k.startswith("reassemble."):
+            out["pretrained." + k[len("reassemble."):]] = v
+        else:
+            out[k] = v
+    return out

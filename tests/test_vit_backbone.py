@@ -10,27 +10,6 @@ from tests.d2_helpers import run_faster_rcnn_fpn
 from tests.reference_keys import read_keys
 
 
-def tiny_vit_cfg(name="D2ViT", hybrid=False):
-    cfg = get_cfg()
-    add_expedit_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.BACKBONE.NAME = name
-    v = cfg.MODEL.VIT
-    v.EMBED_DIM, v.DEPTH, v.NUM_HEADS, v.IMG_SIZE, v.NUM_CLASSES = 32, 6, 2, 96, 10
-    v.TAPS = [0, 1, 3, 5] if hybrid else [1, 2, 3, 5]
-    v.HYBRID_LAYERS = [1, 1, 1]
-    e = cfg.MODEL.EXPEDIT
-    e.BASE = "D2ViTHybrid" if hybrid else "D2ViT"
-    e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = 2, [5, 6]
-    e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE = 5, 5, 1.0, 4, 1.0
-    return cfg
-
-
-def build(cfg, seed=0):
-    torch.manual_seed(seed)
-    return build_backbone(cfg).eval()
-
-
 @pytest.mark.parametrize("name, ref", [("D2ViTHybrid", "dpt_hybrid_vitb_rn50_384"),
                                        ("D2ViT", "dpt_large_vitl16_384")])
 def test_state_dict_equals_official_dpt_backbone_keys(name, ref):
@@ -51,11 +30,11 @@ def test_state_dict_equals_official_dpt_backbone_keys(name, ref):
 
 @pytest.mark.parametrize("hybrid", [False, True])
 @pytest.mark.parametrize("size", [(480, 640), (375, 500)])
-def test_outputs_at_strides_4_to_32(hybrid, size):
+def test_outputs_at_strides_4_to_32(hybrid, size, tiny_vit_cfg, seeded_backbone):
     cfg = tiny_vit_cfg("D2ViTHybrid" if hybrid else "D2ViT", hybrid)
     for name in [cfg.MODEL.BACKBONE.NAME, "ExpeditBackbone"]:
         cfg.MODEL.BACKBONE.NAME = name
-        model = build(cfg)
+        model = seeded_backbone(cfg)
         spec = model.output_shape()
         with torch.no_grad():
             out = model(torch.randn(1, 3, *size))
@@ -66,11 +45,11 @@ def test_outputs_at_strides_4_to_32(hybrid, size):
 
 
 @pytest.mark.parametrize("hybrid", [False, True])
-def test_disabled_is_bitwise_identical(hybrid):
+def test_disabled_is_bitwise_identical(hybrid, tiny_vit_cfg, seeded_backbone):
     cfg = tiny_vit_cfg("D2ViTHybrid" if hybrid else "D2ViT", hybrid)
-    base = build(cfg)
+    base = seeded_backbone(cfg)
     cfg.MODEL.BACKBONE.NAME, cfg.MODEL.EXPEDIT.ENABLED = "ExpeditBackbone", False
-    plain = build(cfg, seed=3)
+    plain = seeded_backbone(cfg, seed=3)
     plain.load_state_dict(base.state_dict())
     x = torch.randn(2, 3, 160, 224)
     with torch.no_grad():
@@ -79,15 +58,15 @@ def test_disabled_is_bitwise_identical(hybrid):
 
 
 @pytest.mark.parametrize("mode", ["topk", "nearest"])
-def test_taps_follow_the_spec(mode):
+def test_taps_follow_the_spec(mode, tiny_vit_cfg, seeded_backbone):
     """Cluster right after block alpha (cls kept), later blocks on clusters, every tap
     after alpha reconstructed, the tap at alpha exact (the official hook records the
     block's output before clustering) -- written out with the operators."""
     cfg = tiny_vit_cfg()
     cfg.MODEL.EXPEDIT.RECONSTRUCTION = mode
-    base = build(cfg)
+    base = seeded_backbone(cfg)
     cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
-    ex = build(cfg)
+    ex = seeded_backbone(cfg)
     ex.load_state_dict(base.state_dict())
     x = torch.randn(2, 3, 160, 224)
     with torch.no_grad():
@@ -112,12 +91,12 @@ def test_taps_follow_the_spec(mode):
         assert torch.equal(tap[:, :1], expect[i][:, :1])  # cls token passed through
 
 
-def test_as_many_clusters_as_tokens_leaves_taps_unreconstructed():
+def test_as_many_clusters_as_tokens_leaves_taps_unreconstructed(tiny_vit_cfg, seeded_backbone):
     """The official hook reconstructs only taps whose token count differs from the input's:
     with h x w = H x W the later taps are the cluster tokens themselves."""
     cfg = tiny_vit_cfg("ExpeditBackbone")
     cfg.MODEL.EXPEDIT.NUM_CLUSTERS, cfg.MODEL.EXPEDIT.RECON_K = [10, 14], 4
-    ex = build(cfg)
+    ex = seeded_backbone(cfg)
     x = torch.randn(1, 3, 160, 224)
     with torch.no_grad():
         got, grid, _ = ex.forward_taps(x, [2, 3])
@@ -129,8 +108,8 @@ def test_as_many_clusters_as_tokens_leaves_taps_unreconstructed():
     torch.testing.assert_close(got[1], ex.blocks[3](clusters), atol=1e-6, rtol=1e-6)
 
 
-def test_dpt_checkpoint_names_load_cleanly(tmp_path):
-    src = build(tiny_vit_cfg("D2ViTHybrid", hybrid=True))
+def test_dpt_checkpoint_names_load_cleanly(tmp_path, tiny_vit_cfg, seeded_backbone):
+    src = seeded_backbone(tiny_vit_cfg("D2ViTHybrid", hybrid=True))
     path = tmp_path / "dpt_tiny.pt"
     torch.save({f"pretrained.model.{k}": v for k, v in src.state_dict().items()}, path)
     from dpt import convert_dpt_state_dict  # the one map of the official DPT names
@@ -139,7 +118,7 @@ def test_dpt_checkpoint_names_load_cleanly(tmp_path):
     mapped = {k[len("backbone."):]: v for k, v in converted.items()}
     for name in ["D2ViTHybrid", "ExpeditBackbone"]:
         cfg = tiny_vit_cfg(name, hybrid=True)
-        model = build(cfg, seed=9)
+        model = seeded_backbone(cfg, seed=9)
         result = model.load_state_dict(mapped, strict=True)
         assert not result.missing_keys and not result.unexpected_keys
         assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
@@ -147,7 +126,7 @@ def test_dpt_checkpoint_names_load_cleanly(tmp_path):
 
 @pytest.mark.parametrize("hybrid", [False, True])
 @pytest.mark.parametrize("bottom_up", ["plain", "ExpeditBackbone"])
-def test_drops_into_generalized_rcnn_with_fpn(hybrid, bottom_up):
+def test_drops_into_generalized_rcnn_with_fpn(hybrid, bottom_up, tiny_vit_cfg):
     name = "D2ViTHybrid" if hybrid else "D2ViT"
     cfg = tiny_vit_cfg(name, hybrid)
     assert run_faster_rcnn_fpn(cfg, name if bottom_up == "plain" else bottom_up).image_size == (240, 320)
@@ -160,11 +139,10 @@ def test_dpt_key_map_rejects_keys_of_another_model():
         convert_dpt_state_dict({"pretrained.model.cls_token": torch.zeros(1), "a.b": torch.zeros(1)})
 
 
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_forward_is_finite(dtype):
+def test_autocast_forward_is_finite(dtype, tiny_vit_cfg, seeded_backbone):
     cfg = tiny_vit_cfg("ExpeditBackbone", hybrid=True)
-    model = build(cfg)
+    model = seeded_backbone(cfg)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         out = model(torch.randn(1, 3, 160, 224))
     assert all(torch.isfinite(v.float()).all() for v in out.values())
@@ -178,31 +156,31 @@ def test_autocast_forward_is_finite(dtype):
     ("SMALL_INPUT", "clamp", r"MODEL.EXPEDIT.SMALL_INPUT must be 'skip' or 'error', got 'clamp'"),
     ("RECON_TEMPERATURE", -1.0, r"MODEL.EXPEDIT.RECON_TEMPERATURE must be a positive finite number, got -1.0"),
 ])
-def test_bad_expedit_config_names_the_key(key, value, message):
+def test_bad_expedit_config_names_the_key(key, value, message, tiny_vit_cfg, seeded_backbone):
     cfg = tiny_vit_cfg("ExpeditBackbone")
     cfg.MODEL.EXPEDIT.SMALL_INPUT = "error"
     setattr(cfg.MODEL.EXPEDIT, key, value)
     with pytest.raises(ValueError, match=message):
-        build(cfg)(torch.randn(1, 3, 160, 224))
+        seeded_backbone(cfg)(torch.randn(1, 3, 160, 224))
 
 
-def test_bad_taps_are_rejected():
+def test_bad_taps_are_rejected(tiny_vit_cfg, seeded_backbone):
     cfg = tiny_vit_cfg()
     cfg.MODEL.VIT.TAPS = [1, 2, 3, 6]
     with pytest.raises(ValueError, match=r"MODEL.VIT.TAPS \[1, 2, 3, 6\]: block indices \[6\] outside 0..5"):
-        build(cfg)
+        seeded_backbone(cfg)
 
 
-def test_input_smaller_than_the_cluster_grid_runs_unexpedited_and_is_counted(caplog):
+def test_input_smaller_than_the_cluster_grid_runs_unexpedited_and_is_counted(caplog, tiny_vit_cfg, seeded_backbone):
     """One small image must not abort a long evaluation: it runs as the base backbone,
     is counted, and the fact is logged once."""
     from expedit_d2.expedit_backbone import unexpedited_images
 
     cfg = tiny_vit_cfg()
-    base = build(cfg)
+    base = seeded_backbone(cfg)
     cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
     cfg.MODEL.EXPEDIT.NUM_CLUSTERS = [8, 8]
-    ex = build(cfg)
+    ex = seeded_backbone(cfg)
     ex.load_state_dict(base.state_dict())
     small, large = torch.randn(2, 3, 96, 160), torch.randn(1, 3, 160, 224)  # 6x10, 10x14 tokens
     with torch.no_grad(), caplog.at_level("WARNING"):
@@ -267,13 +245,13 @@ def test_hybrid_bottleneck_in_place_activations_keep_outputs_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_nearest_reconstruction_ignores_recon_k():
+def test_nearest_reconstruction_ignores_recon_k(tiny_vit_cfg, seeded_backbone):
     """k only matters to the top-k layer: a k above the cluster count is no error with
     nearest-centre reconstruction (the official DPT release passes k 20 with any grid)."""
     cfg = tiny_vit_cfg("ExpeditBackbone")
     cfg.MODEL.EXPEDIT.RECONSTRUCTION, cfg.MODEL.EXPEDIT.RECON_K = "nearest", 31  # 5 x 6 clusters
     with torch.no_grad():
-        out = build(cfg)(torch.randn(1, 3, 160, 224))
+        out = seeded_backbone(cfg)(torch.randn(1, 3, 160, 224))
     assert all(torch.isfinite(v).all() for v in out.values())
 
 

@@ -26,7 +26,7 @@ from expedit_d2.reduction.config import point_overrides
 from tests.compile_check import compiled_in_inference
 from tests.d2_helpers import run_faster_rcnn_fpn, set_keys
 from tests.numerics import assert_close_f32
-from tests.timm_models import EVA02_BASE, ROPE_REG1_NO_CLS, TIMM_EVA
+from tests.timm_models import EVA02_BASE, ROPE_REG1_NO_CLS, TIMM_EVA, TIMM_MODELS
 
 def _registered_examples(target: ExampleTarget) -> dict:
     """{method: its keys} of every registered method with an example for ``target`` (the
@@ -282,23 +282,26 @@ def test_merged_positions_follow_the_b_token():
 # --------------------------------------------------------------------------------------
 # off = the base, bitwise; remove_patch restores the base
 # --------------------------------------------------------------------------------------
-def test_eva_base_runs_timms_own_blocks_bitwise(tiny_reduction_cfg, seeded_backbone):
-    """D2TimmViT over Eva = timm's position embedding, then its blocks with its own rotary
-    embedding (one table, or one per block), bitwise."""
-    x = torch.randn(2, 3, 112, 128)
-    for base in TIMM_EVA:
-        vit = seeded_backbone(tiny_reduction_cfg(base))
-        with torch.no_grad():
-            taps, grid, _ = vit.forward_taps(x, [1, 5])
-            v = vit.vit
-            t, rope = v._pos_embed(v.patch_embed(x))
-            t, want = v.norm_pre(t), []
-            for i, blk in enumerate(v.blocks):
-                t = blk(t, rope=rope[i] if v.rope_mixed else rope)
-                if i in (1, 5):
-                    want.append(t)
-        assert grid == ((8, 10) if base == "EVA" else (7, 8))
-        assert all(torch.equal(a, b) for a, b in zip(taps, want))
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_unpatched_timm_vit_taps_are_timms_own_intermediates(name, tiny_reduction_cfg, seeded_backbone):
+    """The base every "vit" method patches: D2TimmViT's taps are timm's own public
+    ``forward_intermediates`` (timm's position embedding, then its blocks, with Eva's own
+    rotary embedding: one table, or one per block), prefix tokens (cls, registers) first, at
+    every block, bitwise (the same timm modules run on both sides)."""
+    x = torch.randn(2, 3, 112, 128)  # not whole patches of 14 or 16: timm pads the image
+    vit = seeded_backbone(tiny_reduction_cfg("D2TimmViT", **{"MODEL.TIMM_VIT.NAME": name}))
+    assert type(vit).__name__ == "D2TimmViT" and vit.num_prefix_tokens >= 1
+    blocks = list(range(len(vit.blocks)))
+    with torch.no_grad():
+        taps, grid, _ = vit.forward_taps(x, blocks)
+        want = vit.vit.forward_intermediates(x, indices=blocks, norm=False, output_fmt="NLC",
+                                             return_prefix_tokens=True, intermediates_only=True)
+    patch = vit.vit.patch_embed.patch_size
+    assert grid == (-(-112 // patch[0]), -(-128 // patch[1]))
+    assert len(taps) == len(want) == 6
+    for i, (tap, (grid_tokens, prefix)) in enumerate(zip(taps, want)):
+        assert prefix.shape[1] == vit.num_prefix_tokens and grid_tokens.shape[1] == grid[0] * grid[1], (name, i)
+        assert torch.equal(tap, torch.cat([prefix, grid_tokens], dim=1)), (name, i)
 
 
 @pytest.mark.parametrize("base", ["EVA", "EVA-mixed"])

@@ -7,6 +7,7 @@ from detectron2.modeling import build_backbone
 
 from expedit_d2 import add_expedit_config, token_clustering, token_reconstruction
 from tests.d2_helpers import run_faster_rcnn_fpn
+from tests.numerics import assert_close_f32
 from tests.reference_keys import read_keys
 
 
@@ -55,6 +56,39 @@ def test_disabled_is_bitwise_identical(hybrid, tiny_vit_cfg, seeded_backbone):
     with torch.no_grad():
         a, b = base(x), plain(x)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_taps_are_timms_own_intermediates_on_the_same_weights(hybrid, tiny_vit_cfg, seeded_backbone):
+    """Our DPT ViT-L/16 and ViT-Hybrid (the official DPT release builds them with timm) against
+    timm's own VisionTransformer holding our state dict (strict: the same names): the taps at
+    every block are timm's public ``forward_intermediates``, class token first, at the
+    pretraining grid (where no position-embedding resize takes place)."""
+    from functools import partial
+
+    from timm.layers import HybridEmbed, StdConv2dSame
+    from timm.models.resnetv2 import ResNetV2
+    from timm.models.vision_transformer import VisionTransformer
+
+    ours = seeded_backbone(tiny_vit_cfg("D2ViTHybrid" if hybrid else "D2ViT", hybrid))
+    size = dict(img_size=96, depth=6, embed_dim=32, num_heads=2, num_classes=10)  # as tiny_vit_cfg
+    if hybrid:  # timm's R50+ViT-B/16 (vit_base_r50_s16_384) with our 1, 1, 1 stage depths
+        stem = ResNetV2(layers=(1, 1, 1), num_classes=0, global_pool="", preact=False, stem_type="same",
+                        conv_layer=partial(StdConv2dSame, eps=1e-8))
+        timm_vit = VisionTransformer(patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem), **size)
+    else:
+        timm_vit = VisionTransformer(patch_size=16, **size)
+    timm_vit.load_state_dict(ours.state_dict(), strict=True)
+    timm_vit.eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        taps, grid, _ = ours.forward_taps(x, list(range(6)))
+        want = timm_vit.forward_intermediates(x, indices=list(range(6)), norm=False, output_fmt="NLC",
+                                              return_prefix_tokens=True, intermediates_only=True)
+    assert grid == (6, 6) and len(taps) == len(want) == 6
+    for i, (tap, (grid_tokens, cls)) in enumerate(zip(taps, want)):
+        assert cls.shape[1] == 1 and grid_tokens.shape[1] == 36
+        assert_close_f32(tap, torch.cat([cls, grid_tokens], dim=1), msg=f"block {i}")
 
 
 @pytest.mark.parametrize("mode", ["topk", "nearest"])

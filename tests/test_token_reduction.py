@@ -18,7 +18,7 @@ from timm.layers import apply_rot_embed_cat
 
 from expedit_d2.backbones.base import block_inputs_of
 from expedit_d2.config import add_expedit_config
-from expedit_d2.methods import bipartite_soft_matching, evit_keep, evit_restore
+from expedit_d2.methods import bipartite_soft_matching
 from expedit_d2.methods.tome import merged_positions
 from expedit_d2.reduction import (METHOD_KEY, ExampleTarget, apply_patch, example_settings, family_of, remove_patch,
                                   settings_from_config)
@@ -26,7 +26,7 @@ from expedit_d2.reduction.config import point_overrides
 from tests.compile_check import compiled_in_inference
 from tests.d2_helpers import run_faster_rcnn_fpn, set_keys
 from tests.numerics import assert_close_f32
-from tests.timm_models import EVA02_BASE, ROPE_REG1_NO_CLS, TIMM_EVA, TIMM_MODELS
+from tests.timm_models import EVA02_BASE, ROPE_REG1_NO_CLS, TIMM_MODELS
 
 def _registered_examples(target: ExampleTarget) -> dict:
     """{method: its keys} of every registered method with an example for ``target`` (the

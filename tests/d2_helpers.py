@@ -50,3 +50,14 @@ def run_model_zoo_config(cfg, config: str, backbone_name: str, bottom_up: str, s
     with torch.no_grad():
         out = model([{"image": torch.rand(3, *size) * 255, "height": size[0], "width": size[1]}])
     return model, out[0]
+
+
+def set_keys(cfg, values: dict):
+    """``cfg`` with each dotted key of ``values`` (``"MODEL.VIT.TAPS"``) set to its value."""
+    for key, value in values.items():
+        node = cfg
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return cfg

@@ -13,3 +13,11 @@ def read_keys(name: str) -> dict:
             key, shape = line.split("\t")
             out[key] = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
     return out
+
+
+def official_dpt_names(model) -> dict:
+    """Our DPT model's state dict under the official DPT names (the DPT project's key map,
+    read backwards)."""
+    from dpt.checkpoint import official_dpt_state_dict
+
+    return official_dpt_state_dict(model.state_dict())

@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from mask2former import MaskFormer
-from tests.test_dpt_model import build as build_dpt, dpt_cfg
-from tests.test_mask2former_model import tiny_cfg
 
 ACCELERATORS = ["cuda"] if torch.cuda.is_available() else []
 
 
-def m2f_expedited_cfg():
-    cfg = tiny_cfg("expedit_test_m2f_accelerator")
+@pytest.fixture
+def m2f_expedited_cfg(tiny_m2f_cfg):
+    cfg = tiny_m2f_cfg("expedit_test_m2f_accelerator")
     cfg.MODEL.BACKBONE.NAME = "D2HourglassSwinTransformer"
     s = cfg.MODEL.SWIN
     s.CLUSTERING_LOCATION = 4  # first block of stage 3 (depths 2, 2, 2, 2)
@@ -50,8 +49,8 @@ def _image(seed, size=(3, 90, 120)):
 
 
 @pytest.mark.parametrize("device", ACCELERATORS)
-def test_expedited_mask2former_on_the_accelerator_equals_the_cpu(device):
-    cpu, acc = _pair(_m2f, m2f_expedited_cfg(), device)
+def test_expedited_mask2former_on_the_accelerator_equals_the_cpu(device, m2f_expedited_cfg):
+    cpu, acc = _pair(_m2f, m2f_expedited_cfg, device)
     image = _image(0)
     with torch.inference_mode():
         (want,) = cpu([{"image": image, "height": 45, "width": 60}])
@@ -72,8 +71,8 @@ def test_expedited_mask2former_on_the_accelerator_equals_the_cpu(device):
 
 @pytest.mark.parametrize("device", ACCELERATORS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_expedited_mask2former_under_autocast_on_the_accelerator(device, dtype):
-    _, acc = _pair(_m2f, m2f_expedited_cfg(), device)
+def test_expedited_mask2former_under_autocast_on_the_accelerator(device, dtype, m2f_expedited_cfg):
+    _, acc = _pair(_m2f, m2f_expedited_cfg, device)
     image = _image(1).to(device)
     with torch.inference_mode():
         (full,) = acc([{"image": image, "height": 45, "width": 60}])
@@ -87,10 +86,10 @@ def test_expedited_mask2former_under_autocast_on_the_accelerator(device, dtype):
 
 
 @pytest.mark.parametrize("device", ACCELERATORS)
-def test_expedited_dpt_hybrid_on_the_accelerator_equals_the_cpu(device):
+def test_expedited_dpt_hybrid_on_the_accelerator_equals_the_cpu(device, dpt_cfg, seeded_dpt):
     cfg = dpt_cfg()
     cfg.MODEL.BACKBONE.NAME, cfg.MODEL.EXPEDIT.ENABLED = "ExpeditBackbone", True
-    cpu, acc = _pair(build_dpt, cfg, device)
+    cpu, acc = _pair(seeded_dpt, cfg, device)
     image = _image(2, (3, 96, 128))
     with torch.inference_mode():
         want = cpu([{"image": image}])[0]["depth"]

@@ -8,8 +8,6 @@ from dpt import DPTDepth
 from mask2former import MaskFormer
 from expedit_d2.cpu_linear import OneDNNLinear, linear_as_conv, use_cpu_linear
 from tests.compile_check import compiled_in_inference
-from tests.test_dpt_model import dpt_cfg
-from tests.test_mask2former_model import tiny_cfg as m2f_cfg
 
 
 @pytest.mark.parametrize("x_shape, out, bias", [((5, 7), 3, False), ((2, 9, 16), 24, True), ((16,), 8, True),
@@ -90,10 +88,10 @@ def test_use_cpu_linear_swaps_plain_linears_and_back_without_touching_parameters
         assert torch.equal(model[:3](x), plain)
 
 
-def test_bad_mode_names_the_config_key():
+def test_bad_mode_names_the_config_key(tiny_m2f_cfg):
     with pytest.raises(ValueError, match=r"MODEL\.CPU_LINEAR.*'mkl'"):
         use_cpu_linear(nn.Linear(2, 2), "mkl")
-    cfg = m2f_cfg("expedit_test_cpu_linear_bad")
+    cfg = tiny_m2f_cfg("expedit_test_cpu_linear_bad")
     cfg.MODEL.CPU_LINEAR = "mkl"
     with pytest.raises(ValueError, match=r"MODEL\.CPU_LINEAR"):
         MaskFormer(**MaskFormer.from_config(cfg))
@@ -110,8 +108,8 @@ def _pair(cls, cfg):
     return blas, fast
 
 
-def test_mask2former_by_config_runs_its_linears_through_onednn():
-    cfg = m2f_cfg("expedit_test_cpu_linear_m2f")
+def test_mask2former_by_config_runs_its_linears_through_onednn(tiny_m2f_cfg):
+    cfg = tiny_m2f_cfg("expedit_test_cpu_linear_m2f")
     blas, fast = _pair(MaskFormer, cfg)
     assert not any(isinstance(m, OneDNNLinear) for m in blas.modules())
     n = sum(isinstance(m, OneDNNLinear) for m in fast.modules())
@@ -127,7 +125,7 @@ def test_mask2former_by_config_runs_its_linears_through_onednn():
 
 
 @pytest.mark.parametrize("backbone", ["D2ViTHybrid", "ExpeditBackbone"])
-def test_dpt_by_config_runs_its_linears_through_onednn_and_compiles(backbone):
+def test_dpt_by_config_runs_its_linears_through_onednn_and_compiles(backbone, dpt_cfg):
     cfg = dpt_cfg()
     cfg.MODEL.BACKBONE.NAME = backbone
     blas, fast = _pair(DPTDepth, cfg)

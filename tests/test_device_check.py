@@ -20,7 +20,7 @@ IMPORTS = """
 import sys
 sys.path[:0] = ["projects/DPT", "projects/Mask2Former", "."]
 import tools.benchmark_model, tools.benchmark_backbone
-import tests.test_ops, tests.test_methods_ops, tests.test_accelerator_models
+import tests.conftest, tests.test_ops, tests.test_methods_ops, tests.test_accelerator_models
 import detectron2.engine, detectron2.evaluation, pycocotools.mask
 import sysconfig
 site = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}

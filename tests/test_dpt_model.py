@@ -9,46 +9,12 @@ from dpt.head import DPTScratch, FusionBlock
 from expedit_d2.blocked import cpu_inference
 from tests.compile_check import compiled_in_inference
 from tests.numerics import assert_close_f32
-from tests.reference_keys import read_keys
-
-
-BASE_YAML = __import__("pathlib").Path(__file__).resolve().parents[1] / "projects/DPT/configs/Base-DPT-NYUv2.yaml"
-
-
-def dpt_cfg(hybrid=True, tiny=True):
-    cfg = get_cfg()
-    add_dpt_config(cfg)
-    cfg.merge_from_file(str(BASE_YAML))  # the project's defaults, as every DPT config has them
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.META_ARCHITECTURE = "DPTDepth"
-    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [127.5] * 3, [127.5] * 3
-    v = cfg.MODEL.VIT
-    cfg.MODEL.BACKBONE.NAME = "D2ViTHybrid" if hybrid else "D2ViT"
-    cfg.MODEL.EXPEDIT.BASE = cfg.MODEL.BACKBONE.NAME
-    if hybrid:
-        v.TAPS = [0, 1, 8, 11]
-    else:  # ViT-L/16
-        v.EMBED_DIM, v.DEPTH, v.NUM_HEADS, v.TAPS = 1024, 24, 16, [5, 11, 17, 23]
-        cfg.MODEL.DPT.REASSEMBLE_FEATURES = [256, 512, 1024, 1024]
-    if tiny:
-        v.EMBED_DIM, v.DEPTH, v.NUM_HEADS, v.IMG_SIZE, v.NUM_CLASSES = 32, 6, 2, 96, 10
-        v.HYBRID_LAYERS = [1, 1, 1]
-        v.TAPS = [0, 1, 3, 5] if hybrid else [1, 2, 3, 5]
-        cfg.MODEL.DPT.REASSEMBLE_FEATURES = [16, 24, 32, 32]
-        cfg.MODEL.DPT.FUSION_FEATURES = 16
-    e = cfg.MODEL.EXPEDIT
-    e.CLUSTERING_LOCATION, e.NUM_CLUSTERS, e.WINDOW = 2, [6, 8], 5
-    e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE = 1.0, 8, 1.0
-    return cfg
-
-
-def build(cfg, seed=0):
-    torch.manual_seed(seed)
-    return DPTDepth(**DPTDepth.from_config(cfg)).eval()
+from tests.project_opts import DPT_BASE_YAML
+from tests.reference_keys import official_dpt_names, read_keys
 
 
 @pytest.mark.parametrize("hybrid, ref", [(True, "dpt_hybrid_vitb_rn50_384"), (False, "dpt_large_vitl16_384")])
-def test_full_model_matches_official_keys(hybrid, ref):
+def test_full_model_matches_official_keys(hybrid, ref, dpt_cfg):
     cfg = dpt_cfg(hybrid, tiny=False)
     with torch.device("meta"):
         model = DPTDepth(**DPTDepth.from_config(cfg))
@@ -58,19 +24,12 @@ def test_full_model_matches_official_keys(hybrid, ref):
         {k: tuple(v.shape) for k, v in mapped.items()}
 
 
-def _official_names(model):
-    """Our state dict under the official DPT names (the project's map, read backwards)."""
-    from dpt.checkpoint import official_dpt_state_dict
-
-    return official_dpt_state_dict(model.state_dict())
-
-
 @pytest.mark.parametrize("hybrid", [True, False])
-def test_official_checkpoint_loads_and_predicts_depth(tmp_path, hybrid):
-    src = build(dpt_cfg(hybrid))
+def test_official_checkpoint_loads_and_predicts_depth(tmp_path, hybrid, dpt_cfg, seeded_dpt):
+    src = seeded_dpt(dpt_cfg(hybrid))
     path = tmp_path / "dpt_official_names.pt"
-    torch.save(_official_names(src), path)
-    model = build(dpt_cfg(hybrid), seed=7)
+    torch.save(official_dpt_names(src), path)
+    model = seeded_dpt(dpt_cfg(hybrid), seed=7)
     result = model.load_state_dict(convert_dpt_state_dict(torch.load(path)), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     image = torch.rand(3, 96, 128) * 255
@@ -83,14 +42,14 @@ def test_official_checkpoint_loads_and_predicts_depth(tmp_path, hybrid):
     assert depth.max() <= 1 / 0.1378 + 1e-4
 
 
-def test_expedit_disabled_is_identical_and_enabled_differs():
+def test_expedit_disabled_is_identical_and_enabled_differs(dpt_cfg, seeded_dpt):
     cfg = dpt_cfg()
-    plain = build(cfg)
+    plain = seeded_dpt(cfg)
     cfg.MODEL.BACKBONE.NAME, cfg.MODEL.EXPEDIT.ENABLED = "ExpeditBackbone", False
-    disabled = build(cfg)
+    disabled = seeded_dpt(cfg)
     disabled.load_state_dict(plain.state_dict())
     cfg.MODEL.EXPEDIT.ENABLED = True
-    enabled = build(cfg)
+    enabled = seeded_dpt(cfg)
     enabled.load_state_dict(plain.state_dict())
     batch = [{"image": torch.rand(3, 96, 128) * 255}]
     with torch.no_grad():
@@ -100,7 +59,7 @@ def test_expedit_disabled_is_identical_and_enabled_differs():
 
 
 @pytest.mark.parametrize("reconstruction", [None, "topk", "nearest"])
-def test_depth_network_compiles_to_one_graph_in_inference(reconstruction):
+def test_depth_network_compiles_to_one_graph_in_inference(reconstruction, dpt_cfg, seeded_dpt):
     """Backbone (the hybrid's convs and stem pooling included), reassemble and fusion as one
     graph under inference mode (``tools/benchmark_model.py --compile model``), the eager
     outputs bitwise; expedited with either reconstruction (None: not expedited)."""
@@ -108,14 +67,14 @@ def test_depth_network_compiles_to_one_graph_in_inference(reconstruction):
     if reconstruction:
         cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
         cfg.MODEL.EXPEDIT.RECONSTRUCTION = reconstruction
-    model = build(cfg)
+    model = seeded_dpt(cfg)
     eager, ours, again, frames = compiled_in_inference(model.forward_raw, torch.randn(1, 3, 96, 128))
     assert frames == 1 and torch.equal(ours, eager) and torch.equal(again, eager)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_input_is_rejected_naming_the_image(bad):
-    model = build(dpt_cfg())
+def test_non_finite_input_is_rejected_naming_the_image(bad, dpt_cfg, seeded_dpt):
+    model = seeded_dpt(dpt_cfg())
     image = torch.rand(3, 96, 128) * 255
     image[1, 5, 7] = bad
     ok = {"image": torch.rand(3, 96, 128) * 255, "file_name": "fine.png"}
@@ -127,8 +86,8 @@ def test_non_finite_input_is_rejected_naming_the_image(bad):
         assert torch.isfinite(model([{"image": (torch.rand(3, 96, 128) * 255).to(torch.uint8)}])[0]["depth"]).all()
 
 
-def test_training_step_gives_finite_loss_and_gradients():
-    model = build(dpt_cfg()).train()
+def test_training_step_gives_finite_loss_and_gradients(dpt_cfg, seeded_dpt):
+    model = seeded_dpt(dpt_cfg()).train()
     depth = torch.rand(96, 128) * 5 + 0.5
     depth[:10] = 0  # invalid pixels are ignored
     losses = model([{"image": torch.rand(3, 96, 128) * 255, "depth": depth}])
@@ -152,11 +111,11 @@ def test_converter_rejects_foreign_keys():
         convert_dpt_state_dict({"model.conv.weight": torch.zeros(1)})
 
 
-def test_non_vit_backbone_is_rejected():
+def test_non_vit_backbone_is_rejected(dpt_cfg, seeded_dpt):
     cfg = dpt_cfg()
     cfg.MODEL.BACKBONE.NAME = "ExpeditD2SwinTransformer"
     with pytest.raises(TypeError, match=r"DPTDepth needs a token-tap backbone .*ExpeditD2SwinTransformer has no method 'embed_tokens'"):
-        build(cfg)
+        seeded_dpt(cfg)
 
 
 # ----------------------------------------------------------------------------------
@@ -237,7 +196,7 @@ def test_project_defaults_are_the_official_expedit_dpt_settings():
     cfg = get_cfg()
     add_dpt_config(cfg)
     assert cfg.MODEL.EXPEDIT.RECONSTRUCTION == "topk"  # the library's default, not overridden in Python
-    cfg.merge_from_file(str(BASE_YAML))  # every DPT config inherits it
+    cfg.merge_from_file(str(DPT_BASE_YAML))  # every DPT config inherits it
     e = cfg.MODEL.EXPEDIT
     assert (e.RECONSTRUCTION, e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE) == \
         ("nearest", 5, 5, 1.0, 20, 1.0)

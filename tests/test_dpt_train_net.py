@@ -1,7 +1,6 @@
 """End to end on CPU: synthetic NYUv2 in the official formats -> prepare script ->
 projects/DPT/train_net.py (--eval-only baseline and expedited, a few training iterations)."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +11,8 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 from expedit_d2.synthetic import write_nyuv2_mat
 from tests.d2_helpers import load_train_net
-from tests.test_dpt_model import _official_names, build, dpt_cfg
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["MODEL.VIT.EMBED_DIM", "32", "MODEL.VIT.DEPTH", "6", "MODEL.VIT.NUM_HEADS", "2",
-        "MODEL.VIT.IMG_SIZE", "96", "MODEL.VIT.NUM_CLASSES", "10", "MODEL.VIT.HYBRID_LAYERS", "[1, 1, 1]",
-        "MODEL.VIT.TAPS", "[0, 1, 3, 5]", "MODEL.DPT.REASSEMBLE_FEATURES", "[16, 24, 32, 32]",
-        "MODEL.DPT.FUSION_FEATURES", "16", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu"]
-METRICS = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "d1", "d2", "d3"}
+from tests.project_opts import DEPTH_METRICS, DPT_TINY_OPTS, ROOT
+from tests.reference_keys import official_dpt_names
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +57,10 @@ def _train_net():
 
 
 @pytest.fixture(scope="module")
-def official_weights(tmp_path_factory):
-    model = build(dpt_cfg(hybrid=True))
+def official_weights(tmp_path_factory, dpt_cfg, seeded_dpt):
+    model = seeded_dpt(dpt_cfg(hybrid=True))
     path = tmp_path_factory.mktemp("weights") / "dpt_hybrid_official_names.pt"
-    torch.save(_official_names(model), path)
+    torch.save(official_dpt_names(model), path)
     return path
 
 
@@ -78,10 +71,10 @@ def test_eval_only_end_to_end(nyu_root, official_weights, tmp_path, monkeypatch,
     tn = _train_net()
     args = default_argument_parser().parse_args([
         "--config-file", str(ROOT / "projects/DPT/configs" / config), "--eval-only",
-        "MODEL.WEIGHTS", str(official_weights), "OUTPUT_DIR", str(tmp_path), *TINY,
+        "MODEL.WEIGHTS", str(official_weights), "OUTPUT_DIR", str(tmp_path), *DPT_TINY_OPTS,
         "MODEL.EXPEDIT.NUM_CLUSTERS", "[16, 16]"])
     res = tn.main(args)
-    assert set(res["depth"]) == METRICS
+    assert set(res["depth"]) == DEPTH_METRICS
     assert all(np.isfinite(v) for v in res["depth"].values())
     assert 0 <= res["depth"]["d1"] <= 1
     assert "expedit" not in res  # every image was expedited (or the model is the baseline)
@@ -97,7 +90,7 @@ def test_images_smaller_than_the_cluster_grid_are_counted_in_the_results(nyu_roo
     tn = _train_net()
     args = default_argument_parser().parse_args([
         "--config-file", str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2_expedit_a4_16x16.yaml"),
-        "--eval-only", "MODEL.WEIGHTS", str(official_weights), "OUTPUT_DIR", str(tmp_path), *TINY,
+        "--eval-only", "MODEL.WEIGHTS", str(official_weights), "OUTPUT_DIR", str(tmp_path), *DPT_TINY_OPTS,
         "MODEL.EXPEDIT.NUM_CLUSTERS", "[32, 32]"])  # NYUv2 frames have 30 x 40 tokens
     res = tn.main(args)
     assert res["expedit"] == {"unexpedited_images": len(DatasetCatalog.get("nyuv2_test"))}
@@ -122,7 +115,7 @@ def test_a_few_training_iterations(nyu_root, tmp_path, monkeypatch):
     args = default_argument_parser().parse_args([
         "--config-file", str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2_expedit_a4_16x16.yaml"),
         "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "1",
-        "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "100", *TINY,
+        "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "100", *DPT_TINY_OPTS,
         "MODEL.EXPEDIT.NUM_CLUSTERS", "[16, 16]"])
     tn.main(args)
     records = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
@@ -144,7 +137,7 @@ def test_ctrl_c_during_training_says_how_to_resume(nyu_root, tmp_path):
     cmd = [sys.executable, str(ROOT / "projects/DPT/train_net.py"), "--config-file",
            str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2_expedit_a4_16x16.yaml"),
            "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "100000", "SOLVER.IMS_PER_BATCH", "1",
-           "TEST.EVAL_PERIOD", "0", *TINY, "MODEL.EXPEDIT.NUM_CLUSTERS", "[16, 16]"]
+           "TEST.EVAL_PERIOD", "0", *DPT_TINY_OPTS, "MODEL.EXPEDIT.NUM_CLUSTERS", "[16, 16]"]
     log = tmp_path / "log.txt"
     with process_group(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                        env={**os.environ, "DETECTRON2_DATASETS": str(root)}) as proc:
@@ -178,10 +171,10 @@ def test_eval_only_with_onednn_linears_gives_the_same_metrics(nyu_root, official
     for mode in ("blas", "onednn"):
         args = default_argument_parser().parse_args([
             "--config-file", str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2_expedit_a4_16x16.yaml"),
-            "--eval-only", "MODEL.WEIGHTS", str(official_weights), "OUTPUT_DIR", str(tmp_path / mode), *TINY,
+            "--eval-only", "MODEL.WEIGHTS", str(official_weights), "OUTPUT_DIR", str(tmp_path / mode), *DPT_TINY_OPTS,
             "MODEL.EXPEDIT.NUM_CLUSTERS", "[16, 16]", "MODEL.CPU_LINEAR", mode])
         results[mode] = tn.main(args)["depth"]
     assert [any(isinstance(m, OneDNNLinear) for m in model.modules()) for model in built] == [False, True]
-    assert results["onednn"].keys() == results["blas"].keys() == METRICS
+    assert results["onednn"].keys() == results["blas"].keys() == DEPTH_METRICS
     for key, value in results["blas"].items():
         assert results["onednn"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

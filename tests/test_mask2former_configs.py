@@ -5,56 +5,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from detectron2.engine import default_argument_parser
-
 from mask2former import MaskFormer
-from tests.d2_helpers import load_train_net
+from tests.mask2former_settings import (CONFIGS, PUBLISHED, REFERENCE, flat, installed_settings,
+                                         settings_in_config)
 from tests.reference_keys import read_keys
 
-CONFIGS = Path(__file__).resolve().parents[1] / "projects/Mask2Former/configs"
 ALL = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("maskformer2_*.yaml"))
 EXPEDITED = [r for r in ALL if "expedit" in r or "hourglass" in r]
-REFERENCE = {"coco/panoptic": "coco_panoptic", "coco/instance": "coco_instance", "ade20k/panoptic": "ade20k_panoptic"}
-# The official Expedit-Mask2Former configs (maskformer2_hourglass_swin_large_IN21k_384_bs16_
-# {100ep,100ep,160k,160k_res640}.yaml; docs/fidelity.md): alpha = MODEL.SWIN.CLUSTERING_LOCATION, 8x8
-# clusters per window = NUM_SPIXELS 64, lambda = TOKEN_CLUSTERING_BLOCK.WINDOW_SIZE.
-PUBLISHED = {
-    "coco/panoptic-segmentation": dict(alpha=10, clusters=(8, 8), iters=5, tau=0.05, lam=7, k=10, tau_r=0.05),
-    "coco/instance-segmentation": dict(alpha=12, clusters=(8, 8), iters=5, tau=0.01, lam=11, k=60, tau_r=0.01),
-    "ade20k/panoptic-segmentation": dict(alpha=14, clusters=(8, 8), iters=4, tau=0.01, lam=7, k=49, tau_r=0.01),
-    "ade20k/semantic-segmentation": dict(alpha=7, clusters=(8, 8), iters=5, tau=0.01, lam=5, k=10, tau_r=0.01),
-}
 
 
-def build_config(path, *opts):
-    """The frozen config ``projects/Mask2Former/train_net.py`` builds for ``--config-file path``."""
-    args = default_argument_parser().parse_args(["--config-file", str(path), *opts])
-    return load_train_net("Mask2Former").build_config(args)
-
-
-def load(rel, *opts):
-    return build_config(CONFIGS / rel, *opts)
-
-
-def installed_settings(backbone):
-    """What the expedit hook installed in a Swin backbone actually uses (None: no hook)."""
-    first = 0
-    for stage, depth in zip(backbone.layers, backbone.depths):
-        hook = getattr(stage, "token_reduction", None)
-        if hook is not None:
-            c, r = hook.clustering, hook.reconstruction
-            return dict(alpha=first + hook.block_index, clusters=tuple(c.num_clusters), iters=c.iters,
-                        tau=c.temperature, lam=c.window, k=r.k, tau_r=r.temperature)
-        first += depth
-    return None
-
-
-def settings_in_config(cfg):
-    s = cfg.MODEL.SWIN
-    c, r = s.TOKEN_CLUSTERING_BLOCK, s.TOKEN_RECONSTRUCTION_BLOCK
-    side = round(c.NUM_SPIXELS ** 0.5)
-    return dict(alpha=s.CLUSTERING_LOCATION, clusters=(side, side) if side * side == c.NUM_SPIXELS else None,
-                iters=c.N_ITERS, tau=c.TEMPERATURE, lam=c.WINDOW_SIZE, k=r.K, tau_r=r.TEMPERATURE)
+@pytest.fixture
+def load(m2f_project_cfg):
+    """``load(rel, *opts)``: the frozen config of our config ``CONFIGS / rel``."""
+    return lambda rel, *opts: m2f_project_cfg(CONFIGS / rel, *opts)
 
 
 def published_for(rel):
@@ -62,7 +25,7 @@ def published_for(rel):
 
 
 @pytest.mark.parametrize("rel", ALL)
-def test_config_builds_the_official_model(rel):
+def test_config_builds_the_official_model(rel, load):
     cfg = load(rel)
     with torch.device("meta"):
         model = MaskFormer(**MaskFormer.from_config(cfg))
@@ -75,13 +38,6 @@ def test_config_builds_the_official_model(rel):
         assert keys["sem_seg_head.predictor.query_feat.weight"] == (100, 256)
 
 
-def _flat(node, prefix=""):
-    out = {}
-    for k, v in node.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _baseline_of(rel):
     if "_expedit" in rel:
         return rel[: rel.index("_expedit")] + ".yaml"
@@ -89,15 +45,15 @@ def _baseline_of(rel):
 
 
 @pytest.mark.parametrize("rel", EXPEDITED)
-def test_expedited_config_differs_only_in_backbone_keys(rel):
-    exp, base = _flat(load(rel)), _flat(load(_baseline_of(rel)))
+def test_expedited_config_differs_only_in_backbone_keys(rel, load):
+    exp, base = flat(load(rel)), flat(load(_baseline_of(rel)))
     changed = {k for k in exp if exp[k] != base[k]}
     assert changed and all(k.startswith(("MODEL.BACKBONE.", "MODEL.SWIN.")) for k in changed), changed
     assert exp["MODEL.BACKBONE.NAME"] == "D2HourglassSwinTransformer"
 
 
 @pytest.mark.parametrize("rel", EXPEDITED)
-def test_expedited_config_carries_the_published_settings(rel):
+def test_expedited_config_carries_the_published_settings(rel, load):
     """Config values and what the built backbone's hook really uses, both names of each."""
     cfg = load(rel)
     assert settings_in_config(cfg) == published_for(rel)
@@ -107,13 +63,13 @@ def test_expedited_config_carries_the_published_settings(rel):
 
 
 @pytest.mark.parametrize("rel", [r for r in ALL if "_expedit" in r])
-def test_our_expedit_names_are_aliases_of_the_official_names(rel):
+def test_our_expedit_names_are_aliases_of_the_official_names(rel, load):
     """One home per set of values: ``*_expedit_a*_8x8.yaml`` only points at the official name."""
     official = rel[: rel.index("_expedit")].replace("maskformer2_swin", "maskformer2_hourglass_swin") + ".yaml"
     assert (CONFIGS / official).is_file()
     body = [ln for ln in (CONFIGS / rel).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert body == [f'_BASE_: "{Path(official).name}"']
-    assert _flat(load(rel)) == _flat(load(official))
+    assert flat(load(rel)) == flat(load(official))
 
 
 def test_ade20k_registration_reads_the_official_layout(tmp_path):

@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
 from detectron2.structures import Instances
 
 from mask2former import MaskFormer, add_maskformer2_config
@@ -37,31 +36,9 @@ def test_full_model_keys_equal_official(task, classes, backbone):
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == read_keys(f"mask2former_swinL_{task}")
 
 
-def tiny_cfg(name="expedit_test_m2f_meta"):
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    cfg.MODEL.META_ARCHITECTURE = "MaskFormer"
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
-    s = cfg.MODEL.SWIN
-    s.EMBED_DIM, s.DEPTHS, s.NUM_HEADS, s.WINDOW_SIZE = 32, [2, 2, 2, 2], [1, 2, 4, 8], 7
-    h = cfg.MODEL.SEM_SEG_HEAD
-    h.NAME, h.IN_FEATURES, h.NUM_CLASSES, h.TRANSFORMER_ENC_LAYERS = "MaskFormerHead", ["res2", "res3", "res4", "res5"], 4, 1
-    h.CONVS_DIM = h.MASK_DIM = 32
-    m = cfg.MODEL.MASK_FORMER
-    m.HIDDEN_DIM, m.NUM_OBJECT_QUERIES, m.DEC_LAYERS, m.DIM_FEEDFORWARD, m.NHEADS, m.DROPOUT = 32, 6, 3, 64, 4, 0.0
-    m.TRAIN_NUM_POINTS = 256
-    m.TEST.SEMANTIC_ON = m.TEST.PANOPTIC_ON = m.TEST.INSTANCE_ON = True
-    m.TEST.OBJECT_MASK_THRESHOLD, m.TEST.OVERLAP_THRESHOLD = 0.0, 0.0
-    cfg.TEST.DETECTIONS_PER_IMAGE = 5  # the instance top-k (the official key)
-    MetadataCatalog.get(name).set(thing_dataset_id_to_contiguous_id={1: 0, 2: 1}, stuff_classes=["a", "b", "c", "d"])
-    cfg.DATASETS.TRAIN = (name,)
-    return cfg
-
-
-def test_inference_outputs_all_three_tasks():
+def test_inference_outputs_all_three_tasks(tiny_m2f_cfg):
     torch.manual_seed(0)
-    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
+    model = MaskFormer(**MaskFormer.from_config(tiny_m2f_cfg())).eval()
     with torch.no_grad():
         (out,) = model([{"image": torch.rand(3, 90, 120) * 255, "height": 45, "width": 60}])
     assert out["sem_seg"].shape == (4, 45, 60)
@@ -75,8 +52,8 @@ def test_inference_outputs_all_three_tasks():
     assert all(c in (0, 1) for c in inst.pred_classes.tolist())  # things only when panoptic is on
 
 
-def test_non_finite_input_is_rejected_naming_the_image():
-    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
+def test_non_finite_input_is_rejected_naming_the_image(tiny_m2f_cfg):
+    model = MaskFormer(**MaskFormer.from_config(tiny_m2f_cfg())).eval()
     image = torch.rand(3, 90, 120) * 255
     image[0, 3, 4] = float("nan")
     image[2, 0, 0] = float("inf")
@@ -86,9 +63,9 @@ def test_non_finite_input_is_rejected_naming_the_image():
         model([{"image": image, "image_id": 7}])
 
 
-def test_training_step_gives_finite_losses():
+def test_training_step_gives_finite_losses(tiny_m2f_cfg):
     torch.manual_seed(0)
-    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).train()
+    model = MaskFormer(**MaskFormer.from_config(tiny_m2f_cfg())).train()
     inst = Instances((64, 96))
     inst.gt_classes = torch.tensor([0, 3])
     masks = torch.zeros(2, 64, 96, dtype=torch.bool)
@@ -148,7 +125,7 @@ def _random_outputs(seed, Q=12, K=4, H=37, W=53):
 @pytest.mark.parametrize("seed, overlap", [(0, 0.8), (1, 0.0), (2, 0.5)])
 @pytest.mark.parametrize("block_rows, semantic_columns", [(None, None), (1, 7), (5, None), (5, 7), (36, 100)])
 def test_row_block_post_processing_equals_the_official_per_query_rules(seed, overlap, block_rows, semantic_columns,
-                                                                        monkeypatch):
+                                                                        monkeypatch, tiny_m2f_cfg):
     """All three tasks in one pass over row blocks of any height (and the semantic product
     in slices of any width) = each official rule on the whole tensors (panoptic and binary
     masks exact, sums to rounding)."""
@@ -157,7 +134,7 @@ def test_row_block_post_processing_equals_the_official_per_query_rules(seed, ove
 
     if semantic_columns:
         monkeypatch.setattr(inference, "SEMANTIC_COLUMNS", semantic_columns)
-    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
+    model = MaskFormer(**MaskFormer.from_config(tiny_m2f_cfg())).eval()
     model.object_mask_threshold, model.overlap_threshold, model.test_topk_per_image = 0.3, overlap, 9
     mask_cls, mask_pred = _random_outputs(seed)
     kept = F.softmax(mask_cls, -1).max(-1)
@@ -212,7 +189,7 @@ def test_upsampled_row_blocks_bitwise_for_every_block_and_crop(factor):
 
 
 @pytest.mark.parametrize("out_size", [None, (30, 41)])
-def test_inference_upsamples_row_blocks_or_the_whole_output_as_officially(out_size):
+def test_inference_upsamples_row_blocks_or_the_whole_output_as_officially(out_size, tiny_m2f_cfg):
     """MaskFormer.inference (upsample to the padded input, crop, resize to the output size,
     then the three rules) equals the official order on whole tensors, whether it upsamples
     row blocks from the low-resolution logits (output = the image) or the whole output
@@ -221,7 +198,7 @@ def test_inference_upsamples_row_blocks_or_the_whole_output_as_officially(out_si
 
     from mask2former import official_order
 
-    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
+    model = MaskFormer(**MaskFormer.from_config(tiny_m2f_cfg())).eval()
     model.object_mask_threshold, model.overlap_threshold, model.test_topk_per_image = 0.3, 0.5, 9
     images = ImageList(torch.zeros(2, 3, 64, 96), [(60, 90), (64, 81)])
     mask_cls, low = _random_outputs(3, H=16, W=24)
@@ -237,13 +214,13 @@ def test_inference_upsamples_row_blocks_or_the_whole_output_as_officially(out_si
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_inference_post_processes_half_precision_logits_in_float32(dtype):
+def test_inference_post_processes_half_precision_logits_in_float32(dtype, tiny_m2f_cfg):
     """A model under autocast (or in half precision) hands over half-precision logits: they
     are post-processed in float32 with autocast off, so the outputs are those of the same
     logits given in float32 (not a bfloat16 semantic product, nor tied panoptic owners)."""
     from detectron2.structures import ImageList
 
-    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
+    model = MaskFormer(**MaskFormer.from_config(tiny_m2f_cfg())).eval()
     model.object_mask_threshold, model.overlap_threshold, model.test_topk_per_image = 0.3, 0.5, 9
     images = ImageList(torch.zeros(1, 3, 64, 96), [(64, 96)])
     mask_cls, low = _random_outputs(3, H=16, W=24)
@@ -269,13 +246,13 @@ def test_postprocess_crops_and_skips_the_identity_resize():
         assert torch.equal(postprocess(x, size, *out), sem_seg_postprocess(x, size, *out))
 
 
-def test_whole_model_gmacs_count_the_semantic_product():
+def test_whole_model_gmacs_count_the_semantic_product(tiny_m2f_cfg):
     """fvcore counts the semantic inference's product (K classes x Q queries per pixel,
     computed with mm(out=...), whose form fvcore's own handle rejects)."""
     from expedit_d2.flops import model_flops
 
     torch.manual_seed(0)
-    model = MaskFormer(**MaskFormer.from_config(tiny_cfg())).eval()
+    model = MaskFormer(**MaskFormer.from_config(tiny_m2f_cfg())).eval()
     with torch.no_grad():
         counts = model_flops(model, [{"image": torch.rand(3, 96, 128) * 255, "height": 96, "width": 128}]).by_operator()
     assert counts["mm"] == 4 * 6 * 96 * 128

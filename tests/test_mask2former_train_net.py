@@ -15,7 +15,7 @@ from datasets.prepare_coco_semantic_annos_from_panoptic_annos import main as pre
 from expedit_d2.evaluation.panoptic import id2rgb
 from detectron2.engine import default_argument_parser
 from tests.d2_helpers import load_train_net
-from tests.test_dpt_train_net import ROOT
+from tests.project_opts import ROOT
 
 CATEGORIES = [{"id": 1, "name": "person", "isthing": 1}, {"id": 2, "name": "car", "isthing": 1},
               {"id": 3, "name": "sky", "isthing": 0}, {"id": 4, "name": "grass", "isthing": 0}]

@@ -18,26 +18,19 @@ from detectron2.structures import BitMasks
 
 from mask2former import MaskFormer
 from tests.d2_helpers import load_train_net
+from tests.mask2former_settings import CONFIGS, PUBLISHED, REFERENCE, flat, installed_settings, settings_in_config
 from tests.reference_keys import read_keys
-from tests.test_mask2former_configs import (
-    CONFIGS,
-    PUBLISHED,
-    _flat,
-    build_config,
-    installed_settings,
-    settings_in_config,
-)
-from tests.test_mask2former_model import tiny_cfg
 
 OFFICIAL = Path(__file__).resolve().parent / "data/official_configs"
 CHAINS = sorted(str(p.relative_to(OFFICIAL)) for p in OFFICIAL.rglob("maskformer2_*.yaml"))
 SWIN = [r for r in CHAINS if "/swin/" in r]
 HOURGLASS = [r for r in CHAINS if "hourglass" in r]
-REFERENCE = {"coco/panoptic": "coco_panoptic", "coco/instance": "coco_instance", "ade20k/panoptic": "ade20k_panoptic"}
 
 
-def official(rel, *opts):
-    return build_config(OFFICIAL / rel, *opts)
+@pytest.fixture
+def official(m2f_project_cfg):
+    """``official(rel, *opts)``: the frozen config of the official chain ``OFFICIAL / rel``."""
+    return lambda rel, *opts: m2f_project_cfg(OFFICIAL / rel, *opts)
 
 
 def build_on_meta(cfg):
@@ -53,7 +46,7 @@ def test_the_fixtures_cover_the_four_published_chains():
 
 
 @pytest.mark.parametrize("rel", CHAINS)
-def test_official_chain_merges_and_builds(rel):
+def test_official_chain_merges_and_builds(rel, official):
     cfg = official(rel)
     assert cfg.MODEL.RESNETS.STEM_TYPE == "basic"  # a DeepLab key, set by every official Base file
     model = build_on_meta(cfg)
@@ -73,7 +66,7 @@ def test_official_chain_merges_and_builds(rel):
 
 
 @pytest.mark.parametrize("rel", HOURGLASS)
-def test_official_expedit_settings_reach_the_backbone(rel):
+def test_official_expedit_settings_reach_the_backbone(rel, official):
     published = PUBLISHED[str(Path(rel).parents[1])]
     cfg = official(rel)
     assert settings_in_config(cfg) == published
@@ -89,14 +82,14 @@ ALLOWED_DIFFERENCES = ("MODEL.RESNETS.", "MODEL.BACKBONE.FREEZE_AT", "SOLVER.STE
 
 
 @pytest.mark.parametrize("rel", SWIN)
-def test_our_configs_under_the_official_names_match_the_official_chains(rel):
-    theirs, ours = _flat(official(rel)), _flat(build_config(CONFIGS / rel))
+def test_our_configs_under_the_official_names_match_the_official_chains(rel, official, m2f_project_cfg):
+    theirs, ours = flat(official(rel)), flat(m2f_project_cfg(CONFIGS / rel))
     assert set(theirs) == set(ours)
     differ = {k for k in theirs if theirs[k] != ours[k]}
     assert all(k.startswith(ALLOWED_DIFFERENCES) for k in differ), {k: (theirs[k], ours[k]) for k in differ}
 
 
-def test_res640_eval_line_is_loaded():
+def test_res640_eval_line_is_loaded(official):
     """``MIN_SIZE_TRAIN: !!python/object/apply:eval [...]`` loads (detectron2 falls back to
     yaml.unsafe_load for local files), in the chain's Base file and in the res640 file."""
     expected = tuple(int(x * 0.1 * 640) for x in range(5, 21))
@@ -108,13 +101,14 @@ def test_res640_eval_line_is_loaded():
     assert tuple(base.INPUT.MIN_SIZE_TRAIN) == tuple(int(x * 0.1 * 512) for x in range(5, 21))
 
 
-def test_official_ade20k_schedule_is_deeplab_poly():
+def test_official_ade20k_schedule_is_deeplab_poly(official, m2f_project_cfg):
     from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR
 
     tn = load_train_net("Mask2Former")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     theirs = official("ade20k/panoptic-segmentation/swin/maskformer2_hourglass_swin_large_IN21k_384_bs16_160k.yaml")
-    ours = build_config(CONFIGS / "ade20k/semantic-segmentation/swin/maskformer2_swin_large_IN21k_384_bs16_160k_res640.yaml")
+    ours = m2f_project_cfg(
+        CONFIGS / "ade20k/semantic-segmentation/swin/maskformer2_swin_large_IN21k_384_bs16_160k_res640.yaml")
     for cfg in (theirs, ours):
         assert cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR" and cfg.SOLVER.POLY_LR_POWER == 0.9
         assert isinstance(tn.Trainer.build_lr_scheduler(cfg, opt), WarmupPolyLR)
@@ -125,12 +119,18 @@ def test_official_ade20k_schedule_is_deeplab_poly():
 # ----------------------------------------------------------------------------------------
 # keys the official code reads
 # ----------------------------------------------------------------------------------------
-def _tiny_model(**test_keys):
-    cfg = tiny_cfg()
-    for k, v in test_keys.items():
-        setattr(cfg.MODEL.MASK_FORMER.TEST, k, v)
-    torch.manual_seed(0)
-    return MaskFormer(cfg).eval(), cfg
+@pytest.fixture
+def tiny_model(tiny_m2f_cfg):
+    """``tiny_model(**test_keys)``: (the tiny MaskFormer with those MODEL.MASK_FORMER.TEST keys,
+    seeded, in eval mode; its config)."""
+    def make(**test_keys):
+        cfg = tiny_m2f_cfg()
+        for k, v in test_keys.items():
+            setattr(cfg.MODEL.MASK_FORMER.TEST, k, v)
+        torch.manual_seed(0)
+        return MaskFormer(cfg).eval(), cfg
+
+    return make
 
 
 IMAGE = {"height": 45, "width": 60}
@@ -141,12 +141,12 @@ def _image():
     return dict(IMAGE, image=torch.rand(3, 90, 120, generator=g) * 255)
 
 
-def test_detections_per_image_is_the_instance_top_k():
+def test_detections_per_image_is_the_instance_top_k(official, tiny_m2f_cfg):
     rel = "coco/instance-segmentation/swin/maskformer2_hourglass_swin_large_IN21k_384_bs16_100ep.yaml"
     assert build_on_meta(official(rel)).test_topk_per_image == 100  # Detectron2's default
     assert build_on_meta(official(rel, "TEST.DETECTIONS_PER_IMAGE", "50")).test_topk_per_image == 50
     for k in (3, 7):
-        cfg = tiny_cfg()
+        cfg = tiny_m2f_cfg()
         t = cfg.MODEL.MASK_FORMER.TEST
         t.SEMANTIC_ON, t.PANOPTIC_ON, t.INSTANCE_ON = False, False, True
         cfg.TEST.DETECTIONS_PER_IMAGE = k
@@ -160,7 +160,7 @@ def test_detections_per_image_is_the_instance_top_k():
         assert torch.equal(inst.pred_boxes.tensor, expected) and expected.abs().sum() > 0
 
 
-def test_resize_ratio_resizes_the_backbone_input_at_test_time_only():
+def test_resize_ratio_resizes_the_backbone_input_at_test_time_only(official, tiny_model):
     rel = "coco/panoptic-segmentation/swin/maskformer2_hourglass_swin_large_IN21k_384_bs16_100ep.yaml"
     assert build_on_meta(official(rel)).resize_ratio == -1.0
     assert build_on_meta(official(rel, "MODEL.MASK_FORMER.TEST.RESIZE_RATIO", "0.5")).resize_ratio == 0.5
@@ -168,7 +168,7 @@ def test_resize_ratio_resizes_the_backbone_input_at_test_time_only():
     seen = []
     outputs = {}
     for ratio in (-1.0, 0.5, 1.25):
-        model, _ = _tiny_model(RESIZE_RATIO=ratio)
+        model, _ = tiny_model(RESIZE_RATIO=ratio)
         hook = model.backbone.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
         with torch.no_grad():
             (out,) = model([_image()])
@@ -180,13 +180,13 @@ def test_resize_ratio_resizes_the_backbone_input_at_test_time_only():
     assert seen == [(96, 128), (32, 64), (96, 160)]
     assert not torch.equal(outputs[-1.0]["sem_seg"], outputs[0.5]["sem_seg"])
 
-    model, _ = _tiny_model(RESIZE_RATIO=0.5)
+    model, _ = tiny_model(RESIZE_RATIO=0.5)
     x = torch.arange(2 * 3 * 64 * 96, dtype=torch.float32).view(2, 3, 64, 96)
     expected = torch.nn.functional.interpolate(x, size=(32, 32 * int(96 / 32 * 0.5)), mode="bilinear",
                                                align_corners=False)
     assert torch.equal(model.resize_for_backbone(x), expected)
     with pytest.raises(ValueError, match="RESIZE_RATIO=0.2 shrinks"):
-        _tiny_model(RESIZE_RATIO=0.2)[0].resize_for_backbone(x)
+        tiny_model(RESIZE_RATIO=0.2)[0].resize_for_backbone(x)
 
     model.train()  # training ignores it (a test-time key)
     seen.clear()
@@ -200,23 +200,23 @@ def test_resize_ratio_resizes_the_backbone_input_at_test_time_only():
     assert seen == [(64, 96)]
 
 
-def test_resize_short_edge_length_and_log_temp_output_are_accepted_no_ops():
+def test_resize_short_edge_length_and_log_temp_output_are_accepted_no_ops(official, tiny_model):
     rel = "ade20k/panoptic-segmentation/swin/maskformer2_hourglass_swin_large_IN21k_384_bs16_160k.yaml"
     cfg = official(rel, "MODEL.MASK_FORMER.TEST.RESIZE_SHORT_EDGE_LENGTH", "512", "LOG_TEMP_OUTPUT", "elsewhere")
     assert cfg.MODEL.MASK_FORMER.TEST.RESIZE_SHORT_EDGE_LENGTH == 512 and cfg.LOG_TEMP_OUTPUT == "elsewhere"
     build_on_meta(cfg)
-    default, _ = _tiny_model()
-    other, _ = _tiny_model(RESIZE_SHORT_EDGE_LENGTH=32)
+    default, _ = tiny_model()
+    other, _ = tiny_model(RESIZE_SHORT_EDGE_LENGTH=32)
     with torch.no_grad():
         (a,), (b,) = default([_image()]), other([_image()])
     assert torch.equal(a["sem_seg"], b["sem_seg"]) and torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
 
 
-def test_num_feature_levels_sets_the_maps_the_decoder_attends_to():
+def test_num_feature_levels_sets_the_maps_the_decoder_attends_to(official, tiny_m2f_cfg):
     rel = "coco/panoptic-segmentation/swin/maskformer2_hourglass_swin_large_IN21k_384_bs16_100ep.yaml"
     assert official(rel).MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS == 3  # the default: the model-zoo keys above
     for levels in (2, 4):  # 3 transformer levels (res5, res4, res3) + the res2 FPN level
-        cfg = tiny_cfg()
+        cfg = tiny_m2f_cfg()
         cfg.MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS = levels
         torch.manual_seed(0)
         model = MaskFormer(cfg).eval()
@@ -225,7 +225,7 @@ def test_num_feature_levels_sets_the_maps_the_decoder_attends_to():
         with torch.no_grad():
             (out,) = model([_image()])
         assert torch.isfinite(out["sem_seg"]).all()
-    cfg = tiny_cfg()
+    cfg = tiny_m2f_cfg()
     cfg.MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS = 5
     with pytest.raises(ValueError, match="NUM_FEATURE_LEVELS=5: the pixel decoder gives 1..4 maps"):
         MaskFormer(cfg)

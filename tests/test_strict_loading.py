@@ -20,19 +20,15 @@ from expedit_d2.checkpoint import REBUILT_BUFFERS, WeightsError, WeightsNotFound
 from expedit_d2.engine import EVAL_RESULTS, argument_parser
 from expedit_d2.synthetic import write_nyuv2_mat
 from tests.d2_helpers import load_train_net
-from tests.test_dpt_model import _official_names, build, dpt_cfg
-from tests.test_dpt_train_net import METRICS, ROOT
-from tests.test_dpt_train_net import TINY as DPT_TINY
-from tests.test_sweep import CONFIG as M2F_CONFIG
-from tests.test_sweep import SMALL as M2F_SMALL
-from tests.test_sweep import data  # noqa: F401  (fixture: synthetic COCO + complete weights)
+from tests.project_opts import DEPTH_METRICS, DPT_TINY_OPTS, M2F_SMALL, M2F_TINY_CONFIG, ROOT, TINY_SWIN
+from tests.reference_keys import official_dpt_names
 
 DPT_CONFIG = str(ROOT / "projects/DPT/configs/dpt_hybrid_nyuv2.yaml")
 NYU = "strict_loading_nyuv2"  # registered here, so no other test's registration is reused
 
 
 def dpt_args(tmp_path, *opts, flags=("--eval-only",)):
-    return argument_parser().parse_args(["--config-file", DPT_CONFIG, *flags, *DPT_TINY,
+    return argument_parser().parse_args(["--config-file", DPT_CONFIG, *flags, *DPT_TINY_OPTS,
                                          "DATASETS.TRAIN", f"('{NYU}',)", "DATASETS.TEST", f"('{NYU}',)",
                                          "OUTPUT_DIR", str(tmp_path), *opts])
 
@@ -115,10 +111,10 @@ def test_truncated_checkpoint_names_the_file(dpt, dpt_weights, tmp_path, suffix)
         dpt.main(dpt_args(tmp_path, "MODEL.WEIGHTS", str(garbage)))
 
 
-def test_official_dpt_file_with_a_renamed_key(dpt, tmp_path):
+def test_official_dpt_file_with_a_renamed_key(dpt, tmp_path, dpt_cfg, seeded_dpt):
     """An official-names .pt (through DPTCheckpointer's key map) with one key renamed: the
     model's key is missing and the file's is unexpected; both are named with their counts."""
-    official = _official_names(build(dpt_cfg(hybrid=True)))
+    official = official_dpt_names(seeded_dpt(dpt_cfg(hybrid=True)))
     old = "scratch.output_conv.0.weight"
     official["scratch.output_conv.0.weight_v2"] = official.pop(old)
     path = tmp_path / "dpt_official_renamed.pt"
@@ -148,7 +144,7 @@ def test_swin_of_other_depths_names_the_first_keys(tmp_path):
     m2f = load_train_net("Mask2Former")
 
     def args(*opts):
-        return argument_parser().parse_args(["--config-file", M2F_CONFIG, "--eval-only", *M2F_SMALL,
+        return argument_parser().parse_args(["--config-file", M2F_TINY_CONFIG, "--eval-only", *M2F_SMALL,
                                              "OUTPUT_DIR", str(tmp_path), *opts])
 
     deeper = m2f.Trainer.build_model(m2f.setup(args("MODEL.SWIN.DEPTHS", "[2, 2, 4, 2]")))
@@ -171,7 +167,7 @@ def test_rebuilt_buffers_may_be_absent(tmp_path):
     """An official-format .pkl without relative_position_index (rebuilt from the window size)
     loads strictly through Detectron2's .pkl path; every tensor it holds is in the model."""
     m2f = load_train_net("Mask2Former")
-    cfg = m2f.setup(argument_parser().parse_args(["--config-file", M2F_CONFIG, *M2F_SMALL,
+    cfg = m2f.setup(argument_parser().parse_args(["--config-file", M2F_TINY_CONFIG, *M2F_SMALL,
                                                   "OUTPUT_DIR", str(tmp_path)]))
     torch.manual_seed(0)
     src = m2f.Trainer.build_model(cfg).state_dict()
@@ -199,7 +195,7 @@ def test_partial_flag_evaluates_a_partial_load(dpt, nyu, dpt_weights, tmp_path):
         dpt.main(dpt_args(tmp_path / "strict", "MODEL.WEIGHTS", str(partial)))
     res = dpt.main(dpt_args(tmp_path / "partial", "MODEL.WEIGHTS", str(partial),
                             flags=("--eval-only", "--allow-partial-weights")))
-    assert set(res["depth"]) == METRICS and all(np.isfinite(v) for v in res["depth"].values())
+    assert set(res["depth"]) == DEPTH_METRICS and all(np.isfinite(v) for v in res["depth"].values())
     assert json.loads((tmp_path / "partial" / EVAL_RESULTS).read_text()) == res
     log = (tmp_path / "partial" / "log.txt").read_text()  # Detectron2's log of the run
     warned = [line for line in log.splitlines() if "--allow-partial-weights: evaluating a partial load" in line]
@@ -215,7 +211,7 @@ def test_resume_evaluates_the_last_checkpoint(dpt, nyu, dpt_weights, tmp_path):
     model.load_state_dict(dpt_weights[1])
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_0000009")
     res = dpt.main(dpt_args(tmp_path, "MODEL.WEIGHTS", "", flags=("--eval-only", "--resume")))
-    assert set(res["depth"]) == METRICS
+    assert set(res["depth"]) == DEPTH_METRICS
     (tmp_path / "last_checkpoint").write_text("model_gone.pth")
     with pytest.raises(WeightsNotFoundError, match=r"last_checkpoint \(--resume\): checkpoint file not found: "
                                                    f"{re.escape(str(tmp_path / 'model_gone.pth'))}"):
@@ -241,16 +237,16 @@ def test_training_still_starts_from_a_partial_checkpoint(dpt, nyu, dpt_weights, 
 def sweep_spec(weights, **kw):
     from expedit_d2.sweep import SweepSpec
 
-    args = dict(config_file=M2F_CONFIG, input_size=(64, 96), grid={}, opts=M2F_SMALL + ["MODEL.WEIGHTS", str(weights)],
-                repeats=1, warmup=0, memory=False, timing=False)
+    args = dict(config_file=M2F_TINY_CONFIG, input_size=(64, 96), grid={},
+                opts=M2F_SMALL + ["MODEL.WEIGHTS", str(weights)], repeats=1, warmup=0, memory=False, timing=False)
     args.update(kw)
     return SweepSpec(**args)
 
 
 @pytest.fixture(scope="module")
-def partial_m2f(data, tmp_path_factory):  # noqa: F811
+def partial_m2f(synthetic_coco, tmp_path_factory):
     """The sweep's tiny Mask2Former weights without the class head."""
-    state = torch.load(data[1], map_location="cpu")["model"]
+    state = torch.load(synthetic_coco[1], map_location="cpu")["model"]
     dropped = [k for k in state if k.startswith("sem_seg_head.predictor.class_embed.")]
     path = save_pth(tmp_path_factory.mktemp("partial") / "no_class_head.pth",
                     {k: v for k, v in state.items() if k not in dropped})
@@ -268,7 +264,7 @@ def test_sweep_checks_the_weights_before_any_evaluation(partial_m2f, tmp_path, m
         run_sweep(sweep_spec(""), tmp_path, show_progress=False)
     assert not (tmp_path / "points").exists() and not list(tmp_path.glob("results*"))
     # the command line: one line naming the file and keys, exit status 2
-    monkeypatch.setattr(sys, "argv", ["sweep", "--config-file", M2F_CONFIG, "--input-size", "64", "96",
+    monkeypatch.setattr(sys, "argv", ["sweep", "--config-file", M2F_TINY_CONFIG, "--input-size", "64", "96",
                                       "--output-dir", str(tmp_path), *M2F_SMALL, "MODEL.WEIGHTS", str(path)])
     with pytest.raises(SystemExit) as e:
         cli()
@@ -323,7 +319,6 @@ def test_child_exception_is_the_last_traceback():
 def test_benchmark_backbone_weights_are_strict(tmp_path):
     from detectron2.modeling import build_backbone
 
-    from tests.test_tools import TINY_SWIN
     from expedit_d2.benchmark.backbone import build_pair
     from expedit_d2.benchmark.cases import swin_l_cfg
 

@@ -9,52 +9,22 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from detectron2.engine import default_argument_parser
 from expedit_d2.engine import load_project
+from expedit_d2.reduction.config import WRAPPER_BACKBONES
 from expedit_d2.sweep import (SweepError, SweepSpec, expand_points, merge, read_rows, rows_from_csv,
                               rows_from_jsonl, run_sweep, write_report)
-from expedit_d2.synthetic import write_coco
 from tests.processes import process_group
+from tests.project_opts import M2F_SMALL, M2F_TINY_CONFIG, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "projects/Mask2Former/configs/demo/tiny_swin_coco_panoptic.yaml")
-SMALL = ["MODEL.DEVICE", "cpu", "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.SWIN.EMBED_DIM", "16",
-         "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "MODEL.SEM_SEG_HEAD.MASK_DIM", "32",
-         "MODEL.MASK_FORMER.HIDDEN_DIM", "32", "MODEL.MASK_FORMER.DEC_LAYERS", "3",
-         "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.0", "MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD", "0.0",
-         "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "MODEL.EXPEDIT.WINDOW", "3",
-         "MODEL.EXPEDIT.RECON_K", "4"]
 GRID = {"MODEL.EXPEDIT.CLUSTERING_LOCATION": [4, 6], "MODEL.EXPEDIT.NUM_CLUSTERS": [[3, 3]]}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Synthetic COCO under a DETECTRON2_DATASETS of its own, and fixed random weights."""
-    root = tmp_path_factory.mktemp("d2data")
-    write_coco(root, {"train": 2, "val": 2}, height=64, width=96)
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = str(root)  # the evaluation subprocesses read it
-    project = load_project(ROOT / "projects/Mask2Former")
-    cfg = project.build_config(default_argument_parser().parse_args(["--config-file", CONFIG, *SMALL]))
-    project.register_datasets()
-    torch.manual_seed(0)
-    model = project.Trainer.build_model(cfg)
-    weights = root / "tiny.pth"
-    torch.save({"model": model.state_dict()}, weights)
-    yield root, str(weights)
-    if old is None:
-        del os.environ["DETECTRON2_DATASETS"]
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
-
-
 def spec(weights, **kw):
-    args = dict(config_file=CONFIG, input_size=(64, 96), grid=GRID, opts=SMALL + ["MODEL.WEIGHTS", weights],
+    args = dict(config_file=M2F_TINY_CONFIG, input_size=(64, 96), grid=GRID, opts=M2F_SMALL + ["MODEL.WEIGHTS", weights],
                 repeats=1, warmup=0, memory=False)
     args.update(kw)
     return SweepSpec(**args)
@@ -70,17 +40,17 @@ def stable(rows):
 
 def sweep_cmd(weights, out_dir, *flags):
     """The sweep of :func:`spec` (no memory measurement) as a command line, ``flags`` added."""
-    return [sys.executable, "-m", "expedit_d2.sweep", "--config-file", CONFIG, "--input-size", "64", "96",
+    return [sys.executable, "-m", "expedit_d2.sweep", "--config-file", M2F_TINY_CONFIG, "--input-size", "64", "96",
             "--output-dir", str(out_dir), "--repeats", "1", "--warmup", "0", "--no-memory",
             "--grid", "MODEL.EXPEDIT.CLUSTERING_LOCATION=[4, 6]", "--grid", "MODEL.EXPEDIT.NUM_CLUSTERS=[[3, 3]]",
-            *flags, *SMALL, "MODEL.WEIGHTS", weights]
+            *flags, *M2F_SMALL, "MODEL.WEIGHTS", weights]
 
 
 @pytest.fixture(scope="module")
-def unsharded(data, tmp_path_factory):
+def unsharded(synthetic_coco, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    rows = run_sweep(spec(data[1], memory=True), out, show_progress=False)
-    return out, rows, data[1]
+    rows = run_sweep(spec(synthetic_coco[1], memory=True), out, show_progress=False)
+    return out, rows, synthetic_coco[1]
 
 
 def test_sweep_writes_every_output(unsharded):
@@ -121,14 +91,14 @@ def test_budget_and_report(unsharded):
     assert none is None and "none fits" in (out / "table.md").read_text()
 
 
-def test_shard_processes_side_by_side_on_one_folder_merge_to_the_unsharded_table(data, unsharded, tmp_path,
+def test_shard_processes_side_by_side_on_one_folder_merge_to_the_unsharded_table(synthetic_coco, unsharded, tmp_path,
                                                                                   caplog):
     """``--shard 0/2`` and ``--shard 1/2`` as two sweep processes running at once into one
     ``--output-dir`` (as two machines sharing a folder do), then ``--merge``: every point
     exactly once, with the one-process sweep's metrics and GMACs. A merge without one
     shard's file names the missing shard."""
     with contextlib.ExitStack() as stack:
-        shards = [stack.enter_context(process_group(sweep_cmd(data[1], tmp_path, "--shard", f"{i}/2"),
+        shards = [stack.enter_context(process_group(sweep_cmd(synthetic_coco[1], tmp_path, "--shard", f"{i}/2"),
                                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
                   for i in range(2)]
         errs = [p.communicate(timeout=600)[1] for p in shards]
@@ -160,8 +130,8 @@ def test_shard_processes_side_by_side_on_one_folder_merge_to_the_unsharded_table
     assert f"no results from shard(s) 1/2 in {partial}" in caplog.text
 
 
-def test_killed_sweep_resumes_without_redoing_points(data, tmp_path):
-    weights = data[1]
+def test_killed_sweep_resumes_without_redoing_points(synthetic_coco, tmp_path):
+    weights = synthetic_coco[1]
     cmd = sweep_cmd(weights, tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     results = tmp_path / "results.jsonl"
@@ -192,9 +162,9 @@ def test_killed_sweep_resumes_without_redoing_points(data, tmp_path):
      r"NUM_CLUSTERS=\[9, 9\]"),
     ({"MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS": [10]}, "NUM_SPIXELS=10"),
 ])
-def test_bad_grid_values_fail_before_any_evaluation(data, tmp_path, grid, message):
+def test_bad_grid_values_fail_before_any_evaluation(synthetic_coco, tmp_path, grid, message):
     with pytest.raises(SweepError, match=message):
-        run_sweep(spec(data[1], grid=grid), tmp_path, show_progress=False)
+        run_sweep(spec(synthetic_coco[1], grid=grid), tmp_path, show_progress=False)
     assert not (tmp_path / "points").exists() and not list(tmp_path.glob("results*"))
 
 
@@ -209,21 +179,21 @@ def test_cluster_grid_larger_than_the_token_grid_is_named(tmp_path):
 
 
 def test_points_and_aliases():
-    s = SweepSpec(config_file=CONFIG, input_size=(64, 96),
+    s = SweepSpec(config_file=M2F_TINY_CONFIG, input_size=(64, 96),
                   grid={"MODEL.SWIN.CLUSTERING_LOCATION": [4], "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS": [16, 9]},
                   points=[{"MODEL.EXPEDIT.CLUSTERING_LOCATION": 4, "MODEL.EXPEDIT.NUM_CLUSTERS": [4, 4]}])
     points = expand_points(s)
     assert [p.label for p in points] == ["baseline", "a4_4x4", "a4_3x3"]  # the explicit point is a duplicate
     assert s.project == str(ROOT / "projects/Mask2Former")
     with pytest.raises(SweepError, match="input_size"):
-        SweepSpec(config_file=CONFIG, input_size=(64,))
+        SweepSpec(config_file=M2F_TINY_CONFIG, input_size=(64,))
     with pytest.raises(SweepError, match="config file not found"):
         SweepSpec(config_file="nope.yaml", input_size=(64, 96))
 
 
-def test_output_dir_of_another_sweep_is_refused(data, unsharded):
+def test_output_dir_of_another_sweep_is_refused(synthetic_coco, unsharded):
     with pytest.raises(SweepError, match="different sweep"):
-        run_sweep(spec(data[1], input_size=(96, 96)), unsharded[0], show_progress=False)
+        run_sweep(spec(synthetic_coco[1], input_size=(96, 96)), unsharded[0], show_progress=False)
 
 
 @pytest.mark.parametrize("sweep_file", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs/sweeps").glob("*.yaml")))
@@ -238,10 +208,10 @@ def test_shipped_sweep_files_validate(sweep_file, monkeypatch):
     cfgs = validate_points(load_project(s.project), s, points)
     base_cfg = cfgs["baseline"][0]
     name = base_cfg.MODEL.BACKBONE.NAME
-    assert name != "D2HourglassSwinTransformer" and not (name == "ExpeditBackbone" and base_cfg.MODEL.EXPEDIT.ENABLED)
+    assert name != "D2HourglassSwinTransformer" and not (name in WRAPPER_BACKBONES and base_cfg.MODEL.EXPEDIT.ENABLED)
     for p in points[1:]:
         cfg, overrides = cfgs[p.id][0], dict(p.overrides)
-        assert cfg.MODEL.BACKBONE.NAME == "ExpeditBackbone" and cfg.MODEL.TOKEN_REDUCTION.METHOD == p.method
+        assert cfg.MODEL.BACKBONE.NAME == "TokenReductionBackbone" and cfg.MODEL.TOKEN_REDUCTION.METHOD == p.method
         if p.method == "expedit":
             assert cfg.MODEL.EXPEDIT.ENABLED
             assert cfg.MODEL.EXPEDIT.CLUSTERING_LOCATION == overrides["MODEL.EXPEDIT.CLUSTERING_LOCATION"]
@@ -256,18 +226,18 @@ def test_command_line_errors_exit_2_naming_the_value(tmp_path):
     base = [sys.executable, "-m", "expedit_d2.sweep", "--output-dir", str(tmp_path)]
     out = subprocess.run(base + ["--config-file", "nope.yaml", "--input-size", "8", "8"], capture_output=True, text=True)
     assert out.returncode == 2 and "config file not found: nope.yaml" in out.stderr
-    out = subprocess.run(base + ["--config-file", CONFIG, "--input-size", "8", "8", "--grid", "MODEL.EXPEDIT.WINDOW=3"],
+    out = subprocess.run(base + ["--config-file", M2F_TINY_CONFIG, "--input-size", "8", "8", "--grid", "MODEL.EXPEDIT.WINDOW=3"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "--grid 'MODEL.EXPEDIT.WINDOW=3': the values must be a list" in out.stderr
     out = subprocess.run(base + ["--merge"], capture_output=True, text=True)
     assert out.returncode == 2 and "no results*.jsonl rows" in out.stderr
 
 
-def test_second_sweep_on_a_busy_output_dir_refuses_and_ctrl_c_says_how_to_resume(data, tmp_path):
+def test_second_sweep_on_a_busy_output_dir_refuses_and_ctrl_c_says_how_to_resume(synthetic_coco, tmp_path):
     """Two real sweep processes on one --output-dir: the second refuses at once naming the
     holder (before, both evaluated the baseline and rows were lost); Ctrl-C on the first
     prints one line on what was kept and how to resume, no traceback."""
-    weights = data[1]
+    weights = synthetic_coco[1]
     cmd = sweep_cmd(weights, tmp_path)
     # enough points that the first sweep is still running after the second one's start-up
     # (imports alone take seconds, and longer on a loaded machine)
@@ -297,11 +267,11 @@ def test_second_sweep_on_a_busy_output_dir_refuses_and_ctrl_c_says_how_to_resume
         assert f"pid {os.getpid()}" in lock.read_text()
 
 
-def test_config_without_test_dataset_fails_before_any_evaluation(data, tmp_path):
+def test_config_without_test_dataset_fails_before_any_evaluation(synthetic_coco, tmp_path):
     with pytest.raises(SweepError, match=r"the config has no DATASETS.TEST"):
-        run_sweep(spec(data[1], opts=SMALL + ["MODEL.WEIGHTS", data[1], "DATASETS.TEST", "()"]),
+        run_sweep(spec(synthetic_coco[1], opts=M2F_SMALL + ["MODEL.WEIGHTS", synthetic_coco[1], "DATASETS.TEST", "()"]),
                   tmp_path, show_progress=False)
     with pytest.raises(SweepError, match=r"DATASETS.TEST names \['no_such_val'\], not registered"):
-        run_sweep(spec(data[1], opts=SMALL + ["MODEL.WEIGHTS", data[1], "DATASETS.TEST", "('no_such_val',)"]),
+        run_sweep(spec(synthetic_coco[1], opts=M2F_SMALL + ["MODEL.WEIGHTS", synthetic_coco[1], "DATASETS.TEST", "('no_such_val',)"]),
                   tmp_path, show_progress=False)
     assert not (tmp_path / "points").exists() and not read_rows(tmp_path)

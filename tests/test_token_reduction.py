@@ -18,14 +18,15 @@ from timm.layers import apply_rot_embed_cat
 
 from expedit_d2.backbones.base import block_inputs_of
 from expedit_d2.config import add_expedit_config
-from expedit_d2.methods import bipartite_soft_matching, evit_keep, evit_restore
+from expedit_d2.methods import bipartite_soft_matching
 from expedit_d2.methods.tome import merged_positions
 from expedit_d2.reduction import (METHOD_KEY, ExampleTarget, apply_patch, example_settings, family_of, remove_patch,
                                   settings_from_config)
 from expedit_d2.reduction.config import point_overrides
 from tests.compile_check import compiled_in_inference
-from tests.d2_helpers import run_faster_rcnn_fpn
+from tests.d2_helpers import run_faster_rcnn_fpn, set_keys
 from tests.numerics import assert_close_f32
+from tests.timm_models import EVA02_BASE, ROPE_REG1_NO_CLS, TIMM_MODELS
 
 def _registered_examples(target: ExampleTarget) -> dict:
     """{method: its keys} of every registered method with an example for ``target`` (the
@@ -39,58 +40,25 @@ METHOD_KEYS = _registered_examples(ExampleTarget("vit", 6, (6, 6), 2, (4, 4)))
 #: the tiny Swin: 10 blocks, windows of 12, expedit to 8 x 8 per window before block 5
 SWIN_METHOD_KEYS = _registered_examples(ExampleTarget("swin", 10, (12, 12), 5, (8, 8)))
 BASES = ["D2ViT", "D2ViTHybrid", "D2TimmViT", "EVA", "ExpeditD2SwinTransformer"]
-#: pseudo-bases: D2TimmViT over timm's Eva (rotary embeddings), one table or one per block
-TIMM_EVA = {"EVA": "eva02_tiny_patch14_224", "EVA-mixed": "vit_small_patch16_rope_mixed_224"}
 
 
-def set_keys(cfg, values: dict):
-    for key, value in values.items():
-        node = cfg
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return cfg
+@pytest.fixture
+def pair(tiny_reduction_cfg, seeded_backbone):
+    """``pair(base, method, values, x, sharpen=1.0)``: (base outputs, patched outputs, base,
+    patched) on the same weights; ``sharpen`` scales the q/k/v weights so that random
+    attention is peaked (positions then matter well above rounding)."""
+    def make(base, method, values, x, sharpen=1.0):
+        plain = seeded_backbone(tiny_reduction_cfg(base))
+        with torch.no_grad():
+            for name, p in plain.named_parameters():
+                if name.endswith("qkv.weight"):
+                    p.mul_(sharpen)
+        patched = seeded_backbone(tiny_reduction_cfg(base, method, **values), seed=1)
+        patched.load_state_dict(plain.state_dict())
+        with torch.no_grad():
+            return plain(x), patched(x), plain, patched
 
-
-def tiny_cfg(base: str, method: str = "none", add_config=add_expedit_config, **values):
-    cfg = get_cfg()
-    add_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    v = cfg.MODEL.VIT
-    v.EMBED_DIM, v.DEPTH, v.NUM_HEADS, v.IMG_SIZE, v.NUM_CLASSES = 32, 6, 2, 96, 10
-    v.TAPS = [0, 1, 3, 5] if base == "D2ViTHybrid" else [1, 2, 3, 5]
-    v.HYBRID_LAYERS = [1, 1, 1]
-    t = cfg.MODEL.TIMM_VIT
-    t.NAME, t.TAPS = "vit_small_patch14_reg4_dinov2", [1, 2, 3, 5]
-    t.KWARGS.depth, t.KWARGS.embed_dim, t.KWARGS.num_heads, t.KWARGS.init_values = 6, 32, 2, 1.0
-    if base in TIMM_EVA:
-        t.NAME, base = TIMM_EVA[base], "D2TimmViT"
-    s = cfg.MODEL.SWIN
-    s.EMBED_DIM, s.DEPTHS, s.NUM_HEADS, s.WINDOW_SIZE = 16, [2, 2, 4, 2], [1, 2, 2, 4], 12
-    cfg.MODEL.BACKBONE.NAME = "TokenReductionBackbone"
-    cfg.MODEL.TOKEN_REDUCTION.BASE = base
-    cfg.MODEL.TOKEN_REDUCTION.METHOD = method
-    return set_keys(cfg, values)
-
-
-def build(cfg, seed=0):
-    torch.manual_seed(seed)
-    return build_backbone(cfg).eval()
-
-
-def pair(base, method, values, x, sharpen=1.0):
-    """(base outputs, patched outputs) on the same weights; ``sharpen`` scales the q/k/v
-    weights so that random attention is peaked (positions then matter well above rounding)."""
-    plain = build(tiny_cfg(base))
-    with torch.no_grad():
-        for name, p in plain.named_parameters():
-            if name.endswith("qkv.weight"):
-                p.mul_(sharpen)
-    patched = build(tiny_cfg(base, method, **values), seed=1)
-    patched.load_state_dict(plain.state_dict())
-    with torch.no_grad():
-        return plain(x), patched(x), plain, patched
+    return make
 
 
 # --------------------------------------------------------------------------------------
@@ -156,7 +124,7 @@ def cell_centres(n, m):
 
 
 @pytest.mark.parametrize("base", ORACLE_BASES)
-def test_tome_patch_matches_a_loop_written_from_the_definition(base):
+def test_tome_patch_matches_a_loop_written_from_the_definition(base, pair):
     x = torch.randn(1, 3, 112, 128)
     r, start = 6, 1
     _, got, plain, _ = pair(base, "tome", {"MODEL.TOKEN_REDUCTION.TOME.R": r,
@@ -199,7 +167,7 @@ def test_tome_patch_matches_a_loop_written_from_the_definition(base):
 
 
 @pytest.mark.parametrize("base", ORACLE_BASES)
-def test_evit_patch_matches_a_loop_written_from_the_definition(base):
+def test_evit_patch_matches_a_loop_written_from_the_definition(base, pair):
     x = torch.randn(1, 3, 112, 128)
     locations, rate = [1, 3], 0.6
     _, got, plain, _ = pair(base, "evit", {"MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS": locations,
@@ -242,7 +210,7 @@ def test_evit_patch_matches_a_loop_written_from_the_definition(base):
 
 
 @pytest.mark.parametrize("base", ORACLE_BASES)
-def test_pool_patch_matches_a_loop_written_from_the_definition(base):
+def test_pool_patch_matches_a_loop_written_from_the_definition(base, pair):
     x = torch.randn(1, 3, 112, 128)
     h, w = 3, 4  # cells of 2-3 rows and columns: their centres are not their first tokens
     _, got, plain, _ = pair(base, "pool", {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 2,
@@ -272,12 +240,12 @@ def test_pool_patch_matches_a_loop_written_from_the_definition(base):
 
 
 @pytest.mark.parametrize("base", ["EVA", "EVA-mixed"])
-def test_expedit_on_eva_gives_clusters_the_rotation_of_their_cells(base):
+def test_expedit_on_eva_gives_clusters_the_rotation_of_their_cells(base, pair, tiny_reduction_cfg):
     """After clustering (after block 2) the blocks take the rotary rows of the grid tokens at
     the centres of the 4x4 cells the clusters start from."""
     x = torch.randn(2, 3, 112, 128)
     _, got, plain, _ = pair(base, "expedit", METHOD_KEYS["expedit"], x, SHARPEN)
-    settings = settings_from_config(tiny_cfg(base, "expedit", **METHOD_KEYS["expedit"]))
+    settings = settings_from_config(tiny_reduction_cfg(base, "expedit", **METHOD_KEYS["expedit"]))
     clustering, reconstruction = settings.clustering(), settings.reconstruction()
     with torch.no_grad():
         t, (H, W) = tokens_in(plain, x)
@@ -314,28 +282,31 @@ def test_merged_positions_follow_the_b_token():
 # --------------------------------------------------------------------------------------
 # off = the base, bitwise; remove_patch restores the base
 # --------------------------------------------------------------------------------------
-def test_eva_base_runs_timms_own_blocks_bitwise():
-    """D2TimmViT over Eva = timm's position embedding, then its blocks with its own rotary
-    embedding (one table, or one per block), bitwise."""
-    x = torch.randn(2, 3, 112, 128)
-    for base in TIMM_EVA:
-        vit = build(tiny_cfg(base))
-        with torch.no_grad():
-            taps, grid, _ = vit.forward_taps(x, [1, 5])
-            v = vit.vit
-            t, rope = v._pos_embed(v.patch_embed(x))
-            t, want = v.norm_pre(t), []
-            for i, blk in enumerate(v.blocks):
-                t = blk(t, rope=rope[i] if v.rope_mixed else rope)
-                if i in (1, 5):
-                    want.append(t)
-        assert grid == ((8, 10) if base == "EVA" else (7, 8))
-        assert all(torch.equal(a, b) for a, b in zip(taps, want))
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_unpatched_timm_vit_taps_are_timms_own_intermediates(name, tiny_reduction_cfg, seeded_backbone):
+    """The base every "vit" method patches: D2TimmViT's taps are timm's own public
+    ``forward_intermediates`` (timm's position embedding, then its blocks, with Eva's own
+    rotary embedding: one table, or one per block), prefix tokens (cls, registers) first, at
+    every block, bitwise (the same timm modules run on both sides)."""
+    x = torch.randn(2, 3, 112, 128)  # not whole patches of 14 or 16: timm pads the image
+    vit = seeded_backbone(tiny_reduction_cfg("D2TimmViT", **{"MODEL.TIMM_VIT.NAME": name}))
+    assert type(vit).__name__ == "D2TimmViT" and vit.num_prefix_tokens >= 1
+    blocks = list(range(len(vit.blocks)))
+    with torch.no_grad():
+        taps, grid, _ = vit.forward_taps(x, blocks)
+        want = vit.vit.forward_intermediates(x, indices=blocks, norm=False, output_fmt="NLC",
+                                             return_prefix_tokens=True, intermediates_only=True)
+    patch = vit.vit.patch_embed.patch_size
+    assert grid == (-(-112 // patch[0]), -(-128 // patch[1]))
+    assert len(taps) == len(want) == 6
+    for i, (tap, (grid_tokens, prefix)) in enumerate(zip(taps, want)):
+        assert prefix.shape[1] == vit.num_prefix_tokens and grid_tokens.shape[1] == grid[0] * grid[1], (name, i)
+        assert torch.equal(tap, torch.cat([prefix, grid_tokens], dim=1)), (name, i)
 
 
 @pytest.mark.parametrize("base", ["EVA", "EVA-mixed"])
 @pytest.mark.parametrize("method", ["tome", "evit"])
-def test_per_image_positions_on_eva_match_each_image_alone(base, method):
+def test_per_image_positions_on_eva_match_each_image_alone(base, method, pair):
     """ToMe and EViT keep different tokens in each image: a batch of two gives what each
     image gives alone (per-image rotary rows)."""
     x = torch.randn(2, 3, 112, 128)
@@ -346,9 +317,9 @@ def test_per_image_positions_on_eva_match_each_image_alone(base, method):
         torch.testing.assert_close(batched[k], torch.cat([a[k] for a in alone]), rtol=1e-4, atol=1e-5)
 
 
-def test_evit_needs_a_class_token():
-    cfg = tiny_cfg("D2TimmViT", "evit", **METHOD_KEYS["evit"])
-    cfg.MODEL.TIMM_VIT.NAME = "vit_medium_patch16_rope_reg1_gap_256"  # one register, no cls token
+def test_evit_needs_a_class_token(tiny_reduction_cfg):
+    cfg = tiny_reduction_cfg("D2TimmViT", "evit", **METHOD_KEYS["evit"])
+    cfg.MODEL.TIMM_VIT.NAME = ROPE_REG1_NO_CLS  # one register, no cls token
     with pytest.raises(ValueError, match="MODEL.TOKEN_REDUCTION.METHOD='evit' ranks tokens by the class token"):
         build_backbone(cfg)
 
@@ -359,7 +330,7 @@ def test_evit_needs_a_class_token():
     ("evit", {"MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE": 1.0, "MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS": [1, 3]}),
     ("pool", {"MODEL.TOKEN_REDUCTION.POOL.LOCATION": 2, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [7, 8]}),
 ])
-def test_settings_that_reduce_nothing_give_the_base_bitwise(base, method, values):
+def test_settings_that_reduce_nothing_give_the_base_bitwise(base, method, values, pair, tiny_reduction_cfg):
     """ToMe with r 0 and EViT keeping every token are off: no patch, as for every method; pool
     to the grid's own size is patched, yet computes the base."""
     x = torch.randn(1, 3, 112, 128)  # a 7x8 (patch 16) / 8x10 (patch 14: DINOv2, EVA-02) grid
@@ -367,14 +338,14 @@ def test_settings_that_reduce_nothing_give_the_base_bitwise(base, method, values
         values = {**values, "MODEL.TOKEN_REDUCTION.POOL.SIZE": [8, 10]}
     a, b, _, patched = pair(base, method, values, x)
     off = method in ("tome", "evit")
-    assert settings_from_config(tiny_cfg(base, method, **values)) is None if off else True
+    assert settings_from_config(tiny_reduction_cfg(base, method, **values)) is None if off else True
     assert not any(hasattr(m, "token_reduction") for m in patched.modules()) if off else \
         type(patched).__name__ != base
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("base", BASES)
-def test_remove_patch_restores_the_base_and_names_stay(base):
+def test_remove_patch_restores_the_base_and_names_stay(base, pair, tiny_reduction_cfg):
     keys = (SWIN_METHOD_KEYS if base == "ExpeditD2SwinTransformer" else METHOD_KEYS)["expedit"]
     x = torch.randn(1, 3, 96, 128)
     a, b, plain, patched = pair(base, "expedit", keys, x)
@@ -386,8 +357,8 @@ def test_remove_patch_restores_the_base_and_names_stay(base):
         c = patched(x)
     assert all(torch.equal(a[k], c[k]) for k in a)
     with pytest.raises(ValueError, match="patched already"):
-        apply_patch(apply_patch(patched, settings_from_config(tiny_cfg(base, "expedit", **keys))),
-                    settings_from_config(tiny_cfg(base, "expedit", **keys)))
+        apply_patch(apply_patch(patched, settings_from_config(tiny_reduction_cfg(base, "expedit", **keys))),
+                    settings_from_config(tiny_reduction_cfg(base, "expedit", **keys)))
 
 
 # --------------------------------------------------------------------------------------
@@ -397,25 +368,26 @@ PAIRS = [(b, m) for b in BASES for m in (SWIN_METHOD_KEYS if b == "ExpeditD2Swin
 
 
 @pytest.mark.parametrize("base, method", PAIRS)
-def test_every_method_family_pair_runs_in_generalized_rcnn_with_fpn(base, method):
+def test_every_method_family_pair_runs_in_generalized_rcnn_with_fpn(base, method, tiny_reduction_cfg):
     keys = (SWIN_METHOD_KEYS if base == "ExpeditD2SwinTransformer" else METHOD_KEYS)[method]
-    cfg = tiny_cfg(base, method, **keys)
+    cfg = tiny_reduction_cfg(base, method, **keys)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # random weights: keep every detection
     instances = run_faster_rcnn_fpn(cfg, "ExpeditBackbone", size=(96, 128))
     assert len(instances) > 0 and torch.isfinite(instances.pred_boxes.tensor).all()
-    backbone = build_backbone(tiny_cfg(base, method, **keys))
+    backbone = build_backbone(tiny_reduction_cfg(base, method, **keys))
     assert family_of(backbone) == ("swin" if base == "ExpeditD2SwinTransformer" else "vit")
     reducers = [m for m in backbone.modules() if hasattr(m, "token_reduction")]
     assert len(reducers) == 1 and type(reducers[0]).__name__.lower().startswith(method)
 
 
 @pytest.mark.parametrize("base, method", [(b, "none") for b in BASES] + PAIRS)
-def test_every_backbone_and_method_compiles_to_one_graph_in_inference(base, method):
+def test_every_backbone_and_method_compiles_to_one_graph_in_inference(base, method, tiny_reduction_cfg,
+                                                                       seeded_backbone):
     """What ``tools/benchmark_model.py --compile backbone`` runs: under inference mode (where
     the hybrid's convs reuse a cached standardised weight in eager) one graph, no break, no
     recompilation on the next call, and the eager outputs bitwise."""
     keys = {} if method == "none" else (SWIN_METHOD_KEYS if base == "ExpeditD2SwinTransformer" else METHOD_KEYS)[method]
-    model = build(tiny_cfg(base, method, **keys))
+    model = seeded_backbone(tiny_reduction_cfg(base, method, **keys))
     x = torch.randn(1, 3, *((200, 296) if base == "ExpeditD2SwinTransformer" else (96, 128)))
     eager, ours, again, frames = compiled_in_inference(model, x)
     assert frames == 1
@@ -457,27 +429,27 @@ def test_point_overrides_put_a_method_on_a_plain_backbone():
     ("ExpeditD2SwinTransformer", "tome", {"MODEL.TOKEN_REDUCTION.TOME.R": 4},
      r"MODEL.TOKEN_REDUCTION.METHOD='tome' has no patch for the 'swin' family of ExpeditD2SwinTransformer"),
 ])
-def test_bad_settings_name_the_key(base, method, values, message):
+def test_bad_settings_name_the_key(base, method, values, message, tiny_reduction_cfg):
     with pytest.raises(ValueError, match=message):
-        build_backbone(tiny_cfg(base, method, **values))
+        build_backbone(tiny_reduction_cfg(base, method, **values))
 
 
-def test_timm_family_names_a_bad_model():
-    cfg = tiny_cfg("D2TimmViT")
+def test_timm_family_names_a_bad_model(tiny_reduction_cfg):
+    cfg = tiny_reduction_cfg("D2TimmViT")
     cfg.MODEL.TIMM_VIT.NAME = "resnet18"
     with pytest.raises(ValueError, match="MODEL.TIMM_VIT.NAME='resnet18'"):
         build_backbone(cfg)
 
 
 @pytest.mark.parametrize("base, prefix", [("D2TimmViT", 5), ("EVA", 1)])
-def test_dpt_runs_on_timm_vits_and_every_method(base, prefix):
+def test_dpt_runs_on_timm_vits_and_every_method(base, prefix, tiny_reduction_cfg):
     """DINOv2 with 4 registers (cls + 4 prefix tokens) and EVA-02 (rotary embeddings)."""
     from detectron2.modeling import build_model
 
     from dpt.config import add_dpt_config
 
     for method, keys in [("none", {})] + list(METHOD_KEYS.items()):
-        cfg = tiny_cfg(base, method, add_dpt_config, **keys)
+        cfg = tiny_reduction_cfg(base, method, add_dpt_config, **keys)
         cfg.MODEL.META_ARCHITECTURE = "DPTDepth"
         cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [127.5] * 3, [127.5] * 3
         cfg.MODEL.DPT.REASSEMBLE_FEATURES, cfg.MODEL.DPT.FUSION_FEATURES = [16, 24, 32, 32], 16
@@ -492,10 +464,13 @@ def test_dpt_runs_on_timm_vits_and_every_method(base, prefix):
 @pytest.mark.parametrize("base", ["D2ViT", "EVA"])
 @pytest.mark.parametrize("method", list(METHOD_KEYS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_every_vit_method_runs_under_autocast(base, method, dtype):
+def test_every_vit_method_runs_under_autocast(base, method, dtype, pair):
     """Half-precision autocast (CPU here): finite outputs of the input's full shapes, close to
-    float32 (the operators compute in float32 inside; EVA's rotary tables stay float32)."""
-    x = torch.randn(1, 3, 112, 128)
+    float32 (the operators compute in float32 inside; EVA's rotary tables stay float32).
+    ToMe's and EViT's choices are discrete (which tokens merge, which are kept): half
+    precision may flip a near tie and move a few tokens, so their floor is lower."""
+    x = torch.randn(1, 3, 112, 128, generator=torch.Generator().manual_seed(0))
+    floor = 0.9 if method in ("tome", "evit") else 0.98
     a, _, _, patched = pair(base, method, METHOD_KEYS[method], x)
     with torch.no_grad():
         full = patched(x)
@@ -504,7 +479,7 @@ def test_every_vit_method_runs_under_autocast(base, method, dtype):
     for k in full:
         assert half[k].shape == full[k].shape and torch.isfinite(half[k]).all()
         cos = F.cosine_similarity(half[k].float().flatten(), full[k].flatten(), dim=0)
-        assert cos > 0.98, (k, float(cos))
+        assert cos > floor, (k, float(cos))
 
 
 def test_faster_rcnn_on_eva02_with_tome_from_the_example_config():
@@ -518,7 +493,7 @@ def test_faster_rcnn_on_eva02_with_tome_from_the_example_config():
         cfg = get_cfg()
         add_expedit_config(cfg)
         cfg.merge_from_file("configs/examples/faster_rcnn_eva02_fpn_tome.yaml")
-        assert cfg.MODEL.TIMM_VIT.NAME == "eva02_base_patch14_224" and cfg.MODEL.TOKEN_REDUCTION.METHOD == "tome"
+        assert cfg.MODEL.TIMM_VIT.NAME == EVA02_BASE and cfg.MODEL.TOKEN_REDUCTION.METHOD == "tome"
         k = cfg.MODEL.TIMM_VIT.KWARGS
         k.depth, k.embed_dim, k.num_heads = 4, 32, 2
         cfg.MODEL.TIMM_VIT.TAPS, cfg.MODEL.TOKEN_REDUCTION.TOME.R = [0, 1, 2, 3], 20
@@ -541,14 +516,14 @@ def test_faster_rcnn_on_eva02_with_tome_from_the_example_config():
 
 
 @pytest.mark.parametrize("method", ["tome", "evit"])
-def test_methods_inside_blocks_refuse_blocks_they_cannot_run_in_parts(method):
+def test_methods_inside_blocks_refuse_blocks_they_cannot_run_in_parts(method, tiny_reduction_cfg, seeded_backbone):
     """ToMe and EViT run a block part by part; a post-norm block would be computed wrongly,
     so it is refused by name."""
     from timm.models.vision_transformer import ResPostBlock
 
-    vit = build(tiny_cfg("D2TimmViT"))
+    vit = seeded_backbone(tiny_reduction_cfg("D2TimmViT"))
     vit.vit.blocks[3] = ResPostBlock(32, 2)
-    settings = settings_from_config(tiny_cfg("D2TimmViT", method, **METHOD_KEYS[method]))
+    settings = settings_from_config(tiny_reduction_cfg("D2TimmViT", method, **METHOD_KEYS[method]))
     with pytest.raises(ValueError, match=rf"METHOD='{method}': block 3 is a ResPostBlock"):
         apply_patch(vit, settings)
 
@@ -556,23 +531,24 @@ def test_methods_inside_blocks_refuse_blocks_they_cannot_run_in_parts(method):
 # --------------------------------------------------------------------------------------
 # registries: names, examples, statistics
 # --------------------------------------------------------------------------------------
-def test_the_wrapper_and_its_base_key_have_method_neutral_names_and_the_earlier_ones_stay_aliases():
+def test_the_wrapper_and_its_base_key_have_method_neutral_names_and_the_earlier_ones_stay_aliases(
+        tiny_reduction_cfg, seeded_backbone):
     x = torch.randn(1, 3, 96, 128)
-    lead = tiny_cfg("D2ViT", "tome", **METHOD_KEYS["tome"])
-    alias = tiny_cfg("D2ViT", "tome", **METHOD_KEYS["tome"])
+    lead = tiny_reduction_cfg("D2ViT", "tome", **METHOD_KEYS["tome"])
+    alias = tiny_reduction_cfg("D2ViT", "tome", **METHOD_KEYS["tome"])
     alias.MODEL.BACKBONE.NAME, alias.MODEL.TOKEN_REDUCTION.BASE, alias.MODEL.EXPEDIT.BASE = "ExpeditBackbone", "", "D2ViT"
-    a, b = build(lead), build(alias)
+    a, b = seeded_backbone(lead), seeded_backbone(alias)
     assert type(a).__name__ == type(b).__name__ == "ToMeD2ViT" and a.state_dict().keys() == b.state_dict().keys()
     with torch.no_grad():
         assert all(torch.equal(a(x)[k], b(x)[k]) for k in a(x))
-    both = tiny_cfg("D2ViT", "tome", **METHOD_KEYS["tome"])
+    both = tiny_reduction_cfg("D2ViT", "tome", **METHOD_KEYS["tome"])
     both.MODEL.EXPEDIT.BASE = "D2ViTHybrid"
     with pytest.raises(ValueError, match=r"MODEL.TOKEN_REDUCTION.BASE='D2ViT' and its alias "
                                          r"MODEL.EXPEDIT.BASE='D2ViTHybrid' name different backbones"):
-        build(both)
+        seeded_backbone(both)
 
 
-def test_every_method_registers_an_example_for_the_families_it_patches():
+def test_every_method_registers_an_example_for_the_families_it_patches(tiny_reduction_cfg):
     """The examples the tests and the benchmarks use come from the registry; the "vit"
     examples of the 12-block DPT-Hybrid target (40 x 30 tokens, expedit alpha 4 to 16 x 16)
     have about expedit's mean tokens per block."""
@@ -587,7 +563,7 @@ def test_every_method_registers_an_example_for_the_families_it_patches():
             if family in method.patches and name != "evit" and not (name == "tome" and family == "swin"):
                 assert name in examples, (name, family)
         for name, keys in examples.items():
-            cfg = tiny_cfg("D2ViT", name, **{k: v for k, v in keys.items() if k != METHOD_KEY})
+            cfg = tiny_reduction_cfg("D2ViT", name, **{k: v for k, v in keys.items() if k != METHOD_KEY})
             assert settings_from_config(cfg).method == name  # valid keys, a setting that is on
     target = ExampleTarget("vit", 12, (30, 40), 4, (16, 16))
     assert target.mean_tokens() == pytest.approx((5 * 1200 + 7 * 256) / 12)
@@ -598,15 +574,16 @@ def test_every_method_registers_an_example_for_the_families_it_patches():
     assert "evit" not in example_settings(ExampleTarget("windowed", 12, (14, 14), 3, (9, 9)))
 
 
-def test_reduction_statistics_sum_the_reducers_counts_per_method():
+def test_reduction_statistics_sum_the_reducers_counts_per_method(tiny_reduction_cfg, seeded_backbone):
     """expedit counts the images it ran unexpedited (token grid smaller than the clusters):
     the generic hook the evaluation writes to its results."""
     from expedit_d2.reduction import reduction_statistics
 
-    bb = build(tiny_cfg("D2ViT", "expedit", **{**METHOD_KEYS["expedit"], "MODEL.EXPEDIT.NUM_CLUSTERS": [5, 5]}))
+    keys = {**METHOD_KEYS["expedit"], "MODEL.EXPEDIT.NUM_CLUSTERS": [5, 5]}
+    bb = seeded_backbone(tiny_reduction_cfg("D2ViT", "expedit", **keys))
     with torch.no_grad():
         bb(torch.randn(2, 3, 64, 64))  # 4 x 4 tokens < 5 x 5 clusters: skipped
         bb(torch.randn(1, 3, 96, 96))  # 6 x 6: expedited
         bb(torch.randn(3, 3, 64, 80))
     assert reduction_statistics(bb) == {"expedit": {"unexpedited_images": 5}}
-    assert reduction_statistics(build(tiny_cfg("D2ViT", "tome", **METHOD_KEYS["tome"]))) == {}
+    assert reduction_statistics(seeded_backbone(tiny_reduction_cfg("D2ViT", "tome", **METHOD_KEYS["tome"]))) == {}

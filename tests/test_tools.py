@@ -11,11 +11,8 @@ from torch import nn
 
 from expedit_d2.flops import backbone_flops
 from expedit_d2.ops import token_clustering, token_reconstruction
+from tests.project_opts import TINY_SWIN
 from tools import analyze_model, benchmark_backbone
-
-TINY_SWIN = ["MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.DEPTHS", "[2, 2, 4, 2]",
-             "MODEL.SWIN.NUM_HEADS", "[1, 2, 2, 4]", "MODEL.SWIN.PRETRAIN_IMG_SIZE", "224",
-             "MODEL.EXPEDIT.CLUSTERING_LOCATION", "6"]
 
 
 class _Attn(nn.Module):
@@ -90,14 +87,12 @@ def test_benchmark_backbone_writes_its_table(tmp_path):
     assert "| swin_large_expedit_coco_panoptic | 256x192 |" in out.with_suffix(".md").read_text()
 
 
-def test_vit_backbone_flops_drop_when_expedited():
-    from tests.test_vit_backbone import build, tiny_vit_cfg
-
+def test_vit_backbone_flops_drop_when_expedited(tiny_vit_cfg, seeded_backbone):
     cfg = tiny_vit_cfg("D2ViTHybrid", hybrid=True)
     image = torch.randn(1, 3, 160, 224)
-    base = backbone_flops(build(cfg), image).total()
+    base = backbone_flops(seeded_backbone(cfg), image).total()
     cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
-    expedited = backbone_flops(build(cfg), image).total()
+    expedited = backbone_flops(seeded_backbone(cfg), image).total()
     assert 0 < expedited < base
 
 

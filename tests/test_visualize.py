@@ -12,8 +12,7 @@ from PIL import Image
 from expedit_d2.ops import initial_cells, nearest_clusters, token_clustering
 from expedit_d2.reduction import record_token_groups, token_groups
 from expedit_d2.synthetic import draw_scene
-from tests.test_dpt_train_net import ROOT
-from tests.test_token_reduction import build, tiny_cfg
+from tests.project_opts import ROOT
 from tools import visualize
 
 #: the settings whose groups the tests below count
@@ -38,14 +37,14 @@ def same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------
 # token groups
 # --------------------------------------------------------------------------------------
-def test_expedit_groups_are_the_clusters_of_the_nearest_final_centres():
+def test_expedit_groups_are_the_clusters_of_the_nearest_final_centres(tiny_reduction_cfg, seeded_backbone):
     """Against the operator called by hand on the tokens after block alpha: the groups are the
     clusters of :func:`nearest_clusters`, and each token's is a nearest final centre (brute
     force, float64, up to float32 rounding). Temperature 1 (the official DPT value): random
     weights then still give distinct centres."""
     values = {**EXPEDIT_4x4, "MODEL.EXPEDIT.TEMPERATURE": 1.0}  # alpha 2, 4x4 clusters
-    cfg = tiny_cfg("D2ViT", "expedit", **values)
-    bb = build(cfg)
+    cfg = tiny_reduction_cfg("D2ViT", "expedit", **values)
+    bb = seeded_backbone(cfg)
     x = torch.randn(2, 3, 112, 128)
     groups = token_groups(bb, x)
     assert groups.labels.shape == (2, 7, 8) and groups.input_size == (112, 128) and groups.reducer == "ExpeditTokens"
@@ -64,8 +63,8 @@ def test_expedit_groups_are_the_clusters_of_the_nearest_final_centres():
         assert 8 <= groups.num_groups()[b] == len(chosen[b].unique()) <= 16
 
 
-def test_pool_groups_are_the_cells_of_the_pooled_grid():
-    bb = build(tiny_cfg("D2ViT", "pool", **POOL_4x5))  # 7x8 tokens pooled to 4x5
+def test_pool_groups_are_the_cells_of_the_pooled_grid(tiny_reduction_cfg, seeded_backbone):
+    bb = seeded_backbone(tiny_reduction_cfg("D2ViT", "pool", **POOL_4x5))  # 7x8 tokens pooled to 4x5
     groups = token_groups(bb, torch.randn(1, 3, 112, 128))
     rows = torch.tensor([i * 4 // 7 for i in range(7)])
     cols = torch.tensor([j * 5 // 8 for j in range(8)])
@@ -74,11 +73,11 @@ def test_pool_groups_are_the_cells_of_the_pooled_grid():
     assert groups.num_groups() == [20]
 
 
-def test_tome_and_evit_groups_count_what_the_methods_keep():
+def test_tome_and_evit_groups_count_what_the_methods_keep(tiny_reduction_cfg, seeded_backbone):
     x = torch.randn(2, 3, 112, 128)  # 56 grid tokens
-    tome = token_groups(build(tiny_cfg("D2ViT", "tome", **TOME_R6)), x)
+    tome = token_groups(seeded_backbone(tiny_reduction_cfg("D2ViT", "tome", **TOME_R6)), x)
     assert tome.num_groups() == [56 - 5 * 6] * 2  # r = 6 merged away in each of blocks 1..5
-    evit = token_groups(build(tiny_cfg("D2ViT", "evit", **EVIT_06)), x)
+    evit = token_groups(seeded_backbone(tiny_reduction_cfg("D2ViT", "evit", **EVIT_06)), x)
     for labels, n in zip(evit.labels, evit.num_groups()):
         sizes = torch.bincount(labels.reshape(-1))
         # keep 0.6 at blocks 1 and 3: 34 of 56 kept (+ the fused token), then 21 of those 35; the
@@ -87,8 +86,9 @@ def test_tome_and_evit_groups_count_what_the_methods_keep():
         assert n - 2 in (20, 21)  # 21 kept at the end, one of them perhaps step 1's fused token
 
 
-def test_swin_groups_stay_inside_their_window_and_the_observation_leaves_no_trace():
-    bb = build(tiny_cfg("ExpeditD2SwinTransformer", "expedit", **SWIN_8x8))  # windows 12, 8x8 clusters
+def test_swin_groups_stay_inside_their_window_and_the_observation_leaves_no_trace(tiny_reduction_cfg, seeded_backbone):
+    # windows of 12, 8x8 clusters
+    bb = seeded_backbone(tiny_reduction_cfg("ExpeditD2SwinTransformer", "expedit", **SWIN_8x8))
     x = torch.randn(1, 3, 224, 224)  # stage 3: 14x14 tokens, 2x2 windows after padding to 24x24
     with torch.no_grad():
         before = bb(x)
@@ -109,9 +109,9 @@ def test_swin_groups_stay_inside_their_window_and_the_observation_leaves_no_trac
         assert len(labels[window == w].unique()) <= 64
 
 
-def test_an_unpatched_backbone_has_no_groups():
+def test_an_unpatched_backbone_has_no_groups(tiny_reduction_cfg, seeded_backbone):
     with pytest.raises(ValueError, match="D2ViT has no token-reduction patch"):
-        token_groups(build(tiny_cfg("D2ViT", "none")), torch.randn(1, 3, 64, 64))
+        token_groups(seeded_backbone(tiny_reduction_cfg("D2ViT", "none")), torch.randn(1, 3, 64, 64))
 
 
 # --------------------------------------------------------------------------------------

@@ -7,28 +7,8 @@ from detectron2.modeling import build_backbone
 
 from expedit_d2 import add_expedit_config, token_clustering, token_reconstruction
 from tests.d2_helpers import run_faster_rcnn_fpn
+from tests.numerics import assert_close_f32
 from tests.reference_keys import read_keys
-
-
-def tiny_vit_cfg(name="D2ViT", hybrid=False):
-    cfg = get_cfg()
-    add_expedit_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.BACKBONE.NAME = name
-    v = cfg.MODEL.VIT
-    v.EMBED_DIM, v.DEPTH, v.NUM_HEADS, v.IMG_SIZE, v.NUM_CLASSES = 32, 6, 2, 96, 10
-    v.TAPS = [0, 1, 3, 5] if hybrid else [1, 2, 3, 5]
-    v.HYBRID_LAYERS = [1, 1, 1]
-    e = cfg.MODEL.EXPEDIT
-    e.BASE = "D2ViTHybrid" if hybrid else "D2ViT"
-    e.CLUSTERING_LOCATION, e.NUM_CLUSTERS = 2, [5, 6]
-    e.ITERS, e.WINDOW, e.TEMPERATURE, e.RECON_K, e.RECON_TEMPERATURE = 5, 5, 1.0, 4, 1.0
-    return cfg
-
-
-def build(cfg, seed=0):
-    torch.manual_seed(seed)
-    return build_backbone(cfg).eval()
 
 
 @pytest.mark.parametrize("name, ref", [("D2ViTHybrid", "dpt_hybrid_vitb_rn50_384"),
@@ -51,11 +31,11 @@ def test_state_dict_equals_official_dpt_backbone_keys(name, ref):
 
 @pytest.mark.parametrize("hybrid", [False, True])
 @pytest.mark.parametrize("size", [(480, 640), (375, 500)])
-def test_outputs_at_strides_4_to_32(hybrid, size):
+def test_outputs_at_strides_4_to_32(hybrid, size, tiny_vit_cfg, seeded_backbone):
     cfg = tiny_vit_cfg("D2ViTHybrid" if hybrid else "D2ViT", hybrid)
     for name in [cfg.MODEL.BACKBONE.NAME, "ExpeditBackbone"]:
         cfg.MODEL.BACKBONE.NAME = name
-        model = build(cfg)
+        model = seeded_backbone(cfg)
         spec = model.output_shape()
         with torch.no_grad():
             out = model(torch.randn(1, 3, *size))
@@ -66,11 +46,11 @@ def test_outputs_at_strides_4_to_32(hybrid, size):
 
 
 @pytest.mark.parametrize("hybrid", [False, True])
-def test_disabled_is_bitwise_identical(hybrid):
+def test_disabled_is_bitwise_identical(hybrid, tiny_vit_cfg, seeded_backbone):
     cfg = tiny_vit_cfg("D2ViTHybrid" if hybrid else "D2ViT", hybrid)
-    base = build(cfg)
+    base = seeded_backbone(cfg)
     cfg.MODEL.BACKBONE.NAME, cfg.MODEL.EXPEDIT.ENABLED = "ExpeditBackbone", False
-    plain = build(cfg, seed=3)
+    plain = seeded_backbone(cfg, seed=3)
     plain.load_state_dict(base.state_dict())
     x = torch.randn(2, 3, 160, 224)
     with torch.no_grad():
@@ -78,16 +58,49 @@ def test_disabled_is_bitwise_identical(hybrid):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_taps_are_timms_own_intermediates_on_the_same_weights(hybrid, tiny_vit_cfg, seeded_backbone):
+    """Our DPT ViT-L/16 and ViT-Hybrid (the official DPT release builds them with timm) against
+    timm's own VisionTransformer holding our state dict (strict: the same names): the taps at
+    every block are timm's public ``forward_intermediates``, class token first, at the
+    pretraining grid (where no position-embedding resize takes place)."""
+    from functools import partial
+
+    from timm.layers import HybridEmbed, StdConv2dSame
+    from timm.models.resnetv2 import ResNetV2
+    from timm.models.vision_transformer import VisionTransformer
+
+    ours = seeded_backbone(tiny_vit_cfg("D2ViTHybrid" if hybrid else "D2ViT", hybrid))
+    size = dict(img_size=96, depth=6, embed_dim=32, num_heads=2, num_classes=10)  # as tiny_vit_cfg
+    if hybrid:  # timm's R50+ViT-B/16 (vit_base_r50_s16_384) with our 1, 1, 1 stage depths
+        stem = ResNetV2(layers=(1, 1, 1), num_classes=0, global_pool="", preact=False, stem_type="same",
+                        conv_layer=partial(StdConv2dSame, eps=1e-8))
+        timm_vit = VisionTransformer(patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem), **size)
+    else:
+        timm_vit = VisionTransformer(patch_size=16, **size)
+    timm_vit.load_state_dict(ours.state_dict(), strict=True)
+    timm_vit.eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        taps, grid, _ = ours.forward_taps(x, list(range(6)))
+        want = timm_vit.forward_intermediates(x, indices=list(range(6)), norm=False, output_fmt="NLC",
+                                              return_prefix_tokens=True, intermediates_only=True)
+    assert grid == (6, 6) and len(taps) == len(want) == 6
+    for i, (tap, (grid_tokens, cls)) in enumerate(zip(taps, want)):
+        assert cls.shape[1] == 1 and grid_tokens.shape[1] == 36
+        assert_close_f32(tap, torch.cat([cls, grid_tokens], dim=1), msg=f"block {i}")
+
+
 @pytest.mark.parametrize("mode", ["topk", "nearest"])
-def test_taps_follow_the_spec(mode):
+def test_taps_follow_the_spec(mode, tiny_vit_cfg, seeded_backbone):
     """Cluster right after block alpha (cls kept), later blocks on clusters, every tap
     after alpha reconstructed, the tap at alpha exact (the official hook records the
     block's output before clustering) -- written out with the operators."""
     cfg = tiny_vit_cfg()
     cfg.MODEL.EXPEDIT.RECONSTRUCTION = mode
-    base = build(cfg)
+    base = seeded_backbone(cfg)
     cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
-    ex = build(cfg)
+    ex = seeded_backbone(cfg)
     ex.load_state_dict(base.state_dict())
     x = torch.randn(2, 3, 160, 224)
     with torch.no_grad():
@@ -112,12 +125,12 @@ def test_taps_follow_the_spec(mode):
         assert torch.equal(tap[:, :1], expect[i][:, :1])  # cls token passed through
 
 
-def test_as_many_clusters_as_tokens_leaves_taps_unreconstructed():
+def test_as_many_clusters_as_tokens_leaves_taps_unreconstructed(tiny_vit_cfg, seeded_backbone):
     """The official hook reconstructs only taps whose token count differs from the input's:
     with h x w = H x W the later taps are the cluster tokens themselves."""
     cfg = tiny_vit_cfg("ExpeditBackbone")
     cfg.MODEL.EXPEDIT.NUM_CLUSTERS, cfg.MODEL.EXPEDIT.RECON_K = [10, 14], 4
-    ex = build(cfg)
+    ex = seeded_backbone(cfg)
     x = torch.randn(1, 3, 160, 224)
     with torch.no_grad():
         got, grid, _ = ex.forward_taps(x, [2, 3])
@@ -129,8 +142,8 @@ def test_as_many_clusters_as_tokens_leaves_taps_unreconstructed():
     torch.testing.assert_close(got[1], ex.blocks[3](clusters), atol=1e-6, rtol=1e-6)
 
 
-def test_dpt_checkpoint_names_load_cleanly(tmp_path):
-    src = build(tiny_vit_cfg("D2ViTHybrid", hybrid=True))
+def test_dpt_checkpoint_names_load_cleanly(tmp_path, tiny_vit_cfg, seeded_backbone):
+    src = seeded_backbone(tiny_vit_cfg("D2ViTHybrid", hybrid=True))
     path = tmp_path / "dpt_tiny.pt"
     torch.save({f"pretrained.model.{k}": v for k, v in src.state_dict().items()}, path)
     from dpt import convert_dpt_state_dict  # the one map of the official DPT names
@@ -139,7 +152,7 @@ def test_dpt_checkpoint_names_load_cleanly(tmp_path):
     mapped = {k[len("backbone."):]: v for k, v in converted.items()}
     for name in ["D2ViTHybrid", "ExpeditBackbone"]:
         cfg = tiny_vit_cfg(name, hybrid=True)
-        model = build(cfg, seed=9)
+        model = seeded_backbone(cfg, seed=9)
         result = model.load_state_dict(mapped, strict=True)
         assert not result.missing_keys and not result.unexpected_keys
         assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
@@ -147,7 +160,7 @@ def test_dpt_checkpoint_names_load_cleanly(tmp_path):
 
 @pytest.mark.parametrize("hybrid", [False, True])
 @pytest.mark.parametrize("bottom_up", ["plain", "ExpeditBackbone"])
-def test_drops_into_generalized_rcnn_with_fpn(hybrid, bottom_up):
+def test_drops_into_generalized_rcnn_with_fpn(hybrid, bottom_up, tiny_vit_cfg):
     name = "D2ViTHybrid" if hybrid else "D2ViT"
     cfg = tiny_vit_cfg(name, hybrid)
     assert run_faster_rcnn_fpn(cfg, name if bottom_up == "plain" else bottom_up).image_size == (240, 320)
@@ -160,11 +173,10 @@ def test_dpt_key_map_rejects_keys_of_another_model():
         convert_dpt_state_dict({"pretrained.model.cls_token": torch.zeros(1), "a.b": torch.zeros(1)})
 
 
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_forward_is_finite(dtype):
+def test_autocast_forward_is_finite(dtype, tiny_vit_cfg, seeded_backbone):
     cfg = tiny_vit_cfg("ExpeditBackbone", hybrid=True)
-    model = build(cfg)
+    model = seeded_backbone(cfg)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         out = model(torch.randn(1, 3, 160, 224))
     assert all(torch.isfinite(v.float()).all() for v in out.values())
@@ -178,31 +190,31 @@ def test_autocast_forward_is_finite(dtype):
     ("SMALL_INPUT", "clamp", r"MODEL.EXPEDIT.SMALL_INPUT must be 'skip' or 'error', got 'clamp'"),
     ("RECON_TEMPERATURE", -1.0, r"MODEL.EXPEDIT.RECON_TEMPERATURE must be a positive finite number, got -1.0"),
 ])
-def test_bad_expedit_config_names_the_key(key, value, message):
+def test_bad_expedit_config_names_the_key(key, value, message, tiny_vit_cfg, seeded_backbone):
     cfg = tiny_vit_cfg("ExpeditBackbone")
     cfg.MODEL.EXPEDIT.SMALL_INPUT = "error"
     setattr(cfg.MODEL.EXPEDIT, key, value)
     with pytest.raises(ValueError, match=message):
-        build(cfg)(torch.randn(1, 3, 160, 224))
+        seeded_backbone(cfg)(torch.randn(1, 3, 160, 224))
 
 
-def test_bad_taps_are_rejected():
+def test_bad_taps_are_rejected(tiny_vit_cfg, seeded_backbone):
     cfg = tiny_vit_cfg()
     cfg.MODEL.VIT.TAPS = [1, 2, 3, 6]
     with pytest.raises(ValueError, match=r"MODEL.VIT.TAPS \[1, 2, 3, 6\]: block indices \[6\] outside 0..5"):
-        build(cfg)
+        seeded_backbone(cfg)
 
 
-def test_input_smaller_than_the_cluster_grid_runs_unexpedited_and_is_counted(caplog):
+def test_input_smaller_than_the_cluster_grid_runs_unexpedited_and_is_counted(caplog, tiny_vit_cfg, seeded_backbone):
     """One small image must not abort a long evaluation: it runs as the base backbone,
     is counted, and the fact is logged once."""
     from expedit_d2.expedit_backbone import unexpedited_images
 
     cfg = tiny_vit_cfg()
-    base = build(cfg)
+    base = seeded_backbone(cfg)
     cfg.MODEL.BACKBONE.NAME = "ExpeditBackbone"
     cfg.MODEL.EXPEDIT.NUM_CLUSTERS = [8, 8]
-    ex = build(cfg)
+    ex = seeded_backbone(cfg)
     ex.load_state_dict(base.state_dict())
     small, large = torch.randn(2, 3, 96, 160), torch.randn(1, 3, 160, 224)  # 6x10, 10x14 tokens
     with torch.no_grad(), caplog.at_level("WARNING"):
@@ -267,13 +279,13 @@ def test_hybrid_bottleneck_in_place_activations_keep_outputs_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_nearest_reconstruction_ignores_recon_k():
+def test_nearest_reconstruction_ignores_recon_k(tiny_vit_cfg, seeded_backbone):
     """k only matters to the top-k layer: a k above the cluster count is no error with
     nearest-centre reconstruction (the official DPT release passes k 20 with any grid)."""
     cfg = tiny_vit_cfg("ExpeditBackbone")
     cfg.MODEL.EXPEDIT.RECONSTRUCTION, cfg.MODEL.EXPEDIT.RECON_K = "nearest", 31  # 5 x 6 clusters
     with torch.no_grad():
-        out = build(cfg)(torch.randn(1, 3, 160, 224))
+        out = seeded_backbone(cfg)(torch.randn(1, 3, 160, 224))
     assert all(torch.isfinite(v).all() for v in out.values())
 
 

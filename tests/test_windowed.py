@@ -16,8 +16,8 @@ from expedit_d2.methods.pool import PoolSettings
 from expedit_d2.methods.tome import ToMeSettings
 from expedit_d2.reduction import family_of
 from tests.dense_reference import dense_clustering, dense_reconstruction
+from tests.method_oracles import tome_oracle
 from tests.numerics import assert_close_f32
-from tests.test_methods_ops import tome_oracle
 
 #: float32 rounding of two computations of the same arithmetic, relative to the output's scale
 TOLERANCE = 1e-4

@@ -230,7 +230,8 @@ def example(target):
 
 
 register_method("evit", EViTSettings.from_config, "EVIT",
-                {"LOCATIONS": [3, 6, 9], "KEEP_RATE": 1.0, "FUSE": True}, example=example)
+                {"LOCATIONS": [3, 6, 9], "KEEP_RATE": 1.0, "FUSE": True}, example=example,
+                labels={_KEY + "LOCATIONS": "l{v}", _KEY + "KEEP_RATE": "k{v}"})
 
 
 class KeepingPass:

@@ -114,7 +114,8 @@ def example(target):
     return {_KEY + "CLUSTERING_LOCATION": target.location, _KEY + "NUM_CLUSTERS": list(target.size)}
 
 
-register_method("expedit", ExpeditSettings.from_config, example=example)
+register_method("expedit", ExpeditSettings.from_config, example=example,
+                labels={_KEY + "CLUSTERING_LOCATION": "a{v}", _KEY + "NUM_CLUSTERS": "{h}x{w}"})
 
 
 # --------------------------------------------------------------------------------------

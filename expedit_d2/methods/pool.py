@@ -141,7 +141,8 @@ def example(target):
     return {_KEY + "LOCATION": target.location, _KEY + "SIZE": list(target.size)}
 
 
-register_method("pool", PoolSettings.from_config, "POOL", {"LOCATION": -1, "SIZE": [8, 8]}, example=example)
+register_method("pool", PoolSettings.from_config, "POOL", {"LOCATION": -1, "SIZE": [8, 8]}, example=example,
+                labels={_KEY + "LOCATION": "a{v}", _KEY + "SIZE": "{h}x{w}"})
 
 
 class PoolSwinWindows(SwinWindowReducer):

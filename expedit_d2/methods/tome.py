@@ -280,7 +280,8 @@ def example(target):
 
 
 register_method("tome", ToMeSettings.from_config, "TOME",
-                {"R": 0, "START_BLOCK": 0, "PROPORTIONAL_ATTENTION": True}, example=example)
+                {"R": 0, "START_BLOCK": 0, "PROPORTIONAL_ATTENTION": True}, example=example,
+                labels={_KEY + "R": "r{v}", _KEY + "START_BLOCK": "s{v}"})
 
 
 class MergeState:

@@ -82,17 +82,20 @@ class Method:
     #: ``ExampleTarget -> {dotted config key: value}`` (None where the method has no setting
     #: for the target's family)
     example: Callable[[ExampleTarget], dict | None] | None = None
+    #: {config key: its short form in sweep point labels} ("a{v}", "{h}x{w}" for a pair)
+    labels: dict = field(default_factory=dict)
 
 
 _METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, from_config, config_node: str | None = None,
-                    config_defaults: dict | None = None, example=None) -> Method:
-    """Register a method (once per name); ``example``: see :attr:`Method.example`."""
+                    config_defaults: dict | None = None, example=None, labels: dict | None = None) -> Method:
+    """Register a method (once per name); ``example``, ``labels``: see :class:`Method`."""
     if name in _METHODS:
         raise ValueError(f"token-reduction method {name!r} is registered already")
-    _METHODS[name] = Method(name, from_config, config_node, dict(config_defaults or {}), example=example)
+    _METHODS[name] = Method(name, from_config, config_node, dict(config_defaults or {}), example=example,
+                            labels=dict(labels or {}))
     return _METHODS[name]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from ..reduction.config import canonical_key
-from ..reduction.core import METHOD_KEY
+from ..reduction.core import METHOD_KEY, registered_methods
 
 __all__ = ["SweepError", "SweepSpec", "Point", "find_project", "expand_points", "point_method",
            "load_sweep_file", "parse_grid", "parse_point", "METHOD_KEY", "DEFAULT_METHOD", "BASELINE"]
@@ -31,16 +31,13 @@ BASELINE = "baseline"
 SWEEP_FILE_KEYS = ("config_file", "input_size", "grid", "points", "opts", "project", "metric", "metric_mode",
                    "repeats", "warmup", "memory", "timing", "allow_partial_weights")
 # short label parts of well-known keys: key -> format of the value ("{v}"; pairs as "{h}x{w}")
-_LABELS = {
-    "MODEL.EXPEDIT.CLUSTERING_LOCATION": "a{v}",
-    "MODEL.EXPEDIT.NUM_CLUSTERS": "{h}x{w}",
-    "MODEL.TOKEN_REDUCTION.TOME.R": "r{v}",
-    "MODEL.TOKEN_REDUCTION.TOME.START_BLOCK": "s{v}",
-    "MODEL.TOKEN_REDUCTION.EVIT.LOCATIONS": "l{v}",
-    "MODEL.TOKEN_REDUCTION.EVIT.KEEP_RATE": "k{v}",
-    "MODEL.TOKEN_REDUCTION.POOL.LOCATION": "a{v}",
-    "MODEL.TOKEN_REDUCTION.POOL.SIZE": "{h}x{w}",
-}
+def _label_formats() -> dict[str, str]:
+    """{config key: its short form in point labels}, as each method registered them
+    (:attr:`expedit_d2.reduction.core.Method.labels`), in the methods' own key order."""
+    out = {}
+    for method in registered_methods().values():
+        out.update(method.labels)
+    return out
 
 
 class SweepError(ValueError):
@@ -107,7 +104,7 @@ def point_method(overrides: dict, baseline: bool = False) -> str:
 
 
 def _label_part(key: str, value) -> str:
-    fmt = _LABELS.get(key)
+    fmt = _label_formats().get(key)
     if fmt is None:
         return f"{key.rsplit('.', 1)[-1]}={value}"
     if "{h}" in fmt and isinstance(value, list) and len(value) == 2:
@@ -144,7 +141,7 @@ class Point:
         d = dict(self.overrides)
         method = str(d.pop(METHOD_KEY, DEFAULT_METHOD))
         parts = [] if method == DEFAULT_METHOD else [method]
-        parts += [_label_part(k, d.pop(k)) for k in _LABELS if k in d]
+        parts += [_label_part(k, d.pop(k)) for k in _label_formats() if k in d]
         parts += [_label_part(k, v) for k, v in d.items()]
         return "_".join(parts) or "base"
 

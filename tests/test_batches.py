@@ -314,3 +314,32 @@ def test_dpt_evaluation_in_batches_of_two_gives_the_metrics_of_one(dpt, tmp_path
     two = _evaluate(module, cfg, model, 2, tmp_path / "two")
     assert one["depth"]["rmse"] > 0
     _assert_close_metrics(two, one)
+
+
+# --------------------------------------------------------------------------------------
+# tools/benchmark_model.py --batch: throughput per batch size, base and expedited
+# --------------------------------------------------------------------------------------
+def test_benchmark_model_reports_throughput_per_batch_size(tmp_path, capsys):
+    from tools import benchmark_model
+
+    out = tmp_path / "dpt"
+    benchmark_model.main([
+        "--config-file", "projects/DPT/configs/demo/tiny_vit_nyuv2.yaml", "--input-size", "96", "128",
+        "--repeats", "1", "--warmup", "0", "--device", "cpu", "--output", str(out), "--batch", "1", "2",
+        "--point", "MODEL.EXPEDIT.CLUSTERING_LOCATION=1;MODEL.EXPEDIT.NUM_CLUSTERS=[4, 4]"])
+    base, point = json.loads(out.with_suffix(".json").read_text())
+    for row in (base, point):
+        assert [t["batch"] for t in row["batches"]] == [1, 2]
+        for t in row["batches"]:
+            assert t["images_per_s"] == pytest.approx(t["batch"] / (t["ms"] / 1e3))
+            assert t["speedup_vs_batch_1"] == pytest.approx(t["images_per_s"] / row["batches"][0]["images_per_s"])
+            assert t["latency_ratio_ci95"] == [t["latency_ratio"]] * 2  # one round
+    assert [t["latency_ratio"] for t in base["batches"]] == [1.0, 1.0]
+    assert [t["latency_ratio"] for t in point["batches"]] == pytest.approx(
+        [p["ms"] / b["ms"] for p, b in zip(point["batches"], base["batches"])])
+    report = out.with_suffix(".md").read_text()
+    assert "| setting | batch | ms per batch | images/s |" in report and "| a1_4x4 | 2 |" in report
+    with pytest.raises(SystemExit) as exit_:
+        benchmark_model.main(["--config-file", "projects/DPT/configs/demo/tiny_vit_nyuv2.yaml",
+                              "--input-size", "96", "128", "--device", "cpu", "--batch", "2", "0"])
+    assert exit_.value.code == 2 and "--batch: batch sizes must be >= 1, got 0" in capsys.readouterr().err

@@ -64,6 +64,11 @@ def add_expedit_config(cfg) -> None:
     # see expedit_d2/cpu_linear.py)
     if "CPU_LINEAR" not in cfg.MODEL:
         cfg.MODEL.CPU_LINEAR = "blas"
+    # images per evaluation batch (expedit_d2.batching.build_batched_test_loader; Detectron2
+    # 0.6's test loader always takes 1). Images of different padded sizes in one batch run as
+    # separate batches, so each image's output does not depend on its batch mates
+    if "IMS_PER_BATCH" not in cfg.TEST:
+        cfg.TEST.IMS_PER_BATCH = 1
     add_token_reduction_config(cfg)
     add_solver_config(cfg)
     # bottom-up backbone of build_bottom_up_fpn_backbone (any BACKBONE_REGISTRY name)

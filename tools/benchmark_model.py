@@ -46,6 +46,12 @@ For each setting, on one image of ``--input-size`` (batch 1, the project's own
   compilation, and the instrumented pass, whose timers the compiled model sees, warms up
   again).
 
+``--batch 1 2 4`` adds throughput by batch size: for each N, every setting called on a
+batch of N copies of the image (one size, so one batch: ``expedit_d2.batching``), the settings
+interleaved as above; per setting and N the median ms per batch, images/s, the latency ratio
+to the baseline at the same N [95% interval], and the speed-up in images/s over the setting's
+own at the first N (JSON: each row's ``batches``).
+
 Writes ``<output>.md`` and ``<output>.json`` atomically (``--output``).
 
 On a noisy machine one run's interval can be wide, and runs of the same command can differ
@@ -90,6 +96,9 @@ def main(argv=None) -> int:
     add_timing_arguments(parser, repeats=3, warmup=1)
     add_amp_argument(parser)
     parser.add_argument("--compile", choices=["backbone", "model"], help="torch.compile a part (default: off)")
+    parser.add_argument("--batch", nargs="+", type=int, metavar="N",
+                        help="also time batches of N copies of the image (e.g. 1 2 4): images/s and the "
+                             "latency ratio per batch size (default: batch 1 only)")
     parser.add_argument("--output", type=Path, help="also write <output>.md and <output>.json")
     parser.add_argument(PARTIAL_FLAG, action="store_true",
                         help="with MODEL.WEIGHTS: accept a file that covers only part of the model")
@@ -104,6 +113,9 @@ def main(argv=None) -> int:
         return 0
     if not args.config_file or not args.input_size:
         parser.error("--config-file and --input-size are required (unless --pool)")
+    bad = [n for n in args.batch or () if n < 1]
+    if bad:
+        parser.error(f"--batch: batch sizes must be >= 1, got {bad[0]}")
     apply_timing_arguments(args)
     opts = list(args.opts) + ["MODEL.DEVICE", args.device]
     spec = SweepSpec(config_file=args.config_file, input_size=tuple(args.input_size), project=args.project,
@@ -113,7 +125,7 @@ def main(argv=None) -> int:
         print(f"[benchmark_model] {msg}", file=sys.stderr, flush=True)
 
     rows = benchmark(spec, args.device, args.repeats, args.warmup, args.amp, args.compile,
-                     args.allow_partial_weights, log)
+                     args.allow_partial_weights, log, batches=args.batch)
     emit_report(format_table(rows, args.threads), rows, args.output)
     return 0
 

@@ -96,21 +96,27 @@ def split_setting(opts: list[str]) -> tuple[list[str], dict]:
     return base, setting
 
 
-def _uses_default_test_mapper(project) -> bool:
+def _test_mapper(project, cfg):
+    """The project's test mapper when it reads an image file alone: its Trainer's
+    ``build_test_mapper(cfg)``, or Detectron2's default where the Trainer keeps
+    ``DefaultTrainer.build_test_loader``; None otherwise (e.g. DPT's reads the depth too)."""
+    from detectron2.data import DatasetMapper
     from detectron2.engine import DefaultTrainer
 
+    if hasattr(project.Trainer, "build_test_mapper"):
+        return project.Trainer.build_test_mapper(cfg)
     own = getattr(project.Trainer.build_test_loader, "__func__", None)
-    return own is DefaultTrainer.build_test_loader.__func__
+    return DatasetMapper(cfg, is_train=False) if own is DefaultTrainer.build_test_loader.__func__ else None
 
 
 def prepare_input(path: Path, cfg, project) -> dict:
     """The model's input for the image at ``path``, as the project's test loader makes it
     (see the module docstring): ``{"image": (C, h, w), "height": H, "width": W}``."""
-    from detectron2.data import DatasetMapper
     from detectron2.data import detection_utils as utils
 
-    if _uses_default_test_mapper(project):
-        return DatasetMapper(cfg, is_train=False)({"file_name": str(path)})
+    mapper = _test_mapper(project, cfg)
+    if mapper is not None:
+        return mapper({"file_name": str(path)})
     image = utils.read_image(str(path), format=cfg.INPUT.FORMAT)
     return {"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))).float(),
             "height": image.shape[0], "width": image.shape[1]}

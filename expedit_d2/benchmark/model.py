@@ -22,6 +22,7 @@ import time
 import torch
 from torch import nn
 
+from ..checks import check_positive_int
 from ..cli import autocast
 from ..engine import load_project
 from ..flops import gmacs
@@ -31,7 +32,7 @@ from ..sweep.measure import image as sweep_image, load_model
 from .pool import Pooled, PoolSpec
 
 __all__ = ["ENTRY_POINTS", "model_parts", "compile_entry_points", "timed_parts", "part_seconds", "with_rest",
-           "output_counts", "build_models", "benchmark", "POOL", "format_table", "format_pooled"]
+           "output_counts", "build_models", "batch_throughput", "benchmark", "POOL", "format_table", "format_pooled"]
 
 
 #: the methods through which a part is entered: ``forward`` (``module(x)``), Detectron2's pixel
@@ -200,10 +201,48 @@ def build_models(project, cfgs: dict, points: list[Point], allow_partial: bool) 
     return models
 
 
+def _caller(model, inputs: list[dict], device, amp):
+    """A function calling ``model(inputs)`` as a user's inference does (inference mode, autocast)."""
+    def run():
+        with torch.inference_mode(), autocast(device, amp):
+            return model(inputs)
+    return run
+
+
+def batch_throughput(runners: dict, image: torch.Tensor, batches, device, repeats: int, warmup: int,
+                     amp: str | None = None, base: str = "baseline") -> dict[str, list[dict]]:
+    """{setting id: one dict per batch size b in ``batches``}: every setting called on a batch
+    of b copies of ``image`` (one padded size: one batch, :mod:`expedit_d2.batching`), the
+    settings interleaved per batch size as the latency is: ``ms`` (median per batch),
+    ``images_per_s`` (b over that median), ``latency_ratio`` (median per-round ratio to the
+    baseline at the same b, with its 95% interval) and ``speedup_vs_batch_1`` (the setting's
+    images/s over its own at the first batch size given)."""
+    H, W = (int(s) for s in image.shape[-2:])
+    out = {pid: [] for pid in runners}
+    for b in batches:
+        b = check_positive_int(b, "--batch")
+        inputs = [{"image": image, "height": H, "width": W}] * b
+        samples = interleaved_samples({pid: _caller(runners[pid], inputs, device, amp) for pid in runners},
+                                      device, repeats, warmup)
+        ratios = round_ratios(samples, base)
+        for pid, ts in samples.items():
+            sec = statistics.median(ts)
+            out[pid].append({"batch": b, "ms": 1e3 * sec, "ms_rounds": [1e3 * t for t in ts],
+                             "images_per_s": b / sec, "latency_ratio": statistics.median(ratios[pid]),
+                             "latency_ratio_ci95": list(median_interval(ratios[pid]))})
+    for per in out.values():
+        for r in per:
+            r["speedup_vs_batch_1"] = r["images_per_s"] / per[0]["images_per_s"]
+    return out
+
+
 def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str | None = None,
-              compile_part: str | None = None, allow_partial: bool = False, log=print) -> list[dict]:
+              compile_part: str | None = None, allow_partial: bool = False, log=print,
+              batches=None) -> list[dict]:
     """One row per setting (baseline first): the fields are those ``tools/benchmark_model.py``'s
-    docstring describes."""
+    docstring describes; with ``batches`` (batch sizes), each row's ``batches`` holds
+    :func:`batch_throughput`'s dicts."""
+    batches = [check_positive_int(b, "--batch") for b in batches] if batches else None
     project = load_project(spec.project)
     project.register_datasets()
     points = _points(spec)
@@ -225,15 +264,9 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
             names = compile_entry_points(models[p.id].backbone, dynamic=False)
             log(f"{_label(p)}: torch.compile of the backbone's {', '.join(names)}")
 
-    def call(pid):
-        def run():
-            with torch.inference_mode(), autocast(device, amp):
-                return runners[pid](inputs)
-        return run
-
     log(f"timing {len(points)} settings interleaved (warm-up {warmup}, {repeats} repeats)")
     base = "baseline"
-    runs = {p.id: call(p.id) for p in points}
+    runs = {p.id: _caller(runners[p.id], inputs, device, amp) for p in points}
     samples = interleaved_samples(runs, device, repeats, warmup)
     counts = {pid: output_counts(run()) for pid, run in runs.items()}
     secs = {pid: statistics.median(ts) for pid, ts in samples.items()}
@@ -245,6 +278,10 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
                     for pid, per in part_faults.items()}
     count_faults = minor_page_faults() is not None
     parts = {pid: {k: statistics.median(ts) for k, ts in per.items()} for pid, per in part_rounds.items()}
+    throughput = None
+    if batches:
+        log(f"throughput at batch sizes {list(batches)} (interleaved per batch size)")
+        throughput = batch_throughput(runners, image, batches, device, repeats, warmup, amp, base)
     rows = []
     for p in points:
         pid = p.id
@@ -275,6 +312,8 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
         row["parts_ratio"] = {k: statistics.median(round_ratios({pid: ts, base: part_rounds[base][k]}, base)[pid])
                               for k, ts in part_rounds[pid].items()
                               if k != "total" and min(part_rounds[base][k]) > 0}
+        if throughput is not None:
+            row["batches"] = throughput[pid]
         rows.append(row)
     return rows
 
@@ -391,6 +430,18 @@ def format_table(rows: list[dict], threads: int) -> str:
             + " | ".join(f"{r['parts_ms'][n]:.0f}" for n in part_names) + " | "
             + (f"{r['faults'] / 1e3:.1f}" if "faults" in r else "-") + " | "
             + (", ".join(f"{v} {k}" for k, v in r["outputs"].items()) or "-") + " |")
+    if "batches" in r0:
+        lines += ["", f"Throughput by batch size: a batch of copies of the image, the settings interleaved per "
+                  "batch size; ms: median per batch; latency ratio: median of the per-round ratios to the "
+                  "baseline at the same batch size [95% CI]; speed-up: images/s over the setting's own at "
+                  f"batch {r0['batches'][0]['batch']}", "",
+                  "| setting | batch | ms per batch | images/s | latency ratio [95% CI] | speed-up |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            for t in r["batches"]:
+                lo, hi = t["latency_ratio_ci95"]
+                lines.append(f"| {r['setting']} | {t['batch']} | {t['ms']:.0f} | {t['images_per_s']:.2f} | "
+                             f"{t['latency_ratio']:.3f} [{lo:.3f}, {hi:.3f}] | {t['speedup_vs_batch_1']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

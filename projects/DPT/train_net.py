@@ -15,9 +15,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the dpt package
 
 import expedit_d2  # noqa: E402,F401  (first: registers the backbones, quiets import-time warnings)
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader  # noqa: E402
+from detectron2.data import MetadataCatalog, build_detection_train_loader  # noqa: E402
 from detectron2.engine import DefaultTrainer  # noqa: E402
 
+from expedit_d2.batching import build_batched_test_loader  # noqa: E402
 from expedit_d2.solver import build_optimizer  # noqa: E402
 from expedit_d2.engine import build_cfg, launch_main, setup_project, train_or_evaluate  # noqa: E402
 from dpt import DepthDatasetMapper, DepthEvaluator, DPTCheckpointer, add_dpt_config, register_nyuv2  # noqa: E402
@@ -40,7 +41,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=DepthDatasetMapper(False, cfg.INPUT.FORMAT))
+        # TEST.IMS_PER_BATCH images per batch (expedit_d2.batching)
+        return build_batched_test_loader(cfg, dataset_name, mapper=DepthDatasetMapper(False, cfg.INPUT.FORMAT))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

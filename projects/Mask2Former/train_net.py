@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the mask2former package
 
 import expedit_d2  # noqa: E402,F401  (first: registers the backbones, quiets import-time warnings)
-from detectron2.data import MetadataCatalog, build_detection_train_loader  # noqa: E402
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import DefaultTrainer  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator  # noqa: E402
@@ -27,6 +27,7 @@ from expedit_d2.evaluation import PanopticQualityEvaluator  # noqa: E402
 from mask2former import add_maskformer2_config  # noqa: E402
 from mask2former.data import register_all  # noqa: E402
 from mask2former.data.train_mapper import MaskFormerTrainMapper  # noqa: E402
+from expedit_d2.batching import build_batched_test_loader  # noqa: E402
 from expedit_d2.solver import build_optimizer  # noqa: E402
 
 
@@ -65,6 +66,16 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, mapper=MaskFormerTrainMapper(cfg))
+
+    @classmethod
+    def build_test_mapper(cls, cfg):
+        """Detectron2's test mapper (also how tools/visualize.py prepares an image)."""
+        return DatasetMapper(cfg, is_train=False)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        # TEST.IMS_PER_BATCH images per batch (expedit_d2.batching)
+        return build_batched_test_loader(cfg, dataset_name, mapper=cls.build_test_mapper(cfg))
 
 
 Checkpointer = DetectionCheckpointer

@@ -22,6 +22,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 
 from expedit_d2.backbones.base import TappedBackboneProtocol
+from expedit_d2.batching import run_by_image_size
 from expedit_d2.cpu_linear import use_cpu_linear
 from expedit_d2.inputs import check_finite_images
 
@@ -105,6 +106,12 @@ class DPTDepth(nn.Module):
 
     def forward(self, batched_inputs):
         check_finite_images(batched_inputs)
+        if self.training:
+            return self._forward_batch(batched_inputs)
+        # images of one padded size at a time: each image's output is its output alone
+        return run_by_image_size(batched_inputs, self._forward_batch, self.backbone.size_divisibility)
+
+    def _forward_batch(self, batched_inputs):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         images = ImageList.from_tensors(images, self.backbone.size_divisibility)
         depth = self.to_depth(self.forward_raw(images.tensor))

@@ -32,6 +32,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.structures import ImageList
 
+from expedit_d2.batching import run_by_image_size
 from expedit_d2.cpu_linear import use_cpu_linear
 from expedit_d2.inputs import check_finite_images
 
@@ -97,6 +98,12 @@ class MaskFormer(nn.Module):
 
     def forward(self, batched_inputs):
         check_finite_images(batched_inputs)
+        if self.training:
+            return self._forward_batch(batched_inputs)
+        # images of one padded size at a time: each image's output is its output alone
+        return run_by_image_size(batched_inputs, self._forward_batch, self.size_divisibility)
+
+    def _forward_batch(self, batched_inputs):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         images = ImageList.from_tensors(images, self.size_divisibility)
         x = images.tensor

@@ -9,7 +9,8 @@
 # Steps: (1) venv, (2) requirements.txt (torch, fvcore, pycocotools, ...),
 # (3) detectron2 (kept if it already imports, else built from the pb1-detectron2
 # 0.6 source release, see tools/install/install_detectron2.py), (4) expedit-d2 itself,
-# editable.
+# editable, (5) its optional extra "onnx" (onnx, onnxruntime, onnxscript: tools/export_onnx.py
+# and its tests), kept if it already imports.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,5 +48,10 @@ if ! (cd / && "$vpy" -c 'import os, sys, expedit_d2; sys.exit(os.path.dirname(os
 then
     log "installing expedit-d2 (editable) from $repo"
     "${pip[@]}" install --no-deps --no-build-isolation -e "$repo"
+fi
+# (5) the optional extra [onnx], which the tests use (ONNX export and onnxruntime parity).
+if ! "$vpy" -c 'import onnx, onnxruntime, onnxscript' 2>/dev/null; then
+    log "installing the optional extra expedit-d2[onnx]"
+    "${pip[@]}" install --no-build-isolation -e "$repo[onnx]"
 fi
 log "ready: $vpy"

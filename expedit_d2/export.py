@@ -137,6 +137,20 @@ def build_export_pair(config_file, opts=(), what: str = "backbone", allow_partia
     return ImageToDepth(models[0]), ImageToDepth(models[1]), cfg
 
 
+def _sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
+    """``aten.sort.stable`` as ONNX ``TopK`` over the whole axis (no exporter translation
+    exists; Swin's window padding sorts a constant mask with it): ONNX's TopK breaks ties by
+    the lower index first, which is a stable sort. Compared as int64 (onnxruntime's TopK
+    takes no uint8/bool)."""
+    from onnx import TensorProto
+    from onnxscript import opset18 as op
+
+    n = op.Reshape(op.Gather(op.Shape(self), op.Constant(value_int=dim)), op.Constant(value_ints=[1]))
+    values, indices = op.TopK(op.Cast(self, to=TensorProto.INT64), n, axis=dim, largest=int(bool(descending)),
+                              sorted=1)
+    return op.CastLike(values, self), indices
+
+
 def export_onnx(module: nn.Module, example: torch.Tensor, path, opset: int = OPSET) -> Path:
     """Export ``module`` (eval mode) for the fixed input ``example`` to ``path`` (one file,
     weights inside), written under a temporary name and renamed."""
@@ -149,7 +163,8 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path, opset: int = OPS
         with torch.no_grad():
             program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset,
                                         input_names=["image"], output_names=list(module.names),
-                                        external_data=False, verbose=False)
+                                        external_data=False, verbose=False,
+                                        custom_translation_table={torch.ops.aten.sort.stable: _sort_stable})
         program.save(str(tmp), external_data=False)
 
     atomic_write(path, write)

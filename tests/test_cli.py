@@ -31,6 +31,7 @@ def _load(rel):
     ("tools/benchmark_head.py", ["(default: 5)", "(default: [640, 1024])", "autocast dtype (default: off)",
                                  "(default: ['deform_attn', 'decoder', 'inference'])"]),
     ("tools/benchmark_model.py", ["--input-size H W", "(default: 3)", "autocast dtype (default: off)"]),
+    ("tools/export_onnx.py", ["--input-size H W", "(default: backbone)", "(default: 0.0001)", "(default: 5)"]),
     ("expedit_d2/sweep.py", ["(default: output/sweep)", "(default: the sweep file's, else 5)",
                              "(default: the sweep file's, else 2)"]),
 ])

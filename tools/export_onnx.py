@@ -85,6 +85,7 @@ def main(argv=None):
                         help="largest allowed relative difference of onnxruntime from PyTorch")
     add_timing_arguments(parser, repeats=5, warmup=1)
     parser._option_string_actions["--repeats"].help += "; 0: parity only"
+    parser.set_defaults(device="cpu")  # onnxruntime runs on the CPU here, and so does the eager side
     parser.add_argument(PARTIAL_FLAG, action="store_true",
                         help="with MODEL.WEIGHTS: accept a file that covers only part of the model")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")

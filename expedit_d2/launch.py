@@ -195,4 +195,8 @@ def _run_worker(local_rank, main_func, world_size, num_processes, machine_rank, 
             comm._LOCAL_PROCESS_GROUP = group
     comm.synchronize()
     main_func(*args)
+    # every rank past main_func before any tears its group down: a rank that destroyed its
+    # gloo group (and exited) while a peer was still evaluating aborted at exit, now and then
+    # ("terminate called without an active exception", SIGABRT)
+    comm.synchronize()
     dist.destroy_process_group()

@@ -52,8 +52,9 @@ def add_expedit_config(cfg) -> None:
         # ("official": regions cut at the stage's ORIGINAL shift, window // 2, while the
         # blocks roll by s // 2) or the self-consistent one ("consistent": s // 2 for both)
         "SWIN_SHIFT_MASK": "official",
-        # ViT: an input whose token grid is smaller than NUM_CLUSTERS runs unexpedited
-        # ("skip": logged once, counted in the evaluation results) or fails ("error")
+        # ViT: an input with fewer tokens than NUM_CLUSTERS makes clusters runs unexpedited
+        # ("skip": logged once, counted in the evaluation results) or fails ("error"); one
+        # axis of the cluster grid longer than the token grid's is clustered, as officially
         "SMALL_INPUT": "skip",
         # cap on the operators' temporaries per chunk, in MB
         "MEMORY_LIMIT_MB": 256,

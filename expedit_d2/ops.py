@@ -238,7 +238,8 @@ def token_clustering(
         tokens: (B, P + H*W, C) tokens, the grid tokens in row-major order after P
             prefix tokens (cls/register tokens), any float dtype.
         grid_size: (H, W) of the token grid.
-        num_clusters: (h, w) of the cluster grid (or an int for h = w), h <= H, w <= W.
+        num_clusters: (h, w) of the cluster grid (or an int for h = w); h > H or w > W is
+            allowed, as in the official code.
         iters: number of assignment/update iterations n >= 1.
         temperature: tau > 0; assignments are softmax(-tau * squared distance).
         window: lambda, odd; a token may join clusters within lambda // 2 cluster rows
@@ -252,11 +253,10 @@ def token_clustering(
     """
     H, W = check_pair(grid_size, "grid_size")
     h, w = check_pair(num_clusters, "num_clusters")
-    if h > H or w > W:
-        raise ValueError(
-            f"num_clusters {(h, w)} is larger than the token grid {(H, W)}: "
-            "the cluster grid must not exceed the token grid"
-        )
+    # A cluster axis longer than the token axis is allowed, as in the official code (the
+    # Expedit-DPT KITTI row clusters 22 x 76 tokens to 28 x 28): the pooling repeats token
+    # rows, the nearest resizing skips cluster rows, and a cluster no token may join ends
+    # as the zero vector (the 1e-16 floor of the update).
     iters = check_positive_int(iters, "iters")
     tau = check_positive_float(temperature, "clustering temperature")
     radius = _window(window) // 2

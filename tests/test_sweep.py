@@ -168,12 +168,12 @@ def test_bad_grid_values_fail_before_any_evaluation(synthetic_coco, tmp_path, gr
     assert not (tmp_path / "points").exists() and not list(tmp_path.glob("results*"))
 
 
-def test_cluster_grid_larger_than_the_token_grid_is_named(tmp_path):
-    """DPT/ViT: 480x640 gives a 30x40 token grid; 32x32 clusters do not fit in 30 rows."""
+def test_cluster_grid_with_more_clusters_than_tokens_is_named(tmp_path):
+    """DPT/ViT: 480x640 gives a 30x40 token grid (1200 tokens); 36x36 clusters are more."""
     s = SweepSpec(config_file=str(ROOT / "projects/DPT/configs/demo/tiny_vit_nyuv2.yaml"), input_size=(480, 640),
-                  grid={"MODEL.EXPEDIT.CLUSTERING_LOCATION": [1], "MODEL.EXPEDIT.NUM_CLUSTERS": [[16, 16], [32, 32]]},
+                  grid={"MODEL.EXPEDIT.CLUSTERING_LOCATION": [1], "MODEL.EXPEDIT.NUM_CLUSTERS": [[16, 16], [36, 36]]},
                   opts=["MODEL.DEVICE", "cpu"])
-    with pytest.raises(SweepError, match=r"NUM_CLUSTERS=\[32, 32\] is larger than this input's token grid \[30, 40\]"):
+    with pytest.raises(SweepError, match=r"NUM_CLUSTERS=\[36, 36\] makes more clusters \(1296\) than this input's token grid \[30, 40\]"):
         run_sweep(s, tmp_path, show_progress=False)
     assert not (tmp_path / "points").exists()
 

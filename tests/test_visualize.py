@@ -184,7 +184,7 @@ def test_bad_input_is_named(scene, tmp_path):
     with pytest.raises(ValueError, match="runs no token reduction; give a setting"):
         visualize.main(["--config-file", DPT_TINY, "--input", str(scene), "--output", str(tmp_path),
                         "MODEL.DEVICE", "cpu"])
-    with pytest.raises(ValueError, match=r"NUM_CLUSTERS=\[12, 12\] is larger than this input's token grid \[6, 8\]"):
+    with pytest.raises(ValueError, match=r"NUM_CLUSTERS=\[12, 12\] makes more clusters \(144\) than this input's token grid \[6, 8\]"):
         visualize.main(["--config-file", DPT_TINY, "--input", str(scene), "--output", str(tmp_path),
                         "MODEL.DEVICE", "cpu", *EXPEDIT, "[12, 12]"])
     assert not list(tmp_path.glob("*.png"))

@@ -184,7 +184,8 @@ def test_autocast_forward_is_finite(dtype, tiny_vit_cfg, seeded_backbone):
 
 @pytest.mark.parametrize("key, value, message", [
     ("CLUSTERING_LOCATION", 6, r"MODEL.EXPEDIT.CLUSTERING_LOCATION=6 is outside this ViT's blocks 0..5"),
-    ("NUM_CLUSTERS", [11, 4], r"MODEL.EXPEDIT.NUM_CLUSTERS=\[11, 4\] is larger than this input's token grid \[10, 14\]"),
+    ("NUM_CLUSTERS", [11, 13], r"MODEL.EXPEDIT.NUM_CLUSTERS=\[11, 13\] makes more clusters \(143\) than this input's "
+     r"token grid \[10, 14\] \(rows, columns\) has tokens \(140\)"),
     ("RECON_K", 31, r"MODEL.EXPEDIT.RECON_K=31 exceeds the 5x6 clusters"),
     ("ITERS", 0, r"MODEL.EXPEDIT.ITERS must be an int >= 1, got 0"),
     ("SMALL_INPUT", "clamp", r"MODEL.EXPEDIT.SMALL_INPUT must be 'skip' or 'error', got 'clamp'"),
@@ -224,7 +225,7 @@ def test_input_smaller_than_the_cluster_grid_runs_unexpedited_and_is_counted(cap
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert unexpedited_images(ex) == 3 and unexpedited_images(base) == 0
     warned = [r for r in caplog.records if "run unexpedited" in r.getMessage()]
-    assert len(warned) == 1 and "NUM_CLUSTERS=[8, 8] is larger than this input's token grid [6, 10]" in warned[0].getMessage()
+    assert len(warned) == 1 and "NUM_CLUSTERS=[8, 8] makes more clusters (64) than this input's token grid [6, 10]" in warned[0].getMessage()
 
 
 def test_weight_standardisation_is_cached_in_inference_and_follows_the_weights():

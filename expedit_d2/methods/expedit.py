@@ -231,9 +231,13 @@ class ExpeditTokens(TokenReducer):
         if index != self.location:
             return x
         h, w = self.clustering.num_clusters
-        if h > state.grid[0] or w > state.grid[1]:
-            message = (f"{_KEY}NUM_CLUSTERS={[h, w]} is larger than this input's token "
-                       f"grid {list(state.grid)} (rows, columns)")
+        H, W = state.grid
+        # fewer tokens than clusters: clustering could only add tokens. One axis of the
+        # cluster grid longer than the token grid's is clustered, as officially (KITTI's
+        # 28 x 28 clusters on 22 x 76 tokens)
+        if h * w > H * W:
+            message = (f"{_KEY}NUM_CLUSTERS={[h, w]} makes more clusters ({h * w}) than this input's "
+                       f"token grid {[H, W]} (rows, columns) has tokens ({H * W})")
             if self.small_input == "error":
                 raise ValueError(message)
             if self.unexpedited_images == 0:

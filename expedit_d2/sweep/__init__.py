@@ -30,8 +30,8 @@ setting of each method within the budget, and the plot one series and Pareto fro
 method.
 
 Every grid value is checked before anything is evaluated: unknown config keys, values the
-backbone rejects (alpha beyond the depth), and cluster grids larger than the token grid at the
-stated input size (a shape-only forward on the meta device). So are the weights: the baseline
+backbone rejects (alpha beyond the depth), and cluster grids with more clusters than the token grid has tokens
+at the stated input size (a shape-only forward on the meta device). So are the weights: the baseline
 model loads ``MODEL.WEIGHTS`` as ``--eval-only`` does (:func:`expedit_d2.checkpoint.load_weights`),
 so no weights, a missing or unreadable file, or a checkpoint of another model stop the sweep with
 an error naming the file and the first offending keys; ``--allow-partial-weights`` (passed on to

@@ -22,7 +22,7 @@ from PIL import Image
 
 from .fileio import atomic_write
 
-__all__ = ["SCENE_CATEGORIES", "draw_scene", "write_coco", "write_nyuv2_mat"]
+__all__ = ["SCENE_CATEGORIES", "draw_scene", "write_coco", "write_nyuv2_mat", "write_kitti"]
 
 # COCO panoptic ids of what the scenes contain
 SCENE_CATEGORIES = {"person": 1, "car": 3, "sky": 187, "grass": 193}
@@ -172,3 +172,50 @@ def write_nyuv2_mat(folder, n: int = 4, n_test: int = 2, seed: int = 0, scenes: 
 
     atomic_write(splits, write_splits)
     return labeled, splits, images, depths
+
+
+def write_kitti(root, n_test: int = 2, n_train: int = 0, sizes=((375, 1242), (370, 1224)), seed: int = 0):
+    """A KITTI depth layout under ``root/kitti`` in the real formats: raw RGB PNGs under
+    ``raw/<date>/<drive>/image_02/data/``, annotated depth as 16-bit PNGs (depth x 256, 0 =
+    no measurement; LiDAR-like: a random 10 % of the pixels below the horizon) under
+    ``data_depth_annotated/train/<drive>/proj_depth/groundtruth/image_02/`` (as the KITTI zip
+    unpacks), and BTS-style split lists, each ending with an image listed without ground
+    truth (``None``). Frame sizes cycle through ``sizes`` (KITTI's vary). Returns
+    (test list, train list or None, {depth PNG path: depth in metres as stored})."""
+    root = Path(root)
+    kitti = root / "kitti"
+    rng = np.random.default_rng(seed)
+    date, drive = "2011_09_26", "2011_09_26_drive_0002_sync"
+    depths, lists, frame = {}, [], 0
+
+    def write_split(name: str, n: int) -> Path:
+        nonlocal frame
+        lines = []
+        for i in range(n + 1):  # the last one without ground truth
+            h, w = sizes[frame % len(sizes)]
+            stem = f"{frame:010d}"
+            image_rel = f"{date}/{drive}/image_02/data/{stem}.png"
+            yy, xx = np.mgrid[0:h, 0:w]
+            rgb = np.stack([(xx + 13 * frame) % 256, (yy * 2) % 256, (xx // 3 + yy) % 256], -1).astype(np.uint8)
+            path = kitti / "raw" / image_rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda p: Image.fromarray(rgb).save(p, format="PNG"))
+            depth_rel = "None"
+            if i < n:
+                depth_rel = f"{drive}/proj_depth/groundtruth/image_02/{stem}.png"
+                metres = 2.0 + 70.0 * (1.0 - yy / h) + 5.0 * xx / w + rng.uniform(0, 1, (h, w))
+                stored = np.round(metres * 256).astype(np.uint16)
+                stored[(yy < 0.35 * h) | (rng.random((h, w)) > 0.1)] = 0
+                dpath = kitti / "data_depth_annotated" / "train" / depth_rel
+                dpath.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(dpath, lambda p: Image.fromarray(stored).save(p, format="PNG"))
+                depths[str(dpath)] = stored.astype(np.float32) / 256.0
+            lines.append(f"{image_rel} {depth_rel} 721.5377")
+            frame += 1
+        list_path = root / f"{name}_files_with_gt.txt"
+        atomic_write(list_path, "\n".join(lines) + "\n")
+        return list_path
+
+    test_list = write_split("eigen_test", n_test)
+    train_list = write_split("eigen_train", n_train) if n_train else None
+    return test_list, train_list, depths

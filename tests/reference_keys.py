@@ -2,11 +2,14 @@
 from pathlib import Path
 
 REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
+#: checkpoints whose model is another's class with the same names and shapes: DPT's KITTI
+#: fine-tune (dpt_hybrid_kitti-cb926ef4.pt) is DPTDepthModel on vitb_rn50_384, as the NYUv2 one
+SAME_KEYS = {"dpt_hybrid_kitti": "dpt_hybrid_vitb_rn50_384"}
 
 
 def read_keys(name: str) -> dict:
     """``name`` (file stem without .keys.tsv) -> {parameter name: shape tuple}."""
-    path = REFERENCE_DIR / f"{name}.keys.tsv"
+    path = REFERENCE_DIR / f"{SAME_KEYS.get(name, name)}.keys.tsv"
     out = {}
     for line in path.read_text().splitlines():
         if line.strip():

@@ -50,7 +50,7 @@ def nyu(tmp_path_factory):
         DatasetCatalog.remove(NYU)
         MetadataCatalog.remove(NYU)
     DatasetCatalog.register(NYU, lambda: load_nyuv2(folder / "d2", "test"))
-    MetadataCatalog.get(NYU).set(evaluator_type="depth", min_depth=1e-3, max_depth=10.0, eigen_crop=True)
+    MetadataCatalog.get(NYU).set(evaluator_type="depth", min_depth=1e-3, max_depth=10.0, eval_crop="nyu_eigen")
     return NYU
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""DPT depth estimation on NYUv2 with expedit-d2 backbones (Detectron2 training script).
+"""DPT depth estimation on NYUv2 and KITTI with expedit-d2 backbones (Detectron2 training script).
 
     python projects/DPT/train_net.py --config-file projects/DPT/configs/dpt_hybrid_nyuv2.yaml \\
         --eval-only MODEL.WEIGHTS dpt_hybrid_nyu-2ce69ec7.pt
@@ -7,7 +7,8 @@
         projects/DPT/configs/dpt_hybrid_nyuv2_expedit_a4_16x16.yaml --eval-only MODEL.WEIGHTS ...
 
 Official DPT ``.pt`` files load through a load-time key map (``dpt.DPTCheckpointer``).
-NYUv2 must be prepared first: ``python datasets/prepare_nyuv2.py`` (see datasets/README.md).
+NYUv2 and KITTI must be prepared first: ``python datasets/prepare_nyuv2.py`` /
+``datasets/prepare_kitti.py`` (see datasets/README.md).
 """
 import os
 import sys
@@ -21,7 +22,8 @@ from detectron2.engine import DefaultTrainer  # noqa: E402
 from expedit_d2.batching import build_batched_test_loader  # noqa: E402
 from expedit_d2.solver import build_optimizer  # noqa: E402
 from expedit_d2.engine import build_cfg, launch_main, setup_project, train_or_evaluate  # noqa: E402
-from dpt import DepthDatasetMapper, DepthEvaluator, DPTCheckpointer, add_dpt_config, register_nyuv2  # noqa: E402
+from dpt import (DepthDatasetMapper, DepthEvaluator, DPTCheckpointer, add_dpt_config, register_kitti,  # noqa: E402
+                 register_nyuv2)
 
 
 class Trainer(DefaultTrainer):
@@ -46,9 +48,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        meta = MetadataCatalog.get(dataset_name)
-        return DepthEvaluator(dataset_name, meta.get("min_depth", 1e-3), meta.get("max_depth", 10.0),
-                              meta.get("eigen_crop", True))
+        # the dataset's protocol (NYUv2: Eigen crop, 10 m; KITTI: Garg crop, 80 m, PNG depth)
+        return DepthEvaluator.from_metadata(dataset_name, MetadataCatalog.get(dataset_name))
 
 
 Checkpointer = DPTCheckpointer
@@ -72,6 +73,7 @@ def build_config(args):
 def register_datasets():
     """The project's datasets under $DETECTRON2_DATASETS (idempotent, lazily loaded)."""
     register_nyuv2()
+    register_kitti()
 
 
 def setup(args):

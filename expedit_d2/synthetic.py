@@ -6,6 +6,9 @@
   Mask2Former's registrations read it under ``$DETECTRON2_DATASETS`` unchanged.
 * :func:`write_nyuv2_mat` -- ``nyu_depth_v2_labeled.mat`` (MATLAB v7.3 / HDF5, column-major)
   and ``splits.mat`` (MATLAB v5), the two files ``datasets/prepare_nyuv2.py`` reads.
+* :func:`write_ytvis` -- ``ytvis_<year>/<split>.json`` and ``<split>/JPEGImages/`` as YouTube-VIS
+  ships them: short videos of shapes moving across the frames, one appearing late and one leaving
+  early, with the real category ids and names of that year.
 
 Scenes are simple but learnable: a horizon splits sky from ground; boxes (person) and discs
 (car) sit on the ground. Depth grows towards the horizon and objects are nearer than the
@@ -22,7 +25,7 @@ from PIL import Image
 
 from .fileio import atomic_write
 
-__all__ = ["SCENE_CATEGORIES", "draw_scene", "write_coco", "write_nyuv2_mat", "write_kitti"]
+__all__ = ["SCENE_CATEGORIES", "draw_scene", "write_coco", "write_nyuv2_mat", "write_kitti", "write_ytvis"]
 
 # COCO panoptic ids of what the scenes contain
 SCENE_CATEGORIES = {"person": 1, "car": 3, "sky": 187, "grass": 193}
@@ -219,3 +222,120 @@ def write_kitti(root, n_test: int = 2, n_train: int = 0, sizes=((375, 1242), (37
     test_list = write_split("eigen_test", n_test)
     train_list = write_split("eigen_train", n_train) if n_train else None
     return test_list, train_list, depths
+
+
+def _moving_shapes(rng: np.random.Generator, n_frames: int, height: int, width: int, n_objects: int = 3):
+    """One video of ``n_objects`` shapes, each moving horizontally in a band of rows of its own
+    (so none hides another): object 0 is there throughout, object 1 appears late (from frame
+    ``n_frames // 3``, at least 1), object 2 leaves early (absent from the last third, at least the
+    last frame). Returns (frames (T, H, W, 3) uint8, masks (N, T, H, W) bool)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    background = np.stack([60 + 80 * yy / height, 90 + 60 * xx / width, np.full_like(yy, 120.0)], -1)
+    frames = np.repeat(background[None], n_frames, 0).astype(np.float32)
+    masks = np.zeros((n_objects, n_frames, height, width), dtype=bool)
+    band = height // n_objects
+    late, early = max(1, n_frames // 3), n_frames - max(1, n_frames // 3)
+    spans = [(0, n_frames), (late, n_frames), (0, early)]
+    for k in range(n_objects):
+        first, stop = spans[k % 3]
+        h = int(rng.integers(max(2, band // 2), band))
+        w = int(rng.integers(max(2, width // 8), max(3, width // 4)))
+        top = k * band + int(rng.integers(0, band - h + 1))
+        x0, x1 = rng.uniform(0, width - w, size=2)
+        disc = k % 2 == 1
+        colour = rng.uniform(30, 255, size=3)
+        for t in range(first, stop):
+            left = x0 + (x1 - x0) * t / max(n_frames - 1, 1)
+            if disc:
+                cy, cx = top + h / 2 - 0.5, left + w / 2 - 0.5
+                m = ((yy - cy) / (h / 2)) ** 2 + ((xx - cx) / (w / 2)) ** 2 <= 1
+            else:
+                c0 = int(round(left))
+                m = (yy >= top) & (yy < top + h) & (xx >= c0) & (xx < c0 + w)
+            masks[k, t] = m
+            frames[t][m] = colour
+    frames += rng.normal(0, 4, frames.shape)
+    return np.clip(frames, 0, 255).astype(np.uint8), masks
+
+
+def write_ytvis(root, version: int = 2019, split: str = "valid", n_videos: int = 2, n_frames: int = 5,
+                height: int = 48, width: int = 64, with_annotations: bool = True, seed: int = 0):
+    """Write ``root/ytvis_<version>/<split>.json`` and the JPEG frames under
+    ``root/ytvis_<version>/<split>/JPEGImages/<video>/`` as YouTube-VIS has them (frame names
+    ``00000.jpg``, ``00005.jpg``, ...: every 5th frame of the source video), ``n_videos`` videos
+    of ``n_frames`` frames with three moving objects each (see :func:`_moving_shapes`) of random
+    categories among the real ones of ``version``.
+
+    The JSON has ``info``, ``licenses``, ``videos``, ``categories`` (the 40 of that year, with
+    their ids) and, with ``with_annotations``, ``annotations``: per object ``segmentations``
+    (compressed RLE with str counts, None where the object is absent), ``bboxes`` ([x, y, w, h]
+    or None), ``areas`` (or None), ``category_id``, ``iscrowd`` 0, ``video_id``, ``id`` and the
+    video's ``height``, ``width``, ``length``. Without, the key is left out (as in the public
+    valid / test sets). Existing files are overwritten, each atomically.
+
+    Returns (JSON path, {video id: (N, T, H, W) bool masks}); the masks are those the
+    annotations of that video hold, in their order (drawn also when not written)."""
+    import pycocotools.mask as mask_util
+
+    from .evaluation.panoptic import mask_bbox
+
+    categories = _ytvis_categories(version)
+    if n_frames < 2:
+        raise ValueError(f"n_frames must be at least 2 (an object appears late and one leaves early), got {n_frames}")
+    base = Path(root) / f"ytvis_{version}"
+    rng = np.random.default_rng([seed, version, *split.encode()])
+    videos, annotations, truth = [], [], {}
+    for vid in range(1, n_videos + 1):
+        name = f"{int(rng.integers(16 ** 9)):010x}"  # ten hex digits, as YouTube-VIS names its videos
+        frames, masks = _moving_shapes(rng, n_frames, height, width)
+        folder = base / split / "JPEGImages" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        file_names = []
+        for t, frame in enumerate(frames):
+            file_names.append(f"{name}/{5 * t:05d}.jpg")
+            atomic_write(folder / f"{5 * t:05d}.jpg",
+                         lambda p, im=frame: Image.fromarray(im).save(p, format="JPEG", quality=95))
+        videos.append({"id": vid, "width": width, "height": height, "length": n_frames, "file_names": file_names,
+                       "license": 1, "flickr_url": "", "coco_url": "", "date_captured": "2019-04-11 00:00:00"})
+        truth[vid] = masks
+        cat_ids = rng.choice([c["id"] for c in categories], size=len(masks))
+        for k, track in enumerate(masks):
+            segms, bboxes, areas = [], [], []
+            for m in track:
+                if m.any():
+                    rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+                    segms.append({"size": [height, width], "counts": rle["counts"].decode("ascii")})
+                    bboxes.append([float(v) for v in mask_bbox(m)])
+                    areas.append(int(m.sum()))
+                else:  # absent in this frame
+                    segms.append(None)
+                    bboxes.append(None)
+                    areas.append(None)
+            annotations.append({"id": len(annotations) + 1, "video_id": vid, "category_id": int(cat_ids[k]),
+                                "iscrowd": 0, "height": height, "width": width, "length": n_frames,
+                                "segmentations": segms, "bboxes": bboxes, "areas": areas})
+    data = {"info": {"description": f"synthetic YouTube-VIS {version} {split}"},
+            "licenses": [{"id": 1, "name": "synthetic"}], "videos": videos,
+            "categories": [{"supercategory": "object", "id": c["id"], "name": c["name"]} for c in categories]}
+    if with_annotations:
+        data["annotations"] = annotations
+    json_path = base / f"{split}.json"
+    atomic_write(json_path, json.dumps(data))
+    return json_path, truth
+
+
+# the YouTube-VIS categories (id, name) of each year, as the official lists have them
+_YTVIS_NAMES = {
+    2019: "person giant_panda lizard parrot skateboard sedan ape dog snake monkey hand rabbit duck cat cow fish "
+          "train horse turtle bear motorbike giraffe leopard fox deer owl surfboard airplane truck zebra tiger "
+          "elephant snowboard boat shark mouse frog eagle earless_seal tennis_racket",
+    2021: "airplane bear bird boat car cat cow deer dog duck earless_seal elephant fish flying_disc fox frog "
+          "giant_panda giraffe horse leopard lizard monkey motorbike mouse parrot person rabbit shark skateboard "
+          "snake snowboard squirrel surfboard tennis_racket tiger train truck turtle whale zebra",
+}
+
+
+def _ytvis_categories(version: int) -> list[dict]:
+    if version not in _YTVIS_NAMES:
+        raise ValueError(f"YouTube-VIS version must be one of {sorted(_YTVIS_NAMES)}, got {version!r}")
+    return [{"id": i + 1, "name": n} for i, n in enumerate(_YTVIS_NAMES[version].split())]

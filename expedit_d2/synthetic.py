@@ -258,16 +258,17 @@ def _moving_shapes(rng: np.random.Generator, n_frames: int, height: int, width: 
     return np.clip(frames, 0, 255).astype(np.uint8), masks
 
 
-def write_ytvis(root, version: int = 2019, split: str = "valid", n_videos: int = 2, n_frames: int = 5,
-                height: int = 48, width: int = 64, with_annotations: bool = True, seed: int = 0):
+def write_ytvis(root, categories, version: int = 2019, split: str = "valid", n_videos: int = 2,
+                n_frames: int = 5, height: int = 48, width: int = 64, with_annotations: bool = True,
+                seed: int = 0):
     """Write ``root/ytvis_<version>/<split>.json`` and the JPEG frames under
     ``root/ytvis_<version>/<split>/JPEGImages/<video>/`` as YouTube-VIS has them (frame names
     ``00000.jpg``, ``00005.jpg``, ...: every 5th frame of the source video), ``n_videos`` videos
     of ``n_frames`` frames with three moving objects each (see :func:`_moving_shapes`) of random
-    categories among the real ones of ``version``.
+    categories among ``categories`` (dicts with ``id`` and ``name``: the project's list of that
+    year, e.g. ``mask2former_video.data.ytvis.YTVIS_CATEGORIES_2019``).
 
-    The JSON has ``info``, ``licenses``, ``videos``, ``categories`` (the 40 of that year, with
-    their ids) and, with ``with_annotations``, ``annotations``: per object ``segmentations``
+    The JSON has ``info``, ``licenses``, ``videos``, ``categories`` (``categories``' ids and names) and, with ``with_annotations``, ``annotations``: per object ``segmentations``
     (compressed RLE with str counts, None where the object is absent), ``bboxes`` ([x, y, w, h]
     or None), ``areas`` (or None), ``category_id``, ``iscrowd`` 0, ``video_id``, ``id`` and the
     video's ``height``, ``width``, ``length``. Without, the key is left out (as in the public
@@ -279,7 +280,9 @@ def write_ytvis(root, version: int = 2019, split: str = "valid", n_videos: int =
 
     from .evaluation.panoptic import mask_bbox
 
-    categories = _ytvis_categories(version)
+    if not categories or not all("id" in c and "name" in c for c in categories):
+        raise ValueError("categories must be a non-empty list of dicts with 'id' and 'name' (the YouTube-VIS "
+                         "categories of the year)")
     if n_frames < 2:
         raise ValueError(f"n_frames must be at least 2 (an object appears late and one leaves early), got {n_frames}")
     base = Path(root) / f"ytvis_{version}"
@@ -322,20 +325,3 @@ def write_ytvis(root, version: int = 2019, split: str = "valid", n_videos: int =
     json_path = base / f"{split}.json"
     atomic_write(json_path, json.dumps(data))
     return json_path, truth
-
-
-# the YouTube-VIS categories (id, name) of each year, as the official lists have them
-_YTVIS_NAMES = {
-    2019: "person giant_panda lizard parrot skateboard sedan ape dog snake monkey hand rabbit duck cat cow fish "
-          "train horse turtle bear motorbike giraffe leopard fox deer owl surfboard airplane truck zebra tiger "
-          "elephant snowboard boat shark mouse frog eagle earless_seal tennis_racket",
-    2021: "airplane bear bird boat car cat cow deer dog duck earless_seal elephant fish flying_disc fox frog "
-          "giant_panda giraffe horse leopard lizard monkey motorbike mouse parrot person rabbit shark skateboard "
-          "snake snowboard squirrel surfboard tennis_racket tiger train truck turtle whale zebra",
-}
-
-
-def _ytvis_categories(version: int) -> list[dict]:
-    if version not in _YTVIS_NAMES:
-        raise ValueError(f"YouTube-VIS version must be one of {sorted(_YTVIS_NAMES)}, got {version!r}")
-    return [{"id": i + 1, "name": n} for i, n in enumerate(_YTVIS_NAMES[version].split())]

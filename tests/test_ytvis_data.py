@@ -31,11 +31,13 @@ def ytvis_root(tmp_path_factory):
     """A dataset root with 2019 train (annotated), 2019 valid (no annotations, as published)
     and 2021 valid (annotated); no test sets and no 2021 train. Returns (root, {(year, split):
     (json path, masks)})."""
+    from mask2former_video.data.ytvis import YTVIS_CATEGORIES_2019 as C19, YTVIS_CATEGORIES_2021 as C21
+
     root = tmp_path_factory.mktemp("datasets")
-    written = {(2019, "train"): write_ytvis(root, 2019, "train", n_frames=N_FRAMES, height=H, width=W),
-               (2019, "valid"): write_ytvis(root, 2019, "valid", n_frames=N_FRAMES, height=H, width=W,
+    written = {(2019, "train"): write_ytvis(root, C19, 2019, "train", n_frames=N_FRAMES, height=H, width=W),
+               (2019, "valid"): write_ytvis(root, C19, 2019, "valid", n_frames=N_FRAMES, height=H, width=W,
                                             with_annotations=False),
-               (2021, "valid"): write_ytvis(root, 2021, "valid", n_videos=3, n_frames=N_FRAMES, height=H,
+               (2021, "valid"): write_ytvis(root, C21, 2021, "valid", n_videos=3, n_frames=N_FRAMES, height=H,
                                             width=W, seed=1)}
     return root, written
 
@@ -248,10 +250,11 @@ def test_writer_round_trip(ytvis_root):
                     assert a["areas"][t] == m.sum()
                     assert a["bboxes"][t] == list(mask_util.toBbox(a["segmentations"][t]))
             assert not (masks.sum(0) > 1).any()  # the objects never overlap
-    again = write_ytvis(root / "again", 2021, "valid", n_videos=3, n_frames=N_FRAMES, height=H, width=W, seed=1)
+    again = write_ytvis(root / "again", YTVIS_CATEGORIES_2021, 2021, "valid", n_videos=3, n_frames=N_FRAMES,
+                        height=H, width=W, seed=1)
     assert all(np.array_equal(again[1][v], written[2021, "valid"][1][v]) for v in again[1])  # a function of the seed
-    with pytest.raises(ValueError, match="version must be one of"):
-        write_ytvis(root / "bad", 2020)
+    with pytest.raises(ValueError, match="categories must be a non-empty list"):
+        write_ytvis(root / "bad", [], 2020)
 
 
 # --------------------------------------------------------------------------------------

@@ -197,12 +197,15 @@ def config_from_file(config_file, project=None, opts=()):
 
 
 def load_project(project) -> object:
-    """Import ``<project>/train_net.py`` as a module; ``project`` is the project folder."""
-    path = Path(project).resolve() / "train_net.py"
+    """Import a project's training script as a module: ``project`` is the project folder (its
+    ``train_net.py``) or the script itself (e.g. ``projects/Mask2Former/train_net_video.py``)."""
+    path = Path(project).resolve()
+    if path.suffix != ".py":
+        path = path / "train_net.py"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a project folder holds a train_net.py "
-                                "(e.g. projects/Mask2Former)")
-    name = f"_expedit_project_{path.parent.name.lower()}"
+                                "(e.g. projects/Mask2Former), or name the script")
+    name = f"_expedit_project_{path.parent.name.lower()}" + ("" if path.stem == "train_net" else f"_{path.stem}")
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)

@@ -105,20 +105,36 @@ def model_flops(model: torch.nn.Module, inputs: list) -> FlopCountAnalysis:
     return _configure(D2FlopCountAnalysis(model, inputs))
 
 
-def gmacs(model: torch.nn.Module, image: torch.Tensor, whole_model: bool = True) -> dict[str, float]:
+def gmacs(model: torch.nn.Module, image: torch.Tensor, whole_model: bool = True,
+          frames: int | None = None) -> dict[str, float]:
     """Backbone and whole-model GMACs (fvcore multiply-adds / 1e9) of a Detectron2 model on
-    one (C, H, W) image.
+    one (C, H, W) image, or on a clip of ``frames`` copies of it for a video model (input
+    ``{"image": [frame] * frames}``, e.g. ``VideoMaskFormer``).
 
     The backbone sees the image as the model preprocesses it (normalised, padded to the
-    size divisibility) when the model has ``preprocess_image``. Returns ``backbone``,
-    ``model`` (when ``whole_model``) and ``padded`` (the backbone input's H, W)."""
+    size divisibility) when the model has ``preprocess_image``; a clip's frames go through it
+    as one batch. Returns ``backbone``, ``model`` (when ``whole_model``) and ``padded`` (the
+    backbone input's H, W); for a clip these are per clip, with ``frames`` and the per-frame
+    ``backbone_per_frame`` (and ``model_per_frame``) beside them."""
     H, W = image.shape[-2:]
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        raise ValueError(f"frames must be an int >= 1 (a clip's length), got {frames!r}")
     with torch.inference_mode():
         if hasattr(model, "preprocess_image"):
             x = model.preprocess_image([{"image": image}]).tensor
         else:
             x = image[None]
+        if frames is not None:
+            x = x.expand(frames, *x.shape[1:])
         out = {"backbone": backbone_flops(model.backbone, x).total() / 1e9, "padded": tuple(x.shape[-2:])}
         if whole_model:
-            out["model"] = model_flops(model, [{"image": image, "height": H, "width": W}]).total() / 1e9
+            # distinct tensors per frame: the tracer passes repeated inputs on as copies
+            clip = image if frames is None else [image.clone() for _ in range(frames)]
+            inputs = [{"image": clip, "height": H, "width": W}]
+            out["model"] = model_flops(model, inputs).total() / 1e9
+    if frames is not None:
+        out["frames"] = frames
+        for key in ("backbone", "model"):
+            if key in out:
+                out[f"{key}_per_frame"] = out[key] / frames
     return out

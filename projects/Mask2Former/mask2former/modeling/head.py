@@ -11,7 +11,7 @@ from detectron2.config import configurable
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from .pixel_decoder import MSDeformAttnPixelDecoder
-from .transformer_decoder import MultiScaleMaskedTransformerDecoder
+from .transformer_decoder import TRANSFORMER_DECODER_REGISTRY
 
 __all__ = ["MaskFormerHead"]
 
@@ -24,16 +24,17 @@ class MaskFormerHead(nn.Module):
     def __init__(self, input_shape, num_classes, conv_dim=256, mask_dim=256, norm="GN",
                  transformer_in_features=("res3", "res4", "res5"), enc_layers=6, enc_dim_feedforward=1024,
                  enc_n_points=4, dropout=0.0, hidden_dim=256, num_queries=100, nheads=8,
-                 dim_feedforward=2048, dec_layers=9, enforce_input_project=False, num_feature_levels=3):
+                 dim_feedforward=2048, dec_layers=9, enforce_input_project=False, num_feature_levels=3,
+                 transformer_decoder_name="MultiScaleMaskedTransformerDecoder", decoder_extra=None):
         super().__init__()
         self.num_classes = num_classes
         self.pixel_decoder = MSDeformAttnPixelDecoder(
             input_shape, transformer_in_features, conv_dim, mask_dim, norm, dropout=dropout,
             nheads=nheads, dim_feedforward=enc_dim_feedforward, enc_layers=enc_layers,
             n_points=enc_n_points, num_feature_levels=num_feature_levels)
-        self.predictor = MultiScaleMaskedTransformerDecoder(
+        self.predictor = TRANSFORMER_DECODER_REGISTRY.get(transformer_decoder_name)(
             conv_dim, num_classes, hidden_dim, num_queries, nheads, dim_feedforward, dec_layers,
-            mask_dim, enforce_input_project, num_feature_levels)
+            mask_dim, enforce_input_project, num_feature_levels, **(decoder_extra or {}))
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -41,9 +42,10 @@ class MaskFormerHead(nn.Module):
         if h.PIXEL_DECODER_NAME != "MSDeformAttnPixelDecoder":
             raise ValueError(f"MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME {h.PIXEL_DECODER_NAME!r}: only "
                              "'MSDeformAttnPixelDecoder' is implemented")
-        if m.TRANSFORMER_DECODER_NAME != "MultiScaleMaskedTransformerDecoder":
+        if m.TRANSFORMER_DECODER_NAME not in TRANSFORMER_DECODER_REGISTRY:
+            known = sorted(name for name, _ in TRANSFORMER_DECODER_REGISTRY)
             raise ValueError(f"MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME {m.TRANSFORMER_DECODER_NAME!r}: "
-                             "only 'MultiScaleMaskedTransformerDecoder' is implemented")
+                             f"expected one of {known} (the video decoder registers with mask2former_video)")
         if m.PRE_NORM:
             raise ValueError("MODEL.MASK_FORMER.PRE_NORM=True is not implemented (Mask2Former uses False)")
         missing = [f for f in h.IN_FEATURES if f not in input_shape]
@@ -61,6 +63,8 @@ class MaskFormerHead(nn.Module):
             # one "layer" of the config is the prediction before the first decoder layer
             "dec_layers": m.DEC_LAYERS - 1, "enforce_input_project": m.ENFORCE_INPUT_PROJ,
             "num_feature_levels": h.NUM_FEATURE_LEVELS,
+            "transformer_decoder_name": m.TRANSFORMER_DECODER_NAME,
+            "decoder_extra": TRANSFORMER_DECODER_REGISTRY.get(m.TRANSFORMER_DECODER_NAME).extra_from_config(cfg),
         }
 
     def forward(self, features):

@@ -17,9 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detectron2.utils.registry import Registry
+
 from .pixel_decoder import PositionEmbeddingSine
 
-__all__ = ["MultiScaleMaskedTransformerDecoder", "shrink"]
+__all__ = ["TRANSFORMER_DECODER_REGISTRY", "MultiScaleMaskedTransformerDecoder", "shrink"]
+
+#: the transformer decoders ``MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME`` picks (this project's
+#: own registry object; the video package adds ``VideoMultiScaleMaskedTransformerDecoder``)
+TRANSFORMER_DECODER_REGISTRY = Registry("TRANSFORMER_MODULE")
 
 
 def shrink(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -108,7 +114,13 @@ class MLP(nn.Module):
         return x
 
 
+@TRANSFORMER_DECODER_REGISTRY.register()
 class MultiScaleMaskedTransformerDecoder(nn.Module):
+    @classmethod
+    def extra_from_config(cls, cfg) -> dict:
+        """Constructor arguments beyond the ones every decoder takes (none for images)."""
+        return {}
+
     def __init__(self, in_channels, num_classes, hidden_dim=256, num_queries=100, nheads=8,
                  dim_feedforward=2048, dec_layers=9, mask_dim=256, enforce_input_project=False,
                  num_feature_levels=3):

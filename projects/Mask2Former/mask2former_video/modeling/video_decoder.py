@@ -1,0 +1,116 @@
+"""Mask2Former's video masked-attention decoder (names = ``sem_seg_head.predictor.*``, the
+image decoder's: the 3D position embedding has no parameters, so a video checkpoint has the
+image model's keys).
+
+The pixel decoder runs on every frame; this decoder sees a clip (B videos x T frames) at
+once. Its queries are clip-level: each attends to one level's memory of all T frames
+((T * h * w) tokens, frame-major), with the 3D sine position embedding
+(:class:`PositionEmbeddingSine3D`), and predicts one class and a mask *tube*: mask logits
+(B, Q, T, H/4, W/4) = query embedding x each frame's mask features. The masked attention
+of the next layer is that tube resized to the level's (h, w), > 0.5 after a sigmoid, over all
+frames together. In training the batch holds ``num_frames`` (``INPUT.SAMPLING_FRAME_NUM``)
+frames per video; in inference it is one video of any length.
+
+Otherwise the layers, their order and their arithmetic are the image decoder's
+(:class:`mask2former.modeling.transformer_decoder.MultiScaleMaskedTransformerDecoder`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mask2former.modeling.transformer_decoder import (TRANSFORMER_DECODER_REGISTRY,
+                                                      MultiScaleMaskedTransformerDecoder, shrink)
+
+from .position_encoding import PositionEmbeddingSine3D
+
+__all__ = ["VideoMultiScaleMaskedTransformerDecoder"]
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class VideoMultiScaleMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder):
+    @classmethod
+    def extra_from_config(cls, cfg) -> dict:
+        return {"num_frames": cfg.INPUT.SAMPLING_FRAME_NUM}
+
+    def __init__(self, in_channels, num_classes, hidden_dim=256, num_queries=100, nheads=8,
+                 dim_feedforward=2048, dec_layers=9, mask_dim=256, enforce_input_project=False,
+                 num_feature_levels=3, num_frames=2):
+        if num_feature_levels != 3:  # the official video decoder always attends to 3 levels
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS {num_feature_levels}: the video decoder "
+                             "attends to 3 levels")
+        super().__init__(in_channels, num_classes, hidden_dim, num_queries, nheads, dim_feedforward,
+                         dec_layers, mask_dim, enforce_input_project, num_feature_levels)
+        self.pe_layer = PositionEmbeddingSine3D(hidden_dim // 2, normalize=True)
+        self.num_frames = num_frames
+
+    def forward(self, x, mask_features):
+        """x: multi-scale maps of the B*T frames (coarse to fine) [(B*T, C, h_l, w_l)];
+        mask_features (B*T, C, H, W). Returns ``pred_logits`` (B, Q, K + 1), ``pred_masks``
+        (B, Q, T, H, W) and ``aux_outputs`` (in eval: the intermediate class logits only)."""
+        BT, C, H, W = mask_features.shape
+        B = BT // self.num_frames if self.training else 1
+        if BT % B:
+            raise ValueError(f"{BT} frames do not make {B} clips of {self.num_frames} (INPUT.SAMPLING_FRAME_NUM)")
+        T = BT // B
+        src, pos, sizes = [], [], []
+        for i in range(self.num_feature_levels):
+            h, w = x[i].shape[-2:]
+            sizes.append((h, w))
+            # (B*T, C, h, w) -> memory (T * h * w, B, C), frame-major
+            p = self.pe_layer(x[i].view(B, T, -1, h, w))  # (B, T, C, h, w)
+            pos.append(p.flatten(3).permute(1, 3, 0, 2).flatten(0, 1))
+            s = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
+            src.append(s.view(B, T, -1, h * w).permute(1, 3, 0, 2).flatten(0, 1))
+        query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, B, 1)
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, B, 1)
+        mask_features = mask_features.view(B, T, C, H, W)
+
+        # eval: only the last tube leaves the decoder; the others serve as attention masks at a
+        # level's size, predicted from the mask features resized to it (bilinear resizing
+        # commutes with the per-pixel product: the same logits up to float rounding)
+        resized = None if self.training else {
+            size: mask_features if size == (H, W) else shrink(mask_features.flatten(0, 1), size).view(B, T, C, *size)
+            for size in dict.fromkeys(sizes)}
+        classes, masks = [], []
+        for i in range(self.num_layers + 1):
+            if i > 0:
+                level = (i - 1) % self.num_feature_levels
+                attn_mask[attn_mask.all(-1)] = False  # a query with an empty tube attends everywhere
+                output = self.transformer_cross_attention_layers[i - 1](
+                    output, src[level], attn_mask, pos[level], query_embed)
+                output = self.transformer_self_attention_layers[i - 1](output, query_embed)
+                output = self.transformer_ffn_layers[i - 1](output)
+            target = sizes[i % self.num_feature_levels]
+            if resized is None:
+                cls, msk, attn_mask = self.prediction_heads(output, mask_features, target)
+            elif i == self.num_layers:
+                cls, msk, attn_mask = self.prediction_heads(output, mask_features, None)
+            else:
+                cls, _, attn_mask = self.prediction_heads(output, resized[target], target)
+                msk = None
+            classes.append(cls)
+            masks.append(msk)
+        aux = [{"pred_logits": c} if m is None else {"pred_logits": c, "pred_masks": m}
+               for c, m in zip(classes[:-1], masks[:-1])]
+        return {"pred_logits": classes[-1], "pred_masks": masks[-1], "aux_outputs": aux}
+
+    def prediction_heads(self, output, mask_features, target_size):
+        """Class logits (B, Q, K + 1), mask tubes (B, Q, T, H, W) on ``mask_features``' grid
+        (B, T, C, H, W), and the attention mask (B, Q, T * target h * w) bool, True = may not
+        attend (None when ``target_size`` is None)."""
+        decoded = self.decoder_norm(output).transpose(0, 1)  # (B, Q, C)
+        classes = self.class_embed(decoded)
+        embed = self.mask_embed(decoded)
+        B, T, C, H, W = mask_features.shape
+        # (B, Q, C) x (B, C, T*H*W) -> (B, Q, T, H, W), the official einsum "bqc,btchw->bqthw"
+        masks = torch.bmm(embed, mask_features.permute(0, 2, 1, 3, 4).reshape(B, C, T * H * W))
+        masks = masks.view(B, -1, T, H, W)
+        if target_size is None:
+            return classes, masks, None
+        attn = masks
+        if tuple(target_size) != (H, W):
+            Q = masks.shape[1]
+            attn = F.interpolate(masks.flatten(0, 1), size=target_size, mode="bilinear",
+                                 align_corners=False).view(B, Q, T, *target_size)
+        return classes, masks, (attn.sigmoid().flatten(2) < 0.5).detach()

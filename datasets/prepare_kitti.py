@@ -9,7 +9,8 @@ Input, in the layout DPT and BTS users have under ``$DETECTRON2_DATASETS/kitti``
       ``val/`` folders of ``data_depth_annotated.zip`` may be kept as they unpack
 and BTS's split lists (``train_test_inputs/eigen_test_files_with_gt.txt``, 697 lines, and
 ``eigen_train_files_with_gt.txt``): one ``<image> <depth or None> <focal>`` per line, the
-paths relative to ``raw/`` and ``data_depth_annotated/``.
+paths relative to ``raw/`` (with the date folder or without, as some copies have it) and
+``data_depth_annotated/``.
 
 Output (what ``dpt.data.register_kitti`` registers as kitti_eigen_test / kitti_eigen_train):
   kitti/eigen_test.json, kitti/eigen_train.json
@@ -63,6 +64,18 @@ def read_split_list(path: Path) -> list[tuple[str, str | None, float]]:
     return entries
 
 
+def _find_image(kitti: Path, rel: str) -> Path | None:
+    """``raw/<rel>``; BTS's lists name the images with their date folder
+    (``2011_09_26/2011_09_26_drive_0002_sync/...``), some copies without it: then the date is
+    the drive folder's first 10 characters."""
+    path = kitti / "raw" / rel
+    if path.is_file():
+        return path
+    first = rel.split("/", 1)[0]
+    dated = kitti / "raw" / first[:10] / rel
+    return dated if "_drive_" in first and dated.is_file() else None
+
+
 def _find_depth(kitti: Path, rel: str) -> Path | None:
     for folder in DEPTH_FOLDERS:
         path = kitti / "data_depth_annotated" / folder / rel
@@ -83,9 +96,9 @@ def index_split(kitti: Path, list_file: Path, desc: str) -> tuple[list[dict], in
     entries = read_split_list(list_file)
     records, missing_images, missing_depth, mismatched, without_gt = [], [], [], [], 0
     for image_id, (image, depth, focal) in enumerate(progress_bar(entries, desc=desc, unit="img")):
-        image_path = kitti / "raw" / image
-        if not image_path.is_file():
-            missing_images.append(str(image_path))
+        image_path = _find_image(kitti, image)
+        if image_path is None:
+            missing_images.append(str(kitti / "raw" / image))
             continue
         if depth is None:
             without_gt += 1

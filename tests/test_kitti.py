@@ -132,6 +132,11 @@ def test_prepare_indexes_the_images_with_ground_truth(kitti_root):
     records = load_kitti(root, "eigen_test")
     assert records[1]["crop_box"] == [18, 4, 352, 1216]
     np.testing.assert_array_equal(read_depth(records[0]["depth_file_name"]), depths[records[0]["depth_file_name"]])
+    # a copy of the list without the date folders (as some BTS copies have it) indexes the same
+    undated = test_list.with_name("undated.txt")
+    undated.write_text(test_list.read_text().replace("2011_09_26/2011_09_26_drive", "2011_09_26_drive"))
+    prepare_main(["--eigen-test-list", str(undated), "--root", str(root)])
+    assert json.loads((root / "kitti" / "eigen_test.json").read_text()) == test
     # rerunning rewrites the same index, and leaves no temporary file
     before = (root / "kitti" / "eigen_test.json").read_text()
     prepare_main(["--eigen-test-list", str(test_list), "--root", str(root)])

@@ -283,3 +283,61 @@ def test_analyze_model_counts_a_clip_per_clip_and_per_frame(capsys):
     assert float(one["backbone_gmacs"]) < float(one["model_gmacs"]) and float(three["model_gmacs"]) > float(one["model_gmacs"])
     with pytest.raises(ValueError, match="frames must be an int >= 1 .*got 0"):
         gmacs(torch.nn.Identity(), torch.zeros(3, 8, 8), frames=0)
+
+
+def test_a_video_sweep_counts_and_times_clips(video, ytvis, tmp_path, monkeypatch):
+    """The sweep on the video project (its script named as the project): every point
+    evaluated by train_net_video.py (video AP), GMACs per clip of ``frames`` frames (the
+    backbone's: frames x one frame's), timing and memory on that clip; the report says so."""
+    from expedit_d2.sweep import SweepSpec, run_sweep
+    from expedit_d2.sweep.spec import SweepError
+
+    root, _, weights = ytvis
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    # 128 x 192: stage 3's 8 x 12 map fills 7 x 7 windows (a map smaller than a window shrinks
+    # the window to it, and 4 x 4 clusters of a 4 x 4 window would reduce nothing)
+    spec = SweepSpec(config_file=str(TINY), input_size=(128, 192), frames=3,
+                     project=str(ROOT / "projects/Mask2Former/train_net_video.py"),
+                     points=[{"MODEL.SWIN.CLUSTERING_LOCATION": 3, "MODEL.SWIN.TOKEN_CLUSTERING_BLOCK.NUM_SPIXELS": 16}],
+                     opts=["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(weights)], repeats=1, warmup=0, memory=False)
+    rows = run_sweep(spec, tmp_path / "sweep", show_progress=False)
+    assert [r.baseline for r in rows] == [True, False] and all(r.frames == 3 for r in rows)
+    assert all(r.metric == "segm/AP" and r.latency_ms > 0 for r in rows)
+    with torch.inference_mode():
+        _, model = _tiny_model(video)
+        from expedit_d2.flops import backbone_flops
+
+        one_frame = backbone_flops(model.backbone, torch.zeros(1, 3, 128, 192)).total() / 1e9
+    assert rows[0].backbone_gmacs == pytest.approx(3 * one_frame, rel=1e-6)
+    assert rows[1].backbone_gmacs < rows[0].backbone_gmacs
+    report = (tmp_path / "sweep" / "table.md").read_text()
+    assert "clips of 3 frames" in report and "one clip of 3 frames (per clip)" in report
+    # a point that names another backbone beside the method keys would drop them: refused
+    bad = SweepSpec(**{**spec.__dict__, "points": [{"MODEL.BACKBONE.NAME": "D2HourglassSwinTransformer",
+                                                    "MODEL.SWIN.CLUSTERING_LOCATION": 3}]})
+    with pytest.raises(SweepError, match="MODEL.BACKBONE.NAME='D2HourglassSwinTransformer' beside token-reduction keys"):
+        run_sweep(bad, tmp_path / "bad", show_progress=False)
+    with pytest.raises(SweepError, match="frames must be an int >= 1 .*got 0"):
+        SweepSpec(config_file=str(TINY), input_size=(64, 96), frames=0)
+
+
+def test_benchmark_model_times_a_clip(tmp_path, capsys):
+    """tools/benchmark_model.py --frames T on the video project: whole model and its parts on a
+    clip, GMACs per clip; --batch (several videos per forward) is refused with --frames."""
+    from tools import benchmark_model
+
+    out = tmp_path / "video_bench"
+    common = ["--project", str(ROOT / "projects/Mask2Former/train_net_video.py"), "--config-file", str(TINY),
+              "--input-size", "128", "192", "--frames", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    assert benchmark_model.main([*common, "--output", str(out),
+                                 "--point", "MODEL.EXPEDIT.CLUSTERING_LOCATION=3;MODEL.EXPEDIT.NUM_CLUSTERS=[4, 4]"]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert [r["frames"] for r in rows] == [2, 2] and rows[1]["backbone_gmacs_ratio"] < 1
+    assert set(rows[0]["parts_ms"]) >= {"backbone", "pixel_decoder", "transformer_decoder"}
+    assert rows[0]["outputs"] == {"predictions": 10}
+    assert "clips of 2 frames (GMACs per clip)" in out.with_suffix(".md").read_text()
+    from expedit_d2.sweep import SweepError
+
+    with pytest.raises(SweepError, match="--batch and --frames: a video model takes one video"):
+        benchmark_model.main([*common, "--batch", "2"])

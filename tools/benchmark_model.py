@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config-file", help="a project config (baseline or expedited); required unless --pool")
     parser.add_argument("--project", help="project folder (default: found from the config's path)")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="required unless --pool")
+    parser.add_argument("--frames", type=int, metavar="T",
+                        help="a video model (e.g. --project projects/Mask2Former/train_net_video.py): time and "
+                             "count a clip of T frames of --input-size per forward")
     parser.add_argument("--pool", nargs="+", type=Path, metavar="RUN.json",
                         help="measure nothing: pool the rounds of earlier runs' JSON files (same settings, "
                              "input, device, threads, amp, compile and GMACs) into one latency ratio and "
@@ -119,6 +122,7 @@ def main(argv=None) -> int:
     apply_timing_arguments(args)
     opts = list(args.opts) + ["MODEL.DEVICE", args.device]
     spec = SweepSpec(config_file=args.config_file, input_size=tuple(args.input_size), project=args.project,
+                     frames=args.frames,
                      grid=parse_grid(args.grid), points=[parse_point(p) for p in args.point], opts=opts)
 
     def log(msg):

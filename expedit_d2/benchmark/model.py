@@ -27,7 +27,7 @@ from ..cli import autocast
 from ..engine import load_project
 from ..flops import gmacs
 from ..measure import interleaved_samples, median_interval, minor_page_faults, round_ratios, sync
-from ..sweep import Point, SweepSpec, expand_points, validate_points
+from ..sweep import Point, SweepError, SweepSpec, expand_points, validate_points
 from ..sweep.measure import image as sweep_image, load_model
 from .pool import Pooled, PoolSpec
 
@@ -165,6 +165,8 @@ def output_counts(outputs: list[dict]) -> dict[str, int]:
     segments and instances (with random weights they differ between settings, and so may
     the post-processing time)."""
     counts = {}
+    if isinstance(outputs, dict):  # a video model's one output (VideoMaskFormer)
+        return {"predictions": len(outputs.get("pred_scores", ()))}
     for r in outputs:
         if "panoptic_seg" in r:
             counts["segments"] = counts.get("segments", 0) + len(r["panoptic_seg"][1])
@@ -243,6 +245,8 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
     docstring describes; with ``batches`` (batch sizes), each row's ``batches`` holds
     :func:`batch_throughput`'s dicts."""
     batches = [check_positive_int(b, "--batch") for b in batches] if batches else None
+    if batches and spec.frames:
+        raise SweepError("--batch and --frames: a video model takes one video (clip) per forward")
     project = load_project(spec.project)
     project.register_datasets()
     points = _points(spec)
@@ -250,12 +254,14 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
     models = build_models(project, cfgs, points, allow_partial)
     H, W = spec.input_size
     image = sweep_image(cfgs["baseline"][0], (H, W)).to(device)  # the sweep's image: uniform 0..255, seed 0
-    inputs = [{"image": image, "height": H, "width": W}]
+    # a video model (spec.frames): one clip of that many copies of the image, per forward
+    clip = image if spec.frames is None else [image.clone() for _ in range(spec.frames)]
+    inputs = [{"image": clip, "height": H, "width": W}]
     for m in models.values():
         m.to(device)
 
-    log("counting GMACs (fvcore)")
-    macs = {pid: gmacs(m, image) for pid, m in models.items()}
+    log("counting GMACs (fvcore)" + ("" if spec.frames is None else f", per clip of {spec.frames} frames"))
+    macs = {pid: gmacs(m, image, frames=spec.frames) for pid, m in models.items()}
     runners = models
     if compile_part == "model":
         runners = {pid: torch.compile(m, dynamic=False) for pid, m in models.items()}
@@ -288,7 +294,7 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
         breakdown = {k: 1e3 * v for k, v in parts[pid].items() if k != "total"}
         row = {
             "setting": _label(p), "overrides": dict(p.overrides), "opts": cfgs[pid][1],
-            "input": [H, W], "device": str(device), "threads": torch.get_num_threads(), "amp": amp,
+            "input": [H, W], "frames": spec.frames, "device": str(device), "threads": torch.get_num_threads(), "amp": amp,
             "compile": compile_part, "cpu_linear": cfgs[pid][0].MODEL.CPU_LINEAR,
             "ms": 1e3 * secs[pid], "ms_rounds": [1e3 * t for t in samples[pid]],
             "latency_ratio": statistics.median(ratios[pid]),
@@ -402,7 +408,8 @@ def _linear_layers(rows: list[dict]) -> str:
 
 def format_table(rows: list[dict], threads: int) -> str:
     r0 = rows[0]
-    head = (f"Whole model, input {r0['input'][1]}x{r0['input'][0]} (WxH), batch 1, {r0['device']}"
+    clip = f", clips of {r0['frames']} frames (GMACs per clip)" if r0.get("frames") else ""
+    head = (f"Whole model, input {r0['input'][1]}x{r0['input'][0]} (WxH){clip}, batch 1, {r0['device']}"
             f" ({threads} threads), amp {r0['amp'] or 'off'}, compile {r0['compile'] or 'off'}, "
             f"linear layers {_linear_layers(rows)} (MODEL.CPU_LINEAR); "
             "latency: median, interleaved in one run; latency ratio: median of the per-round ratios "

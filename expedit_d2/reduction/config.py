@@ -175,6 +175,11 @@ def point_overrides(base_cfg, overrides: dict, baseline: bool = False) -> dict:
             out[key] = "D2SwinTransformer"
         return out
     reduced = any(k.startswith(("MODEL.EXPEDIT.", "MODEL.TOKEN_REDUCTION.")) for k in overrides)
+    if reduced and overrides.get(key, WRAPPER_BACKBONES[0]) not in WRAPPER_BACKBONES:
+        # the wrapper reads the method keys; another backbone here would drop them silently
+        raise ValueError(f"{key}={overrides[key]!r} beside token-reduction keys: a reduced point runs through "
+                         f"{WRAPPER_BACKBONES[0]}, put in place for it; give the backbone to reduce in the base "
+                         f"config (or {BASE_KEYS[0]})")
     if reduced:
         if name == "D2HourglassSwinTransformer":  # carry the official keys over, then override
             out.update(official_swin_values(base_cfg))

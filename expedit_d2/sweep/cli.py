@@ -41,8 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--sweep-file", help="YAML sweep file (configs/sweeps/); flags override it")
     p.add_argument("--config-file", help="base config")
-    p.add_argument("--project", help="project folder (default: found from the config's path)")
+    p.add_argument("--project", help="project folder (default: found from the config's path), or its script "
+                                     "(e.g. projects/Mask2Former/train_net_video.py for the video configs)")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="image size for GMACs/latency")
+    p.add_argument("--frames", type=int, metavar="T",
+                   help="a video model: GMACs, latency and memory of a clip of T frames of --input-size")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V, ...]",
                    help="a grid axis (repeatable); the sweep is the product of the axes")
     p.add_argument("--output-dir", default="output/sweep", help="results, table and plot go here")
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def spec_from_args(args) -> SweepSpec:
     """The sweep file's settings (if any), overridden by the flags."""
     data = load_sweep_file(args.sweep_file) if args.sweep_file else {}
-    for name in ("config_file", "project", "metric", "metric_mode", "repeats", "warmup"):
+    for name in ("config_file", "project", "metric", "metric_mode", "repeats", "warmup", "frames"):
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
     if args.input_size:

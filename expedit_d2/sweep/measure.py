@@ -80,15 +80,19 @@ def image(cfg, size, seed=0) -> torch.Tensor:
     return (torch.rand(len(cfg.MODEL.PIXEL_MEAN), *size, generator=g) * 255).to(cfg.MODEL.DEVICE)
 
 
-def _inputs(cfg, size) -> list[dict]:
-    return [{"image": image(cfg, size), "height": size[0], "width": size[1]}]
+def _inputs(cfg, size, frames=None) -> list[dict]:
+    """The model's input: the sweep's image, or a clip of ``frames`` copies of it (video)."""
+    frame = image(cfg, size)
+    return [{"image": frame if frames is None else [frame.clone() for _ in range(frames)],
+             "height": size[0], "width": size[1]}]
 
 
-def gmacs_of(model, cfg, size) -> dict:
-    """Backbone and whole-model GMACs on the sweep's image (:func:`expedit_d2.flops.gmacs`)."""
+def gmacs_of(model, cfg, size, frames=None) -> dict:
+    """Backbone and whole-model GMACs on the sweep's image, or per clip of ``frames`` of it
+    (:func:`expedit_d2.flops.gmacs`)."""
     from ..flops import gmacs
 
-    return gmacs(model, image(cfg, size))
+    return gmacs(model, image(cfg, size), frames=frames)
 
 
 def latency_vs_baseline(model, baseline_model, cfg, spec: SweepSpec) -> tuple[float, float]:
@@ -97,7 +101,7 @@ def latency_vs_baseline(model, baseline_model, cfg, spec: SweepSpec) -> tuple[fl
     ``model`` is the baseline)."""
     from ..measure import time_interleaved
 
-    inputs = _inputs(cfg, spec.input_size)
+    inputs = _inputs(cfg, spec.input_size, spec.frames)
 
     def run(m):
         with torch.inference_mode():
@@ -123,7 +127,7 @@ def memory_child(job: str) -> None:
     project.register_datasets()
     cfg = project.build_config(point_args(spec, job["opts"]))
     model = load_model(project, cfg, spec.allow_partial_weights)
-    inputs = _inputs(cfg, spec.input_size)
+    inputs = _inputs(cfg, spec.input_size, spec.frames)
     print_child_peak(forward_peak_bytes(lambda: model(inputs), cfg.MODEL.DEVICE))
 
 
@@ -132,7 +136,7 @@ def measure_memory(spec: SweepSpec, opts: list[str], cfg, model) -> float | None
     fresh child that builds the same model (:func:`expedit_d2.measure.peak_memory_mb`)."""
     from ..measure import peak_memory_mb
 
-    inputs = _inputs(cfg, spec.input_size)
+    inputs = _inputs(cfg, spec.input_size, spec.frames)
     job = json.dumps({"spec": asdict(spec), "opts": opts})
     return peak_memory_mb(lambda: model(inputs), cfg.MODEL.DEVICE,
                           [sys.executable, "-m", "expedit_d2.sweep", "--memory-child", job])
@@ -153,7 +157,8 @@ def child_exception(log: str) -> str | None:
 
 
 def evaluate_point(project_dir, spec: SweepSpec, opts: list[str], point_dir: Path, num_gpus: int) -> dict:
-    """``train_net.py --eval-only`` in a subprocess; returns its ``eval_results.json``. A failed
+    """The project's script (``train_net.py``, or the one ``project`` names, e.g.
+    ``train_net_video.py``) with ``--eval-only`` in a subprocess; returns its ``eval_results.json``. A failed
     evaluation raises with the exception the child raised (a :class:`WeightsError` when the
     weights were the problem), the command and the log's path."""
     from ..engine import EVAL_RESULTS
@@ -162,7 +167,8 @@ def evaluate_point(project_dir, spec: SweepSpec, opts: list[str], point_dir: Pat
     if result.exists():
         result.unlink()
     partial = [PARTIAL_FLAG] if spec.allow_partial_weights else []
-    cmd = [sys.executable, str(Path(project_dir) / "train_net.py"), "--config-file", spec.config_file,
+    script = Path(project_dir) if str(project_dir).endswith(".py") else Path(project_dir) / "train_net.py"
+    cmd = [sys.executable, str(script), "--config-file", spec.config_file,
            "--eval-only", *partial, "--num-gpus", str(num_gpus), *spec.opts, *opts, "OUTPUT_DIR", str(point_dir)]
     point_dir.mkdir(parents=True, exist_ok=True)
     log_path = point_dir / "stdout.txt"

@@ -160,8 +160,10 @@ def table_markdown(rows: list[Row], budget_gmacs=None, budget_ms=None) -> str:
     r0 = rows[0]
     metric = r0.metric
     spread = timing_spread(rows)
-    lines = [f"Sweep of `{_shown(r0.config_file)}` at input {r0.input_size[0]}x{r0.input_size[1]} on {r0.device} "
-             f"({len(rows)} points; GMACs: fvcore multiply-adds, one image (GFLOPs = 2 x GMACs); each point is "
+    unit = "one image" if not r0.frames else f"one clip of {r0.frames} frames (per clip)"
+    clip = "" if not r0.frames else f", clips of {r0.frames} frames"
+    lines = [f"Sweep of `{_shown(r0.config_file)}` at input {r0.input_size[0]}x{r0.input_size[1]}{clip} on {r0.device} "
+             f"({len(rows)} points; GMACs: fvcore multiply-adds, {unit} (GFLOPs = 2 x GMACs); each point is "
              "timed in a run of its own, interleaved with the baseline (batch 1, medians): \"point ms\" is the "
              "point's time, \"baseline ms, same run\" the baseline's in that run, and speed-up = baseline ms, "
              "same run / point ms, so machine drift between runs cancels (compare a point's time with the "
@@ -235,7 +237,8 @@ def plot_pareto(rows: list[Row], path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, title="method (line: Pareto front)", title_fontsize=8)
     fig.suptitle(f"{Path(r0.config_file).name}: {r0.metric} vs. cost "
-                 f"(input {r0.input_size[0]}x{r0.input_size[1]}, {r0.device})", fontsize=10)
+                 f"(input {r0.input_size[0]}x{r0.input_size[1]}{'' if not r0.frames else f' x {r0.frames} frames'}, "
+                 f"{r0.device})", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)

@@ -76,7 +76,7 @@ def _run_sweep(spec: SweepSpec, out_dir: Path, shard, num_gpus: int, show_progre
             model = (baseline_model if point.baseline and baseline_model is not None
                      else load_model(project, cfg, spec.allow_partial_weights))
             stage(point, "GMACs")
-            flops = gmacs_of(model, cfg, spec.input_size)
+            flops = gmacs_of(model, cfg, spec.input_size, spec.frames)
             latency = base_latency = None
             if spec.timing:
                 stage(point, "timing")
@@ -91,7 +91,7 @@ def _run_sweep(spec: SweepSpec, out_dir: Path, shard, num_gpus: int, show_progre
                 method=point.method, overrides=dict(point.overrides), opts=opts, metric=metric, metric_mode=mode,
                 metric_value=metrics[metric], metrics=metrics,
                 backbone_gmacs=flops["backbone"], model_gmacs=flops["model"],
-                input_size=list(spec.input_size), padded_input=list(flops["padded"]),
+                input_size=list(spec.input_size), padded_input=list(flops["padded"]), frames=spec.frames,
                 latency_ms=None if latency is None else 1e3 * latency,
                 fps=None if latency is None else 1.0 / latency,
                 speedup_vs_baseline=None if latency is None else base_latency / latency,

@@ -28,7 +28,7 @@ DEFAULT_METHOD = "expedit"
 #: the baseline row's method
 BASELINE = "baseline"
 #: sweep-file keys (the fields of SweepSpec)
-SWEEP_FILE_KEYS = ("config_file", "input_size", "grid", "points", "opts", "project", "metric", "metric_mode",
+SWEEP_FILE_KEYS = ("config_file", "input_size", "frames", "grid", "points", "opts", "project", "metric", "metric_mode",
                    "repeats", "warmup", "memory", "timing", "allow_partial_weights")
 # short label parts of well-known keys: key -> format of the value ("{v}"; pairs as "{h}x{w}")
 def _label_formats() -> dict[str, str]:
@@ -63,6 +63,8 @@ class SweepSpec:
     memory: bool = True
     timing: bool = True
     allow_partial_weights: bool = False  # --allow-partial-weights for every evaluation
+    # a video model: GMACs, latency and memory of a clip of this many frames of input_size
+    frames: int | None = None
 
     def __post_init__(self):
         if not os.path.isfile(self.config_file):
@@ -85,13 +87,16 @@ class SweepSpec:
             raise SweepError(f"metric_mode must be 'max' or 'min', got {self.metric_mode!r}")
         if self.repeats < 1 or self.warmup < 0:
             raise SweepError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}")
+        if self.frames is not None and (isinstance(self.frames, bool) or not isinstance(self.frames, int)
+                                        or self.frames < 1):
+            raise SweepError(f"frames must be an int >= 1 (a clip's length), got {self.frames!r}")
         if self.project is None:
             self.project = str(find_project(self.config_file))
 
     def fingerprint(self) -> str:
         """What makes two runs' rows comparable: config file contents, base opts, input size."""
         h = hashlib.sha1(Path(self.config_file).read_bytes())
-        h.update(json.dumps([self.opts, list(self.input_size)]).encode())
+        h.update(json.dumps([self.opts, list(self.input_size)] + ([self.frames] if self.frames else [])).encode())
         return h.hexdigest()[:12]
 
 

@@ -45,7 +45,8 @@ class Row:
     Accuracy: ``metric`` (primary, flattened ``evaluator/name``), ``metric_mode`` (``max`` or
     ``min``), ``metric_value``, ``metrics`` (every flattened metric).
     Cost: ``backbone_gmacs`` / ``model_gmacs`` (fvcore multiply-adds / 1e9, one image of
-    ``input_size`` [H, W], backbone input ``padded_input``); ``latency_ms`` (median, batch 1),
+    ``input_size`` [H, W], backbone input ``padded_input``; per clip of ``frames`` frames for
+    a video model, None for images); ``latency_ms`` (median, batch 1),
     ``fps`` (1 / latency), ``speedup_vs_baseline`` (baseline time / point time, timed
     interleaved) and ``baseline_latency_ms_same_run``; ``peak_memory_mb`` (one forward);
     None where not measured.
@@ -71,6 +72,7 @@ class Row:
     model_gmacs: float | None = None
     input_size: list = field(default_factory=list)
     padded_input: list | None = None
+    frames: int | None = None
     latency_ms: float | None = None
     fps: float | None = None
     speedup_vs_baseline: float | None = None

@@ -83,6 +83,11 @@ class VideoMaskFormer(nn.Module):
         return self.inference_video(outputs["pred_logits"][0], outputs["pred_masks"][0],
                                     tuple(images.tensor.shape[-2:]), size, height, width)
 
+    def benchmark_parts(self) -> dict:
+        """What ``tools/benchmark_model.py`` times separately."""
+        return {"backbone": self.backbone, "pixel_decoder": self.sem_seg_head.pixel_decoder,
+                "transformer_decoder": self.sem_seg_head.predictor}
+
     def preprocess_image(self, batched_inputs) -> ImageList:
         """The video's frames (``image``: a list of (3, H, W), or one frame) normalised and
         padded to the size divisibility as one batch."""

@@ -35,19 +35,22 @@ def _default_root() -> Path:
     return Path(os.environ.get("DETECTRON2_DATASETS", "datasets"))
 
 
-def load_nyuv2(root, split: str) -> list[dict]:
-    base = Path(root) / "nyuv2"
+def _depth_records(base: Path, split: str, dataset: str, prepare: str, **per_record) -> list[dict]:
+    """``base/<split>.json`` (written by a prepare script) as Detectron2 records: paths made
+    absolute under ``base``, plus ``per_record[key](entry)`` for each extra key; a missing
+    index names the path and the ``prepare`` command."""
     index = base / f"{split}.json"
     if not index.is_file():
-        raise FileNotFoundError(
-            f"NYUv2 {split} index not found: {index}. Run: python datasets/prepare_nyuv2.py "
-            f"--labeled nyu_depth_v2_labeled.mat --splits splits.mat --root {Path(root)}")
-    records = []
-    for r in json.loads(index.read_text()):
-        records.append({"image_id": r["image_id"], "file_name": str(base / r["file_name"]),
-                        "depth_file_name": str(base / r["depth_file_name"]),
-                        "height": 480, "width": 640})
-    return records
+        raise FileNotFoundError(f"{dataset} {split} index not found: {index}. Run: {prepare}")
+    return [{"image_id": r["image_id"], "file_name": str(base / r["file_name"]),
+             "depth_file_name": str(base / r["depth_file_name"]),
+             **{k: f(r) for k, f in per_record.items()}} for r in json.loads(index.read_text())]
+
+
+def load_nyuv2(root, split: str) -> list[dict]:
+    return _depth_records(Path(root) / "nyuv2", split, "NYUv2",
+                          "python datasets/prepare_nyuv2.py --labeled nyu_depth_v2_labeled.mat --splits splits.mat "
+                          f"--root {Path(root)}", height=lambda r: 480, width=lambda r: 640)
 
 
 def _register_split(name: str, root: Path, split: str) -> None:
@@ -77,19 +80,11 @@ def kb_crop_box(height: int, width: int) -> list[int]:
 def load_kitti(root, split: str) -> list[dict]:
     """The records of ``root/kitti/<split>.json``; each has ``crop_box``: the mapper crops the
     image to it, and the evaluator places the prediction there in the ground-truth frame."""
-    base = Path(root) / "kitti"
-    index = base / f"{split}.json"
-    if not index.is_file():
-        raise FileNotFoundError(
-            f"KITTI {split} index not found: {index}. Run: python datasets/prepare_kitti.py --root {Path(root)} "
-            f"--{split.replace('_', '-')}-list {split}_files_with_gt.txt (BTS's split list)")
-    records = []
-    for r in json.loads(index.read_text()):
-        records.append({"image_id": r["image_id"], "file_name": str(base / r["file_name"]),
-                        "depth_file_name": str(base / r["depth_file_name"]),
-                        "height": r["height"], "width": r["width"],
-                        "crop_box": kb_crop_box(r["height"], r["width"])})
-    return records
+    return _depth_records(Path(root) / "kitti", split, "KITTI",
+                          f"python datasets/prepare_kitti.py --root {Path(root)} --{split.replace('_', '-')}-list "
+                          f"{split}_files_with_gt.txt (BTS's split list)",
+                          height=lambda r: r["height"], width=lambda r: r["width"],
+                          crop_box=lambda r: kb_crop_box(r["height"], r["width"]))
 
 
 def _register_kitti_split(name: str, root: Path, split: str) -> None:

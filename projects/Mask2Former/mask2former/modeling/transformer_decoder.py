@@ -163,10 +163,6 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             pos.append(self.pe_layer(x[i]).flatten(2).permute(2, 0, 1))
             s = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
             src.append(s.permute(2, 0, 1))
-        N = src[0].shape[1]
-        query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, N, 1)
-        output = self.query_feat.weight.unsqueeze(1).repeat(1, N, 1)
-
         # in eval only the last mask logits leave the decoder: the earlier ones are needed only
         # as attention masks at a level's size, and bilinear resizing commutes with the
         # per-pixel linear map query x features, so they are predicted from the mask features
@@ -174,6 +170,15 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         resized = None if self.training else {
             size: mask_features if size == tuple(mask_features.shape[-2:]) else shrink(mask_features, size)
             for size in dict.fromkeys(sizes)}
+        return self.decode(src, pos, sizes, mask_features, resized)
+
+    def decode(self, src, pos, sizes, mask_features, resized):
+        """The layers on the memory ``src`` / ``pos`` [(S_l, N, C)] of the levels of ``sizes``:
+        predictions before the first layer and after each; ``resized`` ({size: mask features
+        at that size}, eval) or None (training: every layer's full masks)."""
+        N = src[0].shape[1]
+        query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, N, 1)
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, N, 1)
         classes, masks = [], []
         for i in range(self.num_layers + 1):
             if i > 0:
@@ -185,10 +190,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 output = self.transformer_self_attention_layers[i - 1](output, query_embed)
                 output = self.transformer_ffn_layers[i - 1](output)
             target = sizes[i % self.num_feature_levels]
-            last = i == self.num_layers
             if resized is None:  # training: every layer's full mask logits (the auxiliary losses)
                 cls, msk, attn_mask = self.prediction_heads(output, mask_features, target)
-            elif last:  # eval, last layer: the output masks, no attention mask
+            elif i == self.num_layers:  # eval, last layer: the output masks, no attention mask
                 cls, msk, attn_mask = self.prediction_heads(output, mask_features, None)
             else:  # eval, earlier layers: the attention mask only
                 cls, _, attn_mask = self.prediction_heads(output, resized[target], target)

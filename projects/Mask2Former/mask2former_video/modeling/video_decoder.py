@@ -62,38 +62,13 @@ class VideoMultiScaleMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder
             pos.append(p.flatten(3).permute(1, 3, 0, 2).flatten(0, 1))
             s = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
             src.append(s.view(B, T, -1, h * w).permute(1, 3, 0, 2).flatten(0, 1))
-        query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, B, 1)
-        output = self.query_feat.weight.unsqueeze(1).repeat(1, B, 1)
         mask_features = mask_features.view(B, T, C, H, W)
-
-        # eval: only the last tube leaves the decoder; the others serve as attention masks at a
-        # level's size, predicted from the mask features resized to it (bilinear resizing
-        # commutes with the per-pixel product: the same logits up to float rounding)
+        # eval: the earlier layers' tubes serve only as attention masks, predicted from the
+        # mask features resized to each level (as the image decoder does)
         resized = None if self.training else {
             size: mask_features if size == (H, W) else shrink(mask_features.flatten(0, 1), size).view(B, T, C, *size)
             for size in dict.fromkeys(sizes)}
-        classes, masks = [], []
-        for i in range(self.num_layers + 1):
-            if i > 0:
-                level = (i - 1) % self.num_feature_levels
-                attn_mask[attn_mask.all(-1)] = False  # a query with an empty tube attends everywhere
-                output = self.transformer_cross_attention_layers[i - 1](
-                    output, src[level], attn_mask, pos[level], query_embed)
-                output = self.transformer_self_attention_layers[i - 1](output, query_embed)
-                output = self.transformer_ffn_layers[i - 1](output)
-            target = sizes[i % self.num_feature_levels]
-            if resized is None:
-                cls, msk, attn_mask = self.prediction_heads(output, mask_features, target)
-            elif i == self.num_layers:
-                cls, msk, attn_mask = self.prediction_heads(output, mask_features, None)
-            else:
-                cls, _, attn_mask = self.prediction_heads(output, resized[target], target)
-                msk = None
-            classes.append(cls)
-            masks.append(msk)
-        aux = [{"pred_logits": c} if m is None else {"pred_logits": c, "pred_masks": m}
-               for c, m in zip(classes[:-1], masks[:-1])]
-        return {"pred_logits": classes[-1], "pred_masks": masks[-1], "aux_outputs": aux}
+        return self.decode(src, pos, sizes, mask_features, resized)
 
     def prediction_heads(self, output, mask_features, target_size):
         """Class logits (B, Q, K + 1), mask tubes (B, Q, T, H, W) on ``mask_features``' grid

@@ -316,11 +316,11 @@ def official_hourglass(vit, images, alpha, s, iters, tau, window, k):
     """Expedit-SAM's hourglass encoder on ViTDet's ViT: dense clustering of every window to
     s x s (one temperature), top-k reconstruction of every window."""
     def reduce(flat, ws):
-        _, before, centres = dense_clustering(flat, (ws, ws), (s, s), iters, tau, window, dtype=torch.float32)
+        _, before, centres = dense_clustering(flat, (ws, ws), (s, s), iters, tau, window, dtype=flat.dtype)
         return centres, (before, centres)
 
     def restore(flat, state):
-        return dense_reconstruction(flat, *state, k, tau, dtype=torch.float32)
+        return dense_reconstruction(flat, *state, k, tau, dtype=flat.dtype)
 
     return reduced_vit_written_out(vit, images, alpha, s, reduce, restore)
 
@@ -344,9 +344,15 @@ CASES = [  # (img_size, alpha, s): alpha at a window block, at a global block, a
 
 @pytest.mark.parametrize("img_size, alpha, s", CASES)
 def test_expedit_on_vitdet_equals_the_official_hourglass_written_out(img_size, alpha, s):
+    """k = every cluster of a window. In zero-padded windows, centres that are equal in exact
+    arithmetic (cells that only padding reaches alike) come out equal or a last bit apart
+    depending on the order of the sums, and the top-k rule keeps every weight tied with the
+    k-th: with k below s*s, which CPU rounded how decided whether a cluster was kept, and both
+    implementations moved by up to 0.17 of the output's scale between float32 and float64.
+    The top-k choice itself is checked in tests/test_ops.py and, on SAM, tests/test_windowed.py."""
     vit = small_vit(residual_block_indexes=(1, 4))  # ViTDet's conv propagation runs on the reduced grid too
     images = torch.randn(2, 3, img_size, img_size)
-    k = min(5, s * s)
+    k = s * s
     with torch.no_grad():
         base = vit(images)["last_feat"]
         want = official_hourglass(vit, images, alpha, s, iters=5, tau=0.01, window=5, k=k)
@@ -355,7 +361,8 @@ def test_expedit_on_vitdet_equals_the_official_hourglass_written_out(img_size, a
         got = vit(images)
     assert type(vit).__name__ == "ExpeditViT"
     assert got["last_feat"].shape == want["last_feat"].shape == (2, 32, img_size // 16, img_size // 16)
-    assert_close_scaled(got["last_feat"], want["last_feat"])
+    # either implementation is up to 1.2e-5 of the scale from its float64 self (alpha 2, 4x4)
+    assert_close_scaled(got["last_feat"], want["last_feat"], tolerance=1e-4)
     assert not torch.allclose(got["last_feat"], base, rtol=1e-3, atol=1e-3 * base.abs().max().item())
 
 

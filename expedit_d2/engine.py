@@ -196,12 +196,17 @@ def config_from_file(config_file, project=None, opts=()):
     return module.build_config(argparse.Namespace(config_file=str(config_file), opts=list(opts))), module
 
 
+def project_script(project) -> Path:
+    """A project's training script: ``project`` itself when it names a ``.py`` file (e.g.
+    ``projects/Mask2Former/train_net_video.py``), else the folder's ``train_net.py``."""
+    path = Path(project).resolve()
+    return path if path.suffix == ".py" else path / "train_net.py"
+
+
 def load_project(project) -> object:
     """Import a project's training script as a module: ``project`` is the project folder (its
     ``train_net.py``) or the script itself (e.g. ``projects/Mask2Former/train_net_video.py``)."""
-    path = Path(project).resolve()
-    if path.suffix != ".py":
-        path = path / "train_net.py"
+    path = project_script(project)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a project folder holds a train_net.py "
                                 "(e.g. projects/Mask2Former), or name the script")

@@ -21,6 +21,8 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
+from .inputs import model_inputs
+
 __all__ = ["EXTRA_HANDLES", "FLOPS_PER_MAC", "backbone_flops", "model_flops", "gmacs"]
 
 #: GFLOPs = FLOPS_PER_MAC x GMACs in the two-flops-per-multiply-add convention.
@@ -116,7 +118,6 @@ def gmacs(model: torch.nn.Module, image: torch.Tensor, whole_model: bool = True,
     as one batch. Returns ``backbone``, ``model`` (when ``whole_model``) and ``padded`` (the
     backbone input's H, W); for a clip these are per clip, with ``frames`` and the per-frame
     ``backbone_per_frame`` (and ``model_per_frame``) beside them."""
-    H, W = image.shape[-2:]
     if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
         raise ValueError(f"frames must be an int >= 1 (a clip's length), got {frames!r}")
     with torch.inference_mode():
@@ -128,10 +129,7 @@ def gmacs(model: torch.nn.Module, image: torch.Tensor, whole_model: bool = True,
             x = x.expand(frames, *x.shape[1:])
         out = {"backbone": backbone_flops(model.backbone, x).total() / 1e9, "padded": tuple(x.shape[-2:])}
         if whole_model:
-            # distinct tensors per frame: the tracer passes repeated inputs on as copies
-            clip = image if frames is None else [image.clone() for _ in range(frames)]
-            inputs = [{"image": clip, "height": H, "width": W}]
-            out["model"] = model_flops(model, inputs).total() / 1e9
+            out["model"] = model_flops(model, model_inputs(image, frames)).total() / 1e9
     if frames is not None:
         out["frames"] = frames
         for key in ("backbone", "model"):

@@ -3,7 +3,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_finite_images"]
+__all__ = ["check_finite_images", "model_inputs"]
+
+
+def model_inputs(image: torch.Tensor, frames: int | None = None) -> list[dict]:
+    """The one-element batch the tools count and time a model on: ``image`` (C, H, W) at its
+    own size, or for a video model a clip of ``frames`` copies of it (distinct tensors: the
+    tracer behind fvcore passes a repeated input on as copies)."""
+    H, W = (int(s) for s in image.shape[-2:])
+    clip = image if frames is None else [image.clone() for _ in range(frames)]
+    return [{"image": clip, "height": H, "width": W}]
 
 
 def check_finite_images(batched_inputs) -> None:

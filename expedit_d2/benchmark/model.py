@@ -26,6 +26,7 @@ from ..checks import check_positive_int
 from ..cli import autocast
 from ..engine import load_project
 from ..flops import gmacs
+from ..inputs import model_inputs
 from ..measure import interleaved_samples, median_interval, minor_page_faults, round_ratios, sync
 from ..sweep import Point, SweepError, SweepSpec, expand_points, validate_points
 from ..sweep.measure import image as sweep_image, load_model
@@ -255,8 +256,7 @@ def benchmark(spec: SweepSpec, device: str, repeats: int, warmup: int, amp: str 
     H, W = spec.input_size
     image = sweep_image(cfgs["baseline"][0], (H, W)).to(device)  # the sweep's image: uniform 0..255, seed 0
     # a video model (spec.frames): one clip of that many copies of the image, per forward
-    clip = image if spec.frames is None else [image.clone() for _ in range(spec.frames)]
-    inputs = [{"image": clip, "height": H, "width": W}]
+    inputs = model_inputs(image, spec.frames)
     for m in models.values():
         m.to(device)
 

@@ -20,7 +20,6 @@ image order, so N processes (each a contiguous share of the images, Detectron2's
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -32,7 +31,8 @@ from tabulate import tabulate
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
+
+from .gather import gather_on_main
 
 __all__ = ["rgb2id", "id2rgb", "mask_bbox", "PQStat", "pq_single_image", "pq_compute", "PanopticQualityEvaluator"]
 
@@ -235,13 +235,9 @@ class PanopticQualityEvaluator(DatasetEvaluator):
                                                    self._categories))
 
     def evaluate(self):
-        per_image = self._per_image
-        if self._distributed:
-            comm.synchronize()
-            gathered = comm.gather(per_image, dst=0)
-            if not comm.is_main_process():
-                return {}
-            per_image = list(itertools.chain(*gathered))  # rank order: image order
+        per_image = gather_on_main(self._per_image, self._distributed)  # rank order: image order
+        if per_image is None:
+            return {}
         stat, n = PQStat(), len(per_image)
         for s in per_image:  # the float sums of one process, whatever the number of processes
             stat += s

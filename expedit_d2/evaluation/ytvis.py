@@ -41,10 +41,10 @@ from pycocotools import mask as mask_util
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
 from ..fileio import atomic_write
+from .gather import gather_on_main
 
 __all__ = ["IOU_THRESHOLDS", "RECALL_THRESHOLDS", "MAX_DETS", "AREA_RANGES", "METRICS", "to_rle",
            "mean_area", "spatiotemporal_iou", "YTVISGroundTruth", "prepare_predictions",
@@ -448,13 +448,9 @@ class YTVISEvaluator(DatasetEvaluator):
                                                   out["pred_masks"], self._label_to_category)
 
     def evaluate(self):
-        predictions = self._predictions
-        if self._distributed:
-            comm.synchronize()
-            gathered = comm.gather(predictions, dst=0)
-            if not comm.is_main_process():
-                return {}
-            predictions = list(itertools.chain(*gathered))
+        predictions = gather_on_main(self._predictions, self._distributed)
+        if predictions is None:
+            return {}
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
             path = os.path.join(self._output_dir, "results.json")

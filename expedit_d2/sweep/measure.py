@@ -82,9 +82,9 @@ def image(cfg, size, seed=0) -> torch.Tensor:
 
 def _inputs(cfg, size, frames=None) -> list[dict]:
     """The model's input: the sweep's image, or a clip of ``frames`` copies of it (video)."""
-    frame = image(cfg, size)
-    return [{"image": frame if frames is None else [frame.clone() for _ in range(frames)],
-             "height": size[0], "width": size[1]}]
+    from ..inputs import model_inputs
+
+    return model_inputs(image(cfg, size), frames)
 
 
 def gmacs_of(model, cfg, size, frames=None) -> dict:
@@ -161,14 +161,13 @@ def evaluate_point(project_dir, spec: SweepSpec, opts: list[str], point_dir: Pat
     ``train_net_video.py``) with ``--eval-only`` in a subprocess; returns its ``eval_results.json``. A failed
     evaluation raises with the exception the child raised (a :class:`WeightsError` when the
     weights were the problem), the command and the log's path."""
-    from ..engine import EVAL_RESULTS
+    from ..engine import EVAL_RESULTS, project_script
 
     result = point_dir / EVAL_RESULTS
     if result.exists():
         result.unlink()
     partial = [PARTIAL_FLAG] if spec.allow_partial_weights else []
-    script = Path(project_dir) if str(project_dir).endswith(".py") else Path(project_dir) / "train_net.py"
-    cmd = [sys.executable, str(script), "--config-file", spec.config_file,
+    cmd = [sys.executable, str(project_script(project_dir)), "--config-file", spec.config_file,
            "--eval-only", *partial, "--num-gpus", str(num_gpus), *spec.opts, *opts, "OUTPUT_DIR", str(point_dir)]
     point_dir.mkdir(parents=True, exist_ok=True)
     log_path = point_dir / "stdout.txt"

@@ -23,6 +23,8 @@ from detectron2.data import detection_utils as utils
 
 from expedit_d2.datasets import register_from_root
 
+from .evaluation import read_depth
+
 __all__ = ["register_nyuv2", "load_nyuv2", "register_kitti", "load_kitti", "kb_crop_box", "DepthDatasetMapper",
            "NYUV2_SPLITS", "KITTI_SPLITS", "KB_CROP"]
 
@@ -119,8 +121,6 @@ class DepthDatasetMapper:
         return cls(is_train, cfg.INPUT.FORMAT)
 
     def __call__(self, d: dict) -> dict:
-        from .evaluation import read_depth
-
         d = dict(d)
         image = utils.read_image(d["file_name"], format=self.image_format)
         if (d.get("height"), d.get("width")) not in ((None, None), image.shape[:2]):

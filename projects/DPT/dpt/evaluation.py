@@ -30,7 +30,6 @@ no scale or shift alignment (that is for the affine-invariant MiDaS models only)
 """
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import OrderedDict
 
@@ -38,8 +37,9 @@ import numpy as np
 import torch
 
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
+
+from expedit_d2.evaluation.gather import gather_on_main
 
 __all__ = ["DEPTH_METRICS", "EVAL_CROPS", "depth_metrics", "eval_crop_mask", "eigen_crop_mask",
            "png_quantize", "DepthEvaluator"]
@@ -94,7 +94,7 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray, min_depth: float = 1e-3, max
     pred = np.nan_to_num(pred.astype(np.float64), nan=min_depth, posinf=max_depth, neginf=min_depth)
     pred = np.clip(pred, min_depth, max_depth)
     gt = np.nan_to_num(gt.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)  # as officially: invalid
-    covered = np.ones(gt.shape, dtype=bool)
+    covered = None  # the pixels the prediction covers, when it covers a box of the frame
     if crop_box is not None:
         top, left, height, width = (int(v) for v in crop_box)
         if pred.shape != (height, width) or top < 0 or left < 0 or top + height > gt.shape[0] \
@@ -104,12 +104,12 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray, min_depth: float = 1e-3, max
         placed = np.zeros(gt.shape, dtype=np.float64)
         placed[top:top + height, left:left + width] = pred
         pred = placed
-        covered[:] = False
+        covered = np.zeros(gt.shape, dtype=bool)
         covered[top:top + height, left:left + width] = True
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
     valid = (gt > min_depth) & (gt < max_depth) & eval_crop_mask(gt.shape, crop)
-    if (valid & ~covered).any():  # officially a 0 prediction there: log(0), an infinite error
+    if covered is not None and (valid & ~covered).any():  # officially a 0 prediction there: log(0), an infinite error
         raise ValueError(f"evaluation crop {crop!r} of the {gt.shape} frame has valid ground truth outside "
                          f"the predicted crop_box {list(crop_box)}")
     if not valid.any():
@@ -173,8 +173,7 @@ class DepthEvaluator(DatasetEvaluator):
                    metadata.get("prediction_png_scale", None))
 
     def reset(self):
-        self._per_image = []
-        self._skipped = 0
+        self._per_image = []  # per image: its metrics, or None without valid pixels
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
@@ -183,19 +182,14 @@ class DepthEvaluator(DatasetEvaluator):
             pred = out["depth"].detach().float().cpu().numpy()
             m = depth_metrics(pred, gt, self.min_depth, self.max_depth, self.crop, inp.get("crop_box"),
                               self.prediction_png_scale)
-            if m is None:
-                self._skipped += 1
-            else:
-                self._per_image.append([m[k] for k in DEPTH_METRICS])
+            self._per_image.append(None if m is None else [m[k] for k in DEPTH_METRICS])
 
     def evaluate(self):
-        rows, skipped = self._per_image, self._skipped
-        if self._distributed:
-            comm.synchronize()
-            rows = list(itertools.chain(*comm.gather(rows, dst=0)))
-            skipped = sum(comm.gather(skipped, dst=0))
-            if not comm.is_main_process():
-                return {}
+        gathered = gather_on_main(self._per_image, self._distributed)
+        if gathered is None:
+            return {}
+        rows = [r for r in gathered if r is not None]
+        skipped = len(gathered) - len(rows)
         if not rows:
             self._logger.warning(f"DepthEvaluator on {self.dataset_name!r}: no image with valid depth")
             return {}

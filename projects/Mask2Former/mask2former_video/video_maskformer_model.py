@@ -35,7 +35,7 @@ TOP_K_PER_VIDEO = 10  # the official inference keeps 10 (query, class) pairs per
 class VideoMaskFormer(nn.Module):
     @configurable
     def __init__(self, *, backbone, sem_seg_head, num_queries, size_divisibility, pixel_mean, pixel_std,
-                 num_frames, no_object_weight=0.1, cpu_linear="blas"):
+                 no_object_weight=0.1, cpu_linear="blas"):
         super().__init__()
         self.backbone, self.sem_seg_head = backbone, sem_seg_head
         # the official model's criterion holds one buffer, the class weights of its loss (no-object
@@ -45,7 +45,7 @@ class VideoMaskFormer(nn.Module):
         empty_weight = torch.ones(sem_seg_head.num_classes + 1)
         empty_weight[-1] = no_object_weight
         self.criterion.register_buffer("empty_weight", empty_weight)
-        self.num_queries, self.num_frames = num_queries, num_frames
+        self.num_queries = num_queries
         self.size_divisibility = size_divisibility if size_divisibility >= 0 else backbone.size_divisibility
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -59,7 +59,7 @@ class VideoMaskFormer(nn.Module):
             "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
             "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
-            "num_frames": cfg.INPUT.SAMPLING_FRAME_NUM, "no_object_weight": cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT,
+            "no_object_weight": cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT,
             "cpu_linear": cfg.MODEL.CPU_LINEAR,
         }
 
